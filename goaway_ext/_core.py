@@ -1,0 +1,74 @@
+"""Chooses the core: the compiled ``_core_c`` when it is built, else ``_core_py``.
+
+``GOAWAY_EXT_NO_EXTENSIONS=1`` forces the pure-Python twin at run time (the same
+variable also skips the compile at build time). ``CORE`` records the choice so a
+test can fail when the compiled core was required but not loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+__all__ = [
+    "CORE",
+    "MAX_STREAM_ID",
+    "MAX_ERROR_CODE",
+    "DEFAULT_MAX_FRAME_SIZE",
+    "MAX_DEBUG_DATA",
+    "encode_goaway",
+    "encode_ping",
+    "encode_rst_stream",
+    "decode_goaway",
+    "Sampler",
+    "FrameScanner",
+]
+
+CORE: str
+
+if TYPE_CHECKING or os.environ.get("GOAWAY_EXT_NO_EXTENSIONS", "") not in ("", "0"):
+    from ._core_py import (
+        DEFAULT_MAX_FRAME_SIZE,
+        MAX_DEBUG_DATA,
+        MAX_ERROR_CODE,
+        MAX_STREAM_ID,
+        FrameScanner,
+        Sampler,
+        decode_goaway,
+        encode_goaway,
+        encode_ping,
+        encode_rst_stream,
+    )
+
+    CORE = "python"
+else:
+    try:
+        from ._core_c import (
+            DEFAULT_MAX_FRAME_SIZE,
+            MAX_DEBUG_DATA,
+            MAX_ERROR_CODE,
+            MAX_STREAM_ID,
+            FrameScanner,
+            Sampler,
+            decode_goaway,
+            encode_goaway,
+            encode_ping,
+            encode_rst_stream,
+        )
+
+        CORE = "cython"
+    except ImportError:  # no compiler at install time: same behaviour, slower
+        from ._core_py import (
+            DEFAULT_MAX_FRAME_SIZE,
+            MAX_DEBUG_DATA,
+            MAX_ERROR_CODE,
+            MAX_STREAM_ID,
+            FrameScanner,
+            Sampler,
+            decode_goaway,
+            encode_goaway,
+            encode_ping,
+            encode_rst_stream,
+        )
+
+        CORE = "python"

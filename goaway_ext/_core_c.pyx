@@ -1,0 +1,318 @@
+# cython: language_level=3, embedsignature=True
+"""Compiled core: the twin of ``_core_py`` (read that module for the rules).
+
+Every function and class here gives the same results as its pure-Python twin,
+including error types and messages, and the same Sampler draws for the same
+seed (same splitmix64, same libm ``log``/``log1p``). The buffers written here
+are sized before any byte is stored, and every read of caller data is bounded
+by its length, whatever that data is.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.math cimport log, log1p
+from libc.string cimport memcpy
+
+import os
+
+cdef extern from "Python.h":
+    long long PyLong_AsLongLongAndOverflow(object value, int* overflow) except? -1
+
+__all__ = [
+    "MAX_STREAM_ID",
+    "MAX_ERROR_CODE",
+    "DEFAULT_MAX_FRAME_SIZE",
+    "MAX_DEBUG_DATA",
+    "encode_goaway",
+    "encode_ping",
+    "encode_rst_stream",
+    "decode_goaway",
+    "Sampler",
+    "FrameScanner",
+]
+
+MAX_STREAM_ID = 0x7FFFFFFF
+MAX_ERROR_CODE = 0xFFFFFFFF
+DEFAULT_MAX_FRAME_SIZE = 16384
+MAX_DEBUG_DATA = 16384 - 8
+
+cdef long long _MAX_STREAM_ID = 0x7FFFFFFF
+cdef long long _MAX_ERROR_CODE = 0xFFFFFFFF
+cdef Py_ssize_t _MAX_DEBUG = 16384 - 8
+cdef long long _MAX_FRAME_SIZE_LIMIT = 0xFFFFFF
+cdef unsigned char _TYPE_RST_STREAM = 0x03
+cdef unsigned char _TYPE_PING = 0x06
+cdef unsigned char _TYPE_GOAWAY = 0x07
+cdef unsigned long long _GAP_CAP = 0x7FFFFFFFFFFFFFFF
+
+
+cdef inline void _put32(unsigned char* out, unsigned long long value) noexcept:
+    out[0] = (value >> 24) & 0xFF
+    out[1] = (value >> 16) & 0xFF
+    out[2] = (value >> 8) & 0xFF
+    out[3] = value & 0xFF
+
+
+cdef inline unsigned long long _get32(const unsigned char* src) noexcept:
+    return ((<unsigned long long>src[0] << 24) | (<unsigned long long>src[1] << 16)
+            | (<unsigned long long>src[2] << 8) | <unsigned long long>src[3])
+
+
+cdef inline void _put_header(unsigned char* out, Py_ssize_t length, unsigned char ftype,
+                             unsigned char flags, unsigned long long stream) noexcept:
+    out[0] = (length >> 16) & 0xFF
+    out[1] = (length >> 8) & 0xFF
+    out[2] = length & 0xFF
+    out[3] = ftype
+    out[4] = flags
+    _put32(out + 5, stream)
+
+
+cdef long long _check_int(str name, object value, long long low, long long high) except? -1:
+    # bool is an int subclass, but True as a stream id is a bug, not a value.
+    cdef int overflow = 0
+    cdef long long result
+    if type(value) is bool or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    result = PyLong_AsLongLongAndOverflow(value, &overflow)
+    if overflow != 0 or result < low or result > high:
+        raise ValueError(f"{name} must be in {low}..{high}, got {value!r}")
+    return result
+
+
+cdef bytes _check_bytes(str name, object value):
+    if type(value) is bytes:
+        return <bytes>value
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{name} must be bytes-like, got {value!r}")
+    return bytes(value)
+
+
+def encode_goaway(last_stream_id, error_code=0, debug_data=b""):
+    """Return a whole GOAWAY frame (RFC 9113 §6.8); see ``_core_py.encode_goaway``."""
+    cdef long long last = _check_int("last_stream_id", last_stream_id, 0, _MAX_STREAM_ID)
+    cdef long long code = _check_int("error_code", error_code, 0, _MAX_ERROR_CODE)
+    cdef bytes debug = _check_bytes("debug_data", debug_data)
+    cdef Py_ssize_t debug_len = PyBytes_GET_SIZE(debug)
+    if debug_len > _MAX_DEBUG:
+        raise ValueError(
+            f"debug_data of {debug_len} bytes makes the GOAWAY payload longer than "
+            f"16384 bytes (at most {_MAX_DEBUG} bytes of debug_data)"
+        )
+    cdef bytes frame = PyBytes_FromStringAndSize(NULL, 17 + debug_len)
+    cdef unsigned char* out = <unsigned char*>PyBytes_AS_STRING(frame)
+    _put_header(out, 8 + debug_len, _TYPE_GOAWAY, 0, 0)
+    _put32(out + 9, <unsigned long long>last)
+    _put32(out + 13, <unsigned long long>code)
+    if debug_len:
+        memcpy(out + 17, PyBytes_AS_STRING(debug), debug_len)
+    return frame
+
+
+def encode_ping(opaque, ack=False):
+    """Return a whole PING frame (RFC 9113 §6.7); see ``_core_py.encode_ping``."""
+    cdef bytes data = _check_bytes("opaque", opaque)
+    if PyBytes_GET_SIZE(data) != 8:
+        raise ValueError(f"opaque must be exactly 8 bytes, got {PyBytes_GET_SIZE(data)} bytes: {data!r}")
+    if type(ack) is not bool:
+        raise TypeError(f"ack must be a bool, got {ack!r}")
+    cdef bytes frame = PyBytes_FromStringAndSize(NULL, 17)
+    cdef unsigned char* out = <unsigned char*>PyBytes_AS_STRING(frame)
+    _put_header(out, 8, _TYPE_PING, 1 if ack else 0, 0)
+    memcpy(out + 9, PyBytes_AS_STRING(data), 8)
+    return frame
+
+
+def encode_rst_stream(stream_id, error_code):
+    """Return a whole RST_STREAM frame (RFC 9113 §6.4); see ``_core_py.encode_rst_stream``."""
+    cdef long long stream = _check_int("stream_id", stream_id, 1, _MAX_STREAM_ID)
+    cdef long long code = _check_int("error_code", error_code, 0, _MAX_ERROR_CODE)
+    cdef bytes frame = PyBytes_FromStringAndSize(NULL, 13)
+    cdef unsigned char* out = <unsigned char*>PyBytes_AS_STRING(frame)
+    _put_header(out, 4, _TYPE_RST_STREAM, 0, <unsigned long long>stream)
+    _put32(out + 9, <unsigned long long>code)
+    return frame
+
+
+cdef tuple _decode(bytes data):
+    cdef const unsigned char* src = <const unsigned char*>PyBytes_AS_STRING(data)
+    return (
+        <long long>(_get32(src) & 0x7FFFFFFF),
+        <long long>_get32(src + 4),
+        PyBytes_FromStringAndSize(<char*>src + 8, PyBytes_GET_SIZE(data) - 8),
+    )
+
+
+def decode_goaway(payload):
+    """Split a GOAWAY payload into ``(last_stream_id, error_code, debug_data)``."""
+    cdef bytes data = _check_bytes("payload", payload)
+    if PyBytes_GET_SIZE(data) < 8:
+        raise ValueError(f"payload must be at least 8 bytes, got {PyBytes_GET_SIZE(data)} bytes: {data!r}")
+    return _decode(data)
+
+
+cdef class Sampler:
+    """Bernoulli(``chance``) per call, by counting down geometric gaps; see ``_core_py.Sampler``."""
+
+    cdef double _chance
+    cdef double _log_miss
+    cdef unsigned long long _state
+    cdef unsigned long long _countdown
+
+    def __init__(self, chance, *, seed=None):
+        cdef double value
+        if type(chance) is bool or not isinstance(chance, (int, float)):
+            raise TypeError(f"chance must be a real number in [0, 1], got {chance!r}")
+        try:
+            value = float(chance)
+        except OverflowError:
+            value = float("inf")
+        if not (0.0 <= value <= 1.0):
+            raise ValueError(f"chance must be a real number in [0, 1], got {chance!r}")
+        if seed is None:
+            state = int.from_bytes(os.urandom(8), "little")
+        elif type(seed) is bool or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        else:
+            state = seed & 0xFFFFFFFFFFFFFFFF
+        self._chance = value
+        self._state = state
+        self._log_miss = log1p(-value) if 0.0 < value < 1.0 else 0.0
+        self._countdown = self._draw_gap()
+
+    @property
+    def chance(self):
+        """The probability that one call to :meth:`sample` returns True."""
+        return self._chance
+
+    cdef inline unsigned long long _next64(self) noexcept:
+        cdef unsigned long long z
+        self._state += 0x9E3779B97F4A7C15ULL
+        z = self._state
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
+        return z ^ (z >> 31)
+
+    cdef unsigned long long _draw_gap(self) noexcept:
+        cdef double u, gap
+        if self._chance >= 1.0:
+            return 0
+        if self._chance <= 0.0:
+            return _GAP_CAP
+        u = <double>((self._next64() >> 11) + 1) * (1.0 / 9007199254740992.0)
+        gap = log(u) / self._log_miss
+        if gap >= 9.223372036854775807e18:
+            return _GAP_CAP
+        return <unsigned long long>gap
+
+    def sample(self):
+        """Return True with probability ``chance``, independently of earlier calls."""
+        if self._countdown:
+            self._countdown -= 1
+            return False
+        self._countdown = self._draw_gap()
+        return True
+
+
+cdef class FrameScanner:
+    """Takes GOAWAY frames out of an inbound HTTP/2 byte stream; see ``_core_py.FrameScanner``."""
+
+    cdef Py_ssize_t _max_frame_size
+    cdef Py_ssize_t _pass
+    cdef Py_ssize_t _goaway_left
+    cdef bytearray _goaway
+    cdef unsigned char _header[9]
+    cdef Py_ssize_t _header_len
+    cdef object _error
+
+    def __init__(self, max_frame_size=16384):
+        self._max_frame_size = _check_int("max_frame_size", max_frame_size, 16384, _MAX_FRAME_SIZE_LIMIT)
+        self._pass = 0
+        self._goaway_left = 0
+        self._goaway = bytearray()
+        self._header_len = 0
+        self._error = None
+
+    @property
+    def max_frame_size(self):
+        """Largest frame payload accepted (our SETTINGS_MAX_FRAME_SIZE)."""
+        return self._max_frame_size
+
+    @max_frame_size.setter
+    def max_frame_size(self, value):
+        self._max_frame_size = _check_int("max_frame_size", value, 16384, _MAX_FRAME_SIZE_LIMIT)
+
+    cdef int _fail(self, Py_ssize_t length) except -1:
+        self._error = f"frame length {length} exceeds max_frame_size {self._max_frame_size}"
+        raise ValueError(self._error)
+
+    cdef bint _start_frame(self, const unsigned char* header, list pieces) except -1:
+        # Returns True when the frame is a GOAWAY to take out, False when it passes.
+        cdef Py_ssize_t length = (header[0] << 16) | (header[1] << 8) | header[2]
+        if length > self._max_frame_size:
+            self._fail(length)
+        if header[3] == _TYPE_GOAWAY and (_get32(header + 5) & 0x7FFFFFFF) == 0 and length >= 8:
+            self._goaway_left = length
+            return True
+        self._pass = length
+        return False
+
+    def feed(self, data):
+        """Scan one chunk; return ``(bytes_for_h2, goaways)``."""
+        if self._error is not None:
+            raise ValueError(self._error)
+        if not isinstance(data, bytes):
+            data = _check_bytes("data", data)
+        cdef bytes chunk = <bytes>data
+        cdef const unsigned char* src = <const unsigned char*>PyBytes_AS_STRING(chunk)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(chunk)
+        cdef Py_ssize_t pos = 0
+        cdef Py_ssize_t run = 0
+        cdef Py_ssize_t take
+        cdef bint changed = False
+        cdef list pieces = []
+        cdef list found = []
+        while pos < n:
+            if self._pass:
+                take = self._pass if self._pass < n - pos else n - pos
+                self._pass -= take
+                pos += take
+                continue
+            if self._goaway_left:
+                changed = True
+                take = self._goaway_left if self._goaway_left < n - pos else n - pos
+                self._goaway += chunk[pos:pos + take]
+                self._goaway_left -= take
+                pos += take
+                run = pos
+                if not self._goaway_left:
+                    found.append(_decode(bytes(self._goaway)))
+                    self._goaway = bytearray()
+                continue
+            if self._header_len or n - pos < 9:
+                # A header split across chunks is held back until it is whole.
+                changed = True
+                pieces.append(chunk[run:pos])
+                take = 9 - self._header_len
+                if take > n - pos:
+                    take = n - pos
+                memcpy(self._header + self._header_len, src + pos, take)
+                self._header_len += take
+                pos += take
+                run = pos
+                if self._header_len < 9:
+                    break
+                self._header_len = 0
+                if not self._start_frame(self._header, pieces):
+                    pieces.append(PyBytes_FromStringAndSize(<char*>self._header, 9))
+                continue
+            if self._start_frame(src + pos, pieces):
+                changed = True
+                pieces.append(chunk[run:pos])
+                pos += 9
+                run = pos
+            else:
+                pos += 9
+        if not changed:
+            return chunk, found
+        pieces.append(chunk[run:pos])
+        return b"".join(pieces), found

@@ -1,0 +1,314 @@
+"""Pure-Python core: frame codec, request sampler and inbound GOAWAY scanner.
+
+This module is the reference twin of ``_core_c.pyx``. Both must give the same
+results for the same inputs, byte for byte and draw for draw, so any change here
+is mirrored there (the test suite runs every check over both). Type checkers
+read this file; the compiled module ships a ``.pyi`` with the same signatures.
+
+Wire layout (RFC 9113 §4.1): every frame starts with a 9-byte header, a 24-bit
+payload length, an 8-bit type, 8 bits of flags and a reserved bit followed by a
+31-bit stream id.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from struct import Struct
+
+__all__ = [
+    "MAX_STREAM_ID",
+    "MAX_ERROR_CODE",
+    "DEFAULT_MAX_FRAME_SIZE",
+    "MAX_DEBUG_DATA",
+    "encode_goaway",
+    "encode_ping",
+    "encode_rst_stream",
+    "decode_goaway",
+    "Sampler",
+    "FrameScanner",
+]
+
+#: Largest stream identifier (31 bits, RFC 9113 §5.1.1).
+MAX_STREAM_ID = 0x7FFFFFFF
+#: Largest error code (32 bits, RFC 9113 §7).
+MAX_ERROR_CODE = 0xFFFFFFFF
+#: Frame payloads every peer must accept (SETTINGS_MAX_FRAME_SIZE default, §6.5.2).
+DEFAULT_MAX_FRAME_SIZE = 16384
+#: Debug data that still fits a GOAWAY payload of DEFAULT_MAX_FRAME_SIZE.
+MAX_DEBUG_DATA = DEFAULT_MAX_FRAME_SIZE - 8
+_MAX_FRAME_SIZE_LIMIT = 0xFFFFFF
+
+_TYPE_RST_STREAM = 0x03
+_TYPE_PING = 0x06
+_TYPE_GOAWAY = 0x07
+_FLAG_ACK = 0x01
+
+# length (as 8 + 16 bits), type, flags, stream id, then the payload words.
+_GOAWAY_HEAD = Struct(">BHBBLLL")
+_PING_HEAD = Struct(">BHBBL")
+_RST_STREAM = Struct(">BHBBLL")
+_FRAME_HEADER = Struct(">BHBBL")
+_GOAWAY_FIXED = Struct(">LL")
+
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+_GAP_CAP = 0x7FFFFFFFFFFFFFFF
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> int:
+    # bool is an int subclass, but True as a stream id is a bug, not a value.
+    if type(value) is bool or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in {low}..{high}, got {value!r}")
+    return value
+
+
+def _check_bytes(name: str, value: object) -> bytes:
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{name} must be bytes-like, got {value!r}")
+    return bytes(value)
+
+
+def encode_goaway(last_stream_id: int, error_code: int = 0, debug_data: bytes = b"") -> bytes:
+    """Return a whole GOAWAY frame (RFC 9113 §6.8).
+
+    The frame is built by hand rather than through ``h2`` so that sending it does
+    not move the ``h2`` state machine to CLOSED: the connection keeps serving the
+    streams at or below ``last_stream_id``. ``debug_data`` is capped so the
+    payload never exceeds 16,384 bytes, the frame size every peer accepts.
+    """
+    _check_int("last_stream_id", last_stream_id, 0, MAX_STREAM_ID)
+    _check_int("error_code", error_code, 0, MAX_ERROR_CODE)
+    debug = _check_bytes("debug_data", debug_data)
+    if len(debug) > MAX_DEBUG_DATA:
+        raise ValueError(
+            f"debug_data of {len(debug)} bytes makes the GOAWAY payload longer than "
+            f"{DEFAULT_MAX_FRAME_SIZE} bytes (at most {MAX_DEBUG_DATA} bytes of debug_data)"
+        )
+    length = 8 + len(debug)
+    head = _GOAWAY_HEAD.pack(length >> 16, length & 0xFFFF, _TYPE_GOAWAY, 0, 0, last_stream_id, error_code)
+    return head + debug if debug else head
+
+
+def encode_ping(opaque: bytes, ack: bool = False) -> bytes:
+    """Return a whole PING frame (RFC 9113 §6.7) carrying exactly 8 opaque bytes.
+
+    Used for the round trip of the two-phase shutdown: once the ACK comes back,
+    every stream the client opened before the first GOAWAY has reached us.
+    """
+    data = _check_bytes("opaque", opaque)
+    if len(data) != 8:
+        raise ValueError(f"opaque must be exactly 8 bytes, got {len(data)} bytes: {data!r}")
+    if type(ack) is not bool:
+        raise TypeError(f"ack must be a bool, got {ack!r}")
+    return _PING_HEAD.pack(0, 8, _TYPE_PING, _FLAG_ACK if ack else 0, 0) + data
+
+
+def encode_rst_stream(stream_id: int, error_code: int) -> bytes:
+    """Return a whole RST_STREAM frame (RFC 9113 §6.4).
+
+    Stream 0 is refused: RST_STREAM on the connection stream is a connection
+    error for the receiver.
+    """
+    _check_int("stream_id", stream_id, 1, MAX_STREAM_ID)
+    _check_int("error_code", error_code, 0, MAX_ERROR_CODE)
+    return _RST_STREAM.pack(0, 4, _TYPE_RST_STREAM, 0, stream_id, error_code)
+
+
+def decode_goaway(payload: bytes) -> tuple[int, int, bytes]:
+    """Split a GOAWAY payload (the bytes after the 9-byte header).
+
+    Returns ``(last_stream_id, error_code, debug_data)``. The reserved bit in
+    front of the last stream id is ignored, as RFC 9113 §6.8 requires.
+    """
+    data = _check_bytes("payload", payload)
+    if len(data) < 8:
+        raise ValueError(f"payload must be at least 8 bytes, got {len(data)} bytes: {data!r}")
+    last, code = _GOAWAY_FIXED.unpack_from(data)
+    return last & MAX_STREAM_ID, code, data[8:]
+
+
+class Sampler:
+    """Decides, request by request, whether this one starts a drain.
+
+    Each call to :meth:`sample` is an independent Bernoulli(``chance``) trial,
+    like kube-apiserver's ``--goaway-chance``. Instead of drawing a uniform
+    number per request, the sampler draws the number of misses before the next
+    hit from the geometric distribution and counts it down: by memorylessness
+    the resulting sequence is the same i.i.d. Bernoulli process, and the hot
+    path is one decrement. Each instance owns its splitmix64 state, so no lock
+    and no state is shared between connections; both cores produce the same
+    sequence for the same seed.
+    """
+
+    __slots__ = ("_chance", "_countdown", "_log_miss", "_state")
+
+    def __init__(self, chance: float, *, seed: int | None = None) -> None:
+        if type(chance) is bool or not isinstance(chance, (int, float)):
+            raise TypeError(f"chance must be a real number in [0, 1], got {chance!r}")
+        try:
+            value = float(chance)
+        except OverflowError:  # an int too large for a float is far outside [0, 1]
+            value = math.inf
+        if not 0.0 <= value <= 1.0:  # also false for NaN
+            raise ValueError(f"chance must be a real number in [0, 1], got {chance!r}")
+        if seed is None:
+            state = int.from_bytes(os.urandom(8), "little")
+        elif type(seed) is bool or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        else:
+            state = seed & _MASK64
+        self._chance = value
+        self._state = state
+        self._log_miss = math.log1p(-value) if 0.0 < value < 1.0 else 0.0
+        self._countdown = self._draw_gap()
+
+    @property
+    def chance(self) -> float:
+        """The probability that one call to :meth:`sample` returns True."""
+        return self._chance
+
+    def _next64(self) -> int:
+        # splitmix64 (Steele, Lea, Flood 2014): tiny state, passes BigCrush.
+        state = (self._state + 0x9E3779B97F4A7C15) & _MASK64
+        self._state = state
+        z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        return z ^ (z >> 31)
+
+    def _draw_gap(self) -> int:
+        chance = self._chance
+        if chance >= 1.0:
+            return 0
+        if chance <= 0.0:
+            return _GAP_CAP
+        # u in (0, 1]; P(gap >= k) = P(u <= (1-p)^k) = (1-p)^k: geometric.
+        u = ((self._next64() >> 11) + 1) * (1.0 / 9007199254740992.0)
+        gap = math.log(u) / self._log_miss
+        if gap >= 9.223372036854775807e18:
+            return _GAP_CAP
+        return int(gap)
+
+    def sample(self) -> bool:
+        """Return True with probability ``chance``, independently of earlier calls."""
+        left = self._countdown
+        if left:
+            # chance 0 starts at 2**63 - 1: centuries of calls before it could run out.
+            self._countdown = left - 1
+            return False
+        self._countdown = self._draw_gap()
+        return True
+
+
+class FrameScanner:
+    """Takes GOAWAY frames out of an inbound HTTP/2 byte stream.
+
+    A client hands every chunk it reads to :meth:`feed` and passes the bytes it
+    returns to ``h2``. GOAWAY frames (stream 0, payload of at least 8 bytes) are
+    removed and returned decoded, so ``h2`` never sees them and never moves to
+    CLOSED; everything else, including malformed GOAWAYs, reaches ``h2``
+    unchanged, so ``h2`` keeps raising its own protocol errors. Chunks may split
+    frames anywhere. A chunk from which nothing is removed or held back is
+    returned as the very same ``bytes`` object. A frame longer than
+    ``max_frame_size`` raises ValueError, and so does every later call: past
+    such a header the frame boundaries can no longer be trusted.
+    """
+
+    __slots__ = ("_error", "_goaway", "_goaway_left", "_header", "_max_frame_size", "_pass")
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        self._max_frame_size = _check_int(
+            "max_frame_size", max_frame_size, DEFAULT_MAX_FRAME_SIZE, _MAX_FRAME_SIZE_LIMIT
+        )
+        self._pass = 0
+        self._goaway_left = 0
+        self._goaway = bytearray()
+        self._header = bytearray()
+        self._error: str | None = None
+
+    @property
+    def max_frame_size(self) -> int:
+        """Largest frame payload accepted (our SETTINGS_MAX_FRAME_SIZE)."""
+        return self._max_frame_size
+
+    @max_frame_size.setter
+    def max_frame_size(self, value: int) -> None:
+        self._max_frame_size = _check_int("max_frame_size", value, DEFAULT_MAX_FRAME_SIZE, _MAX_FRAME_SIZE_LIMIT)
+
+    def _fail(self, length: int) -> None:
+        self._error = f"frame length {length} exceeds max_frame_size {self._max_frame_size}"
+        raise ValueError(self._error)
+
+    def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, int, bytes]]]:
+        """Scan one chunk; return ``(bytes_for_h2, goaways)``.
+
+        ``goaways`` lists ``(last_stream_id, error_code, debug_data)`` for every
+        GOAWAY frame completed in this chunk, in wire order.
+        """
+        if self._error is not None:
+            raise ValueError(self._error)
+        if not isinstance(data, bytes):
+            data = _check_bytes("data", data)
+        n = len(data)
+        pos = 0
+        run = 0  # start of the pass-through run not yet copied into pieces
+        pieces: list[bytes] = []
+        found: list[tuple[int, int, bytes]] = []
+        changed = False
+        while pos < n:
+            if self._pass:
+                take = min(self._pass, n - pos)
+                self._pass -= take
+                pos += take
+                continue
+            if self._goaway_left:
+                changed = True
+                take = min(self._goaway_left, n - pos)
+                self._goaway += data[pos : pos + take]
+                self._goaway_left -= take
+                pos += take
+                run = pos
+                if not self._goaway_left:
+                    found.append(decode_goaway(bytes(self._goaway)))
+                    self._goaway = bytearray()
+                continue
+            if self._header or n - pos < 9:
+                # A header split across chunks is held back until it is whole.
+                changed = True
+                pieces.append(data[run:pos])
+                take = min(9 - len(self._header), n - pos)
+                self._header += data[pos : pos + take]
+                pos += take
+                run = pos
+                if len(self._header) < 9:
+                    break
+                header = bytes(self._header)
+                self._header = bytearray()
+                length_hi, length_lo, ftype, _flags, stream = _FRAME_HEADER.unpack(header)
+                length = (length_hi << 16) | length_lo
+                if length > self._max_frame_size:
+                    self._fail(length)
+                if ftype == _TYPE_GOAWAY and stream & MAX_STREAM_ID == 0 and length >= 8:
+                    self._goaway_left = length
+                else:
+                    pieces.append(header)
+                    self._pass = length
+                continue
+            length_hi, length_lo, ftype, _flags, stream = _FRAME_HEADER.unpack_from(data, pos)
+            length = (length_hi << 16) | length_lo
+            if length > self._max_frame_size:
+                self._fail(length)
+            if ftype == _TYPE_GOAWAY and stream & MAX_STREAM_ID == 0 and length >= 8:
+                changed = True
+                pieces.append(data[run:pos])
+                self._goaway_left = length
+                pos += 9
+                run = pos
+            else:
+                self._pass = length
+                pos += 9
+        if not changed:
+            return data, found
+        pieces.append(data[run:pos])
+        return b"".join(pieces), found

@@ -1,0 +1,79 @@
+"""Build script: compiles the Cython core unless told not to.
+
+GOAWAY_EXT_NO_EXTENSIONS=1    skip the compile; the package runs on ``_core_py``.
+GOAWAY_EXT_REQUIRE_EXTENSIONS=1  a failed compile fails the build (wheels, CI).
+Neither: try to compile, and on failure warn and install the pure-Python core.
+
+``cythonize()`` would reset ``optional=True`` on the extension, so the module is
+declared with ``Cython.Distutils.Extension`` and built by Cython's ``build_ext``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from setuptools import setup
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+NO_EXTENSIONS = _flag("GOAWAY_EXT_NO_EXTENSIONS")
+REQUIRE_EXTENSIONS = _flag("GOAWAY_EXT_REQUIRE_EXTENSIONS")
+
+if NO_EXTENSIONS and REQUIRE_EXTENSIONS:
+    sys.exit("GOAWAY_EXT_NO_EXTENSIONS and GOAWAY_EXT_REQUIRE_EXTENSIONS are both set; pick one")
+
+setup_kwargs: dict[str, object] = {}
+
+if not NO_EXTENSIONS:
+    try:
+        from Cython.Distutils import Extension, build_ext
+    except ImportError:
+        if REQUIRE_EXTENSIONS:
+            raise
+        print("warning: Cython is not installed; installing the pure-Python core", file=sys.stderr)
+    else:
+        extra_compile_args = os.environ.get("GOAWAY_EXT_CFLAGS", "").split()
+        extra_link_args = os.environ.get("GOAWAY_EXT_LDFLAGS", "").split()
+
+        class _BuildExt(build_ext):  # type: ignore[misc]
+            """Cython's build_ext, with a warning instead of a failure when optional."""
+
+            def run(self) -> None:
+                try:
+                    super().run()
+                except Exception as exc:
+                    if REQUIRE_EXTENSIONS:
+                        raise
+                    print(f"warning: the Cython core was not built ({exc}); using pure Python", file=sys.stderr)
+
+            def build_extension(self, ext: object) -> None:
+                try:
+                    super().build_extension(ext)
+                except Exception as exc:
+                    if REQUIRE_EXTENSIONS:
+                        raise
+                    print(f"warning: the Cython core was not built ({exc}); using pure Python", file=sys.stderr)
+
+        setup_kwargs["ext_modules"] = [
+            Extension(
+                "goaway_ext._core_c",
+                ["goaway_ext/_core_c.pyx"],
+                optional=not REQUIRE_EXTENSIONS,
+                extra_compile_args=extra_compile_args,
+                extra_link_args=extra_link_args,
+                cython_directives={
+                    "language_level": "3",
+                    "embedsignature": True,
+                    "boundscheck": False,
+                    "wraparound": False,
+                    "cdivision": True,
+                },
+            )
+        ]
+        setup_kwargs["cmdclass"] = {"build_ext": _BuildExt}
+
+setup(**setup_kwargs)  # type: ignore[arg-type]
