@@ -13,14 +13,14 @@ import sys
 
 # Commands whose module is not written yet point at the issue that builds them.
 _ISSUES = {
-    "goaway_ext.aio": "Graceful GOAWAY for h2 servers: drain state machine, policies, asyncio server",
+    "goaway_ext.asyncio_server": "Graceful GOAWAY for h2 servers: drain state machine, policies, asyncio server",
     "goaway_ext.loadgen": "GOAWAY-tolerant h2 clients: Cython frame scanner, ClientConnection, httpx transport",
     "goaway_ext.demo": "The rebalance demonstration: `make demo`, through a real load balancer",
 }
 
 # command -> (module, one-line help)
 _COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("goaway_ext.aio", "run the built-in asyncio HTTP/2 server with a GOAWAY policy"),
+    "serve": ("goaway_ext.asyncio_server", "run the built-in asyncio HTTP/2 server with a GOAWAY policy"),
     "load": ("goaway_ext.loadgen", "HTTP/2 load generator that follows GOAWAY (h2load does not)"),
     "demo": ("goaway_ext.demo", "the rebalance demonstration behind a TCP load balancer"),
 }
