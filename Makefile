@@ -42,6 +42,7 @@ system-tools:
 
 # Editable install; the compiled core is required so a broken compile is loud.
 install: $(PY)
+	$(PIP) install 'setuptools>=77' 'Cython>=3.0,<4'
 	GOAWAY_EXT_REQUIRE_EXTENSIONS=1 $(PIP) install -e '.[test]'
 
 lint: install
@@ -66,7 +67,7 @@ contract: install
 	  $$env_dir/bin/python -m pip --disable-pip-version-check -q install "h2==$$v" pytest hypothesis Cython setuptools || exit 1; \
 	  GOAWAY_EXT_REQUIRE_EXTENSIONS=1 $$env_dir/bin/python -m pip --disable-pip-version-check -q install --no-deps -e . || exit 1; \
 	  echo "== contract tests on h2 $$v"; \
-	  $$env_dir/bin/python -m pytest -q -m "not slow" tests/test_contract_h2.py || exit 1; \
+	  $$env_dir/bin/python -m pytest -q -m "not slow" tests/test_contract_h2*.py || exit 1; \
 	done
 
 wheel: install
@@ -86,6 +87,22 @@ wheel-test: wheel
 	mkdir -p build/wheel-tests && cp -r tests build/wheel-tests/
 	cd build/wheel-tests && GOAWAY_EXT_REQUIRE_EXTENSIONS=1 GOAWAY_EXT_FROM_WHEEL=1 \
 	  ../wheel-venv/bin/python -m pytest -q -p no:cacheprovider tests
+
+# Longer fuzz run of the core (the same tests make test runs with 300 examples).
+fuzz: install
+	GOAWAY_EXT_FUZZ_EXAMPLES=$${GOAWAY_EXT_FUZZ_EXAMPLES:-20000} $(PY) -m pytest -q tests/test_core_fuzz.py
+
+# The compiled core built with AddressSanitizer, run under the core tests. The
+# package is copied to build/asan so the instrumented module is the one imported;
+# PYTHONMALLOC=malloc lets ASan guard every bytes object.
+asan: install
+	rm -rf build/asan && mkdir -p build/asan/goaway_ext
+	cp goaway_ext/*.py goaway_ext/*.pyi goaway_ext/py.typed build/asan/goaway_ext/
+	GOAWAY_EXT_REQUIRE_EXTENSIONS=1 GOAWAY_EXT_CFLAGS="-fsanitize=address -fno-omit-frame-pointer -O1 -g" \
+	  GOAWAY_EXT_LDFLAGS="-fsanitize=address" $(PY) setup.py -q build_ext --force --build-temp build/asan-tmp --build-lib build/asan
+	LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 PYTHONMALLOC=malloc \
+	  PYTHONPATH=build/asan GOAWAY_EXT_ASAN=1 GOAWAY_EXT_FUZZ_EXAMPLES=$${GOAWAY_EXT_FUZZ_EXAMPLES:-2000} \
+	  $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_core_codec.py tests/test_core_sampler.py tests/test_core_fuzz.py tests/test_core_guard.py
 
 test: system-tools install lint typecheck pytest contract wheel-test
 	@echo "make test: all passed"

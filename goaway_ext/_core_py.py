@@ -78,8 +78,14 @@ def encode_goaway(last_stream_id: int, error_code: int = 0, debug_data: bytes = 
     streams at or below ``last_stream_id``. ``debug_data`` is capped so the
     payload never exceeds 16,384 bytes, the frame size every peer accepts.
     """
-    _check_int("last_stream_id", last_stream_id, 0, MAX_STREAM_ID)
-    _check_int("error_code", error_code, 0, MAX_ERROR_CODE)
+    # The common call (plain ints, no debug data) is checked inline; anything
+    # else goes through the full checks, which also word the errors.
+    if not (type(last_stream_id) is int and 0 <= last_stream_id <= MAX_STREAM_ID):
+        _check_int("last_stream_id", last_stream_id, 0, MAX_STREAM_ID)
+    if not (type(error_code) is int and 0 <= error_code <= MAX_ERROR_CODE):
+        _check_int("error_code", error_code, 0, MAX_ERROR_CODE)
+    if type(debug_data) is bytes and not debug_data:
+        return _GOAWAY_HEAD.pack(0, 8, _TYPE_GOAWAY, 0, 0, last_stream_id, error_code)
     debug = _check_bytes("debug_data", debug_data)
     if len(debug) > MAX_DEBUG_DATA:
         raise ValueError(

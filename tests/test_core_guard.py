@@ -38,3 +38,12 @@ def test_installed_wheel_is_what_runs() -> None:
         return
     assert "site-packages" in (goaway_ext.__file__ or ""), goaway_ext.__file__
     assert goaway_ext.CORE == "cython"
+
+
+def test_asan_build_is_what_runs() -> None:
+    # make asan copies the package to build/asan with an instrumented core.
+    if not _flag("GOAWAY_EXT_ASAN"):
+        return
+    from goaway_ext import _core_c
+
+    assert "build/asan" in (_core_c.__file__ or ""), _core_c.__file__
