@@ -15,9 +15,9 @@ from pathlib import Path
 from hyperframe.frame import GoAwayFrame
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import best_per_call, report  # noqa: E402
+from _timing import best_per_call, report
 
-from goaway_ext import _core_py  # noqa: E402
+from goaway_ext import _core_py
 
 try:
     from goaway_ext import _core_c
