@@ -22,6 +22,8 @@ from ._core import (
     encode_ping,
     encode_rst_stream,
 )
+from .asyncio_client import H2Client, H2ClientError
+from .client import ClientConnection
 from .errors import ConnectionDrainingError
 from .events import ConnectionDrained, GoawayReceived, GoawaySent, StreamRefused
 
@@ -44,5 +46,8 @@ __all__ = [
     "GoawayReceived",
     "GoawaySent",
     "StreamRefused",
+    "ClientConnection",
+    "H2Client",
+    "H2ClientError",
     "__version__",
 ]
