@@ -29,8 +29,7 @@ system-tools:
 	command -v curl >/dev/null || missing="$$missing curl"; \
 	command -v nghttp >/dev/null || missing="$$missing nghttp2-client"; \
 	command -v h2load >/dev/null || missing="$$missing nghttp2-client"; \
-	command -v haproxy >/dev/null && [ -x "$$(command -v haproxy)" ] || \
-	  { [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; }; \
+	{ command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ]; } || missing="$$missing haproxy"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Debian packages:$$missing"; \
