@@ -26,6 +26,8 @@ from .asyncio_client import H2Client, H2ClientError
 from .client import ClientConnection
 from .errors import ConnectionDrainingError
 from .events import ConnectionDrained, GoawayReceived, GoawaySent, StreamRefused
+from .policy import ConnectionBudget, GoawayPolicy
+from .server import ConnectionStats, DrainState, ServerConnection
 
 __version__ = "0.1.0"
 
@@ -46,6 +48,11 @@ __all__ = [
     "GoawayReceived",
     "GoawaySent",
     "StreamRefused",
+    "ConnectionBudget",
+    "ConnectionStats",
+    "DrainState",
+    "GoawayPolicy",
+    "ServerConnection",
     "ClientConnection",
     "H2Client",
     "H2ClientError",

@@ -1,0 +1,225 @@
+"""When a server connection should start its drain: ``GoawayPolicy``.
+
+A policy is plain configuration, shared by every connection of a server. Each
+new connection asks it for a :class:`ConnectionBudget`: its own sampler, its own
+jittered request limit and its own jittered age deadline, so connections that
+were opened together do not all reconnect together.
+
+Three triggers compose, the first one met wins:
+
+- ``chance``: per request, like kube-apiserver's ``--goaway-chance``;
+- ``max_requests``: a request budget, like nginx ``keepalive_requests`` and
+  Envoy ``max_requests_per_connection``;
+- ``max_age``: a connection age, like gRPC's ``MaxConnectionAge``.
+
+``decider`` may force or exempt single requests (health checks, verbs).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._core import Sampler
+
+__all__ = ["MODES", "MAX_SAFE_CHANCE", "GoawayPolicy", "ConnectionBudget", "Decider"]
+
+#: The drain modes a policy may name; see ``goaway_ext.server.DrainState``.
+MODES = ("graceful", "single", "idle")
+#: Largest chance accepted without ``allow_high_chance`` (kube-apiserver's bound).
+MAX_SAFE_CHANCE = 0.02
+
+#: ``decider(headers)``: True forces a drain, False exempts the request, None defers to the policy.
+Decider = Callable[[Sequence[tuple[Any, Any]]], "bool | None"]
+
+
+def _real(name: str, value: object, *, low: float, low_open: bool, none_ok: bool = False) -> float | None:
+    """Validate a finite real number above ``low``; name the argument in every error."""
+    if value is None:
+        if none_ok:
+            return None
+        raise TypeError(f"{name} must be a number, got None")
+    if type(value) is bool or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number{' or None' if none_ok else ''}, got {value!r}")
+    number = float(value)
+    bound = "greater than" if low_open else "at least"
+    if not math.isfinite(number) or number < low or (low_open and number == low):
+        raise ValueError(f"{name} must be a finite number {bound} {low:g}, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionBudget:
+    """What one connection may use before it drains, drawn once when it opens.
+
+    ``sampler`` is None when ``chance`` is 0 (no per-request draw at all);
+    ``max_requests`` is the jittered request limit, ``age_deadline`` the jittered
+    moment (on the connection's clock) its age runs out; None means no limit.
+    """
+
+    sampler: Sampler | None
+    max_requests: int | None
+    age_deadline: float | None
+
+
+class GoawayPolicy:
+    """Configuration of when and how a server connection sends GOAWAY.
+
+    ``chance`` above 0.02 is refused unless ``allow_high_chance=True``: at that
+    rate a client reconnects every few dozen requests, which costs more than the
+    balance it buys (kube-apiserver refuses it too). Tests and demos need 1.0.
+
+    ``jitter`` spreads ``max_requests`` and ``max_age`` uniformly over
+    ±``jitter`` per connection (gRPC spec A9 uses 10%). ``ping_timeout`` bounds
+    the wait for the PING ACK of a graceful drain; ``grace`` is the hard
+    deadline after a drain starts (None waits for ever, like Go); ``linger`` is
+    how long the socket stays open once drained, so the peer reads the last
+    frames before the FIN. ``mode`` is ``"graceful"`` (RFC 9113 §6.8 two-phase),
+    ``"single"`` (one GOAWAY, as Go and kube-apiserver) or ``"idle"`` (wait for
+    the connection to be idle, for clients that lose in-flight requests on
+    GOAWAY). ``seed`` makes every draw reproducible, connection after connection.
+    """
+
+    __slots__ = (
+        "_chance", "_decider", "_grace", "_jitter", "_linger", "_lock", "_max_age",
+        "_max_requests", "_mode", "_ping_timeout", "_seeds",
+    )
+
+    def __init__(
+        self,
+        chance: float = 0.0,
+        *,
+        max_requests: int | None = None,
+        max_age: float | None = None,
+        jitter: float = 0.1,
+        ping_timeout: float = 5.0,
+        grace: float | None = None,
+        linger: float = 1.0,
+        mode: str = "graceful",
+        decider: Decider | None = None,
+        seed: int | None = None,
+        allow_high_chance: bool = False,
+    ) -> None:
+        if type(allow_high_chance) is not bool:
+            raise TypeError(f"allow_high_chance must be a bool, got {allow_high_chance!r}")
+        if type(chance) is bool or not isinstance(chance, (int, float)):
+            raise TypeError(f"chance must be a number in [0, 1], got {chance!r}")
+        if not 0.0 <= float(chance) <= 1.0:  # false for NaN too
+            raise ValueError(f"chance must be a number in [0, 1], got {chance!r}")
+        if float(chance) > MAX_SAFE_CHANCE and not allow_high_chance:
+            raise ValueError(
+                f"chance={chance!r} is above {MAX_SAFE_CHANCE}: every client would reconnect about every "
+                f"{1 / float(chance):.0f} requests, which costs more than the rebalancing buys "
+                f"(kube-apiserver refuses it too; 0.001 is the usual value). "
+                f"Pass allow_high_chance=True for tests and demos."
+            )
+        if max_requests is not None:
+            if type(max_requests) is bool or not isinstance(max_requests, int):
+                raise TypeError(f"max_requests must be an int or None, got {max_requests!r}")
+            if max_requests < 1:
+                raise ValueError(f"max_requests must be at least 1, got {max_requests!r}")
+        jitter_value = _real("jitter", jitter, low=0.0, low_open=False)
+        assert jitter_value is not None
+        if jitter_value >= 1.0:
+            raise ValueError(f"jitter must be in [0, 1), got {jitter!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+        if decider is not None and not callable(decider):
+            raise TypeError(f"decider must be callable or None, got {decider!r}")
+        if seed is not None and (type(seed) is bool or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        self._chance = float(chance)
+        self._max_requests = max_requests
+        self._max_age = _real("max_age", max_age, low=0.0, low_open=True, none_ok=True)
+        self._jitter = jitter_value
+        ping = _real("ping_timeout", ping_timeout, low=0.0, low_open=True)
+        assert ping is not None
+        self._ping_timeout = ping
+        self._grace = _real("grace", grace, low=0.0, low_open=True, none_ok=True)
+        linger_value = _real("linger", linger, low=0.0, low_open=False)
+        assert linger_value is not None
+        self._linger = linger_value
+        self._mode = mode
+        self._decider = decider
+        # One generator of per-connection seeds: with ``seed`` set, the n-th
+        # connection always gets the same draws.
+        self._seeds = random.Random(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
+        self._lock = threading.Lock()
+
+    @property
+    def chance(self) -> float:
+        """Per-request probability of starting a drain."""
+        return self._chance
+
+    @property
+    def max_requests(self) -> int | None:
+        """Request budget per connection before jitter (None: no budget)."""
+        return self._max_requests
+
+    @property
+    def max_age(self) -> float | None:
+        """Connection age budget in seconds before jitter (None: no budget)."""
+        return self._max_age
+
+    @property
+    def jitter(self) -> float:
+        """Relative spread of max_requests and max_age, so clients do not reconnect in lockstep."""
+        return self._jitter
+
+    @property
+    def ping_timeout(self) -> float:
+        """Seconds a graceful drain waits for its PING ACK before the final GOAWAY."""
+        return self._ping_timeout
+
+    @property
+    def grace(self) -> float | None:
+        """Hard deadline in seconds after a drain starts (None: wait for ever)."""
+        return self._grace
+
+    @property
+    def linger(self) -> float:
+        """Seconds between drained and socket close, so the peer reads the last frames."""
+        return self._linger
+
+    @property
+    def mode(self) -> str:
+        """'graceful', 'single' or 'idle'."""
+        return self._mode
+
+    @property
+    def decider(self) -> Decider | None:
+        """Per-request hook: force (True) or exempt (False) a request."""
+        return self._decider
+
+    def __repr__(self) -> str:
+        return (
+            f"GoawayPolicy(chance={self._chance!r}, max_requests={self._max_requests!r}, "
+            f"max_age={self._max_age!r}, jitter={self._jitter!r}, ping_timeout={self._ping_timeout!r}, "
+            f"grace={self._grace!r}, linger={self._linger!r}, mode={self._mode!r}, decider={self._decider!r})"
+        )
+
+    def _spread(self, rng: random.Random) -> float:
+        return 1.0 + self._jitter * (2.0 * rng.random() - 1.0)
+
+    def new_budget(self, now: float) -> ConnectionBudget:
+        """Draw the budget of a connection opened at ``now`` (seconds on its clock).
+
+        Called once per connection; thread-safe, so one policy can serve
+        several event loops.
+        """
+        with self._lock:
+            conn_seed = self._seeds.getrandbits(64)
+        rng = random.Random(conn_seed)
+        limit: int | None = None
+        if self._max_requests is not None:
+            limit = max(1, round(self._max_requests * self._spread(rng)))
+        deadline: float | None = None
+        if self._max_age is not None:
+            deadline = now + self._max_age * self._spread(rng)
+        sampler = Sampler(self._chance, seed=conn_seed) if self._chance > 0.0 else None
+        return ConnectionBudget(sampler, limit, deadline)

@@ -1,0 +1,480 @@
+"""``ServerConnection``: an ``h2`` server connection that can drain gracefully.
+
+``h2``'s own ``close_connection()`` moves its state machine to CLOSED, after
+which every in-flight response is lost. ``ServerConnection`` never calls it.
+It writes its GOAWAY and PING frames itself (with the core encoders) and appends
+them after the bytes ``h2`` queued, so ``h2`` keeps serving every stream the
+client may still complete (RFC 9113 §6.8).
+
+Sans-IO, like ``h2``: bytes in (``receive_data``), bytes out (``data_to_send``),
+and time passed in by the owner (``next_deadline``/``handle_timer``, the aioquic
+style). The owner closes the socket at ``close_at``.
+
+The h2 seam
+-----------
+Everything here uses public ``h2`` API (``receive_data``, ``data_to_send``,
+``reset_stream``, ``acknowledge_received_data``, ``open_inbound_streams``,
+``highest_inbound_stream_id``) plus exactly one undocumented detail: when the
+``grace`` deadline cuts a drain short, :meth:`ServerConnection._open_stream_ids`
+reads ``H2Connection.streams`` (stream id -> ``H2Stream``) and ``H2Stream.closed``
+to find the streams to reset. ``tests/test_contract_h2_server.py`` pins that
+detail and the public behaviour we rely on, on the oldest and newest ``h2``.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import DataReceived, Event, PingAckReceived, RequestReceived
+from h2.exceptions import ProtocolError
+
+from ._core import MAX_STREAM_ID, Sampler, encode_goaway, encode_ping
+from .events import ConnectionDrained, GoawaySent
+from .policy import GoawayPolicy
+
+__all__ = ["DrainState", "ServerConnection", "ConnectionStats", "ServerEvent"]
+
+#: What ``ServerConnection.receive_data`` and ``handle_timer`` return.
+ServerEvent = Event | GoawaySent | ConnectionDrained
+
+
+class DrainState(enum.Enum):
+    """Where a server connection is in its drain; one value per connection.
+
+    Rules (RFC 9113 §6.8), in the order a connection goes through them:
+
+    ``SERVING``
+        Normal. Each request asks the policy; the first trigger met (decider,
+        request budget, chance, age, or ``start_drain``) leaves this state:
+        to NOTICE in mode ``graceful``, to DRAINING in mode ``single``, to
+        IDLE_WAIT in mode ``idle``.
+    ``IDLE_WAIT``
+        (mode ``idle``) No GOAWAY yet; keep serving. The moment no stream is
+        open, send one GOAWAY(highest stream id) and go to DRAINING. If
+        ``grace`` passes first, fall back to ``graceful``: NOTICE, with a new
+        ``grace`` window counted from then.
+    ``NOTICE``
+        GOAWAY(2^31-1) and a PING are out; new streams are still served,
+        because the client may have opened them before it read the GOAWAY.
+        On the PING ACK (or after ``ping_timeout``) send the final
+        GOAWAY(highest stream id seen) and go to DRAINING.
+    ``DRAINING``
+        The final last-stream-id L is fixed and never raised. Streams <= L
+        finish normally, however long; streams > L get RST_STREAM
+        REFUSED_STREAM and the application never sees them. When no stream
+        is open, go to DRAINED.
+    ``DRAINED``
+        ``close_at`` = now + ``linger``. Late streams are still refused.
+
+    ``grace`` (when set) is a hard deadline counted from the drain start: in
+    NOTICE or DRAINING it sends the final GOAWAY if needed, resets every open
+    stream with CANCEL and goes to DRAINED with ``close_at`` = now.
+    """
+
+    SERVING = "serving"
+    IDLE_WAIT = "idle_wait"
+    NOTICE = "notice"
+    DRAINING = "draining"
+    DRAINED = "drained"
+
+
+_NEXT: dict[DrainState, frozenset[DrainState]] = {
+    DrainState.SERVING: frozenset({DrainState.IDLE_WAIT, DrainState.NOTICE, DrainState.DRAINING}),
+    DrainState.IDLE_WAIT: frozenset({DrainState.NOTICE, DrainState.DRAINING}),
+    DrainState.NOTICE: frozenset({DrainState.DRAINING, DrainState.DRAINED}),
+    DrainState.DRAINING: frozenset({DrainState.DRAINED}),
+    DrainState.DRAINED: frozenset(),
+}
+
+_SERVING = DrainState.SERVING
+_IDLE_WAIT = DrainState.IDLE_WAIT
+_NOTICE = DrainState.NOTICE
+_DRAINING = DrainState.DRAINING
+_DRAINED = DrainState.DRAINED
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionStats:
+    """Counters of one connection, a snapshot (``ServerConnection.stats``).
+
+    ``requests_seen`` counts requests handed to the application (refused ones
+    excluded); ``streams_refused`` the late streams reset with REFUSED_STREAM;
+    ``streams_cut`` the streams reset with CANCEL when ``grace`` ran out;
+    ``drain_duration`` seconds from drain start to DRAINED (None before).
+    """
+
+    requests_seen: int
+    goaways_sent: int
+    streams_refused: int
+    streams_cut: int
+    drain_duration: float | None
+
+
+class ServerConnection(H2Connection):
+    """Server-side ``H2Connection`` that sends GOAWAY without losing a request.
+
+    Drop-in for ``H2Connection(config=H2Configuration(client_side=False))``:
+    every ``h2`` event still comes out of :meth:`receive_data`, plus
+    :class:`~goaway_ext.GoawaySent` and :class:`~goaway_ext.ConnectionDrained`.
+    Events of streams refused during a drain are filtered out, and so is the
+    ACK of the drain's own PING. ``policy`` decides when to drain (default:
+    only when :meth:`start_drain` is called); ``clock`` must be the clock the
+    owner passes to :meth:`handle_timer` (``loop.time`` for asyncio).
+    """
+
+    def __init__(
+        self,
+        config: H2Configuration | None = None,
+        *,
+        policy: GoawayPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if config is None:
+            config = H2Configuration(client_side=False, header_encoding=None)
+        elif not isinstance(config, H2Configuration):
+            raise TypeError(f"config must be an h2.config.H2Configuration or None, got {config!r}")
+        elif config.client_side:
+            raise ValueError("config.client_side must be False: ServerConnection is the server side")
+        if policy is None:
+            policy = GoawayPolicy()
+        elif not isinstance(policy, GoawayPolicy):
+            raise TypeError(f"policy must be a GoawayPolicy or None, got {policy!r}")
+        if not callable(clock):
+            raise TypeError(f"clock must be callable, got {clock!r}")
+        super().__init__(config=config)
+        self._policy = policy
+        self._clock = clock
+        budget = policy.new_budget(clock())
+        self._sampler: Sampler | None = budget.sampler
+        self._requests_left = budget.max_requests
+        self._age_deadline = budget.age_deadline
+        self._decider = policy.decider
+        self._mode = policy.mode
+        self._state = _SERVING
+        self._pending = bytearray()  # our frames, not yet handed out
+        self._pending_split = False  # a frame of ours was cut by data_to_send(amount)
+        self._queued: list[ServerEvent] = []
+        self._queued_at = 0.0
+        self._reason = ""
+        self._drain_started: float | None = None
+        self._final_id: int | None = None
+        self._ping_opaque: bytes | None = None
+        self._ping_deadline: float | None = None
+        self._grace_deadline: float | None = None
+        self._close_at: float | None = None
+        self._requests_seen = 0
+        self._goaways_sent = 0
+        self._streams_refused = 0
+        self._streams_cut = 0
+        self._drain_duration: float | None = None
+
+    # -- public state ---------------------------------------------------------------
+
+    @property
+    def policy(self) -> GoawayPolicy:
+        """The policy this connection follows."""
+        return self._policy
+
+    @property
+    def drain_state(self) -> DrainState:
+        """Where the drain is (see :class:`DrainState` for the rules)."""
+        return self._state
+
+    @property
+    def is_draining(self) -> bool:
+        """True once a drain has started (even before the first GOAWAY in mode ``idle``)."""
+        return self._state is not _SERVING
+
+    @property
+    def is_drained(self) -> bool:
+        """True once every stream at or below the final last-stream-id has ended."""
+        return self._state is _DRAINED
+
+    @property
+    def last_stream_id(self) -> int | None:
+        """The final GOAWAY's last-stream-id, None until it is sent."""
+        return self._final_id
+
+    @property
+    def close_at(self) -> float | None:
+        """When the owner should close the socket: drained + linger, or grace expiry; None before."""
+        return self._close_at
+
+    @property
+    def stats(self) -> ConnectionStats:
+        """A snapshot of this connection's counters."""
+        return ConnectionStats(
+            requests_seen=self._requests_seen,
+            goaways_sent=self._goaways_sent,
+            streams_refused=self._streams_refused,
+            streams_cut=self._streams_cut,
+            drain_duration=self._drain_duration,
+        )
+
+    # -- the h2 API, extended ------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[ServerEvent]:  # type: ignore[override]
+        """Feed bytes from the socket; return ``h2``'s events plus ours.
+
+        While serving, this is ``h2``'s list, untouched, after one look at each
+        event for a request. During a drain, streams above the final
+        last-stream-id are refused here (their HEADERS went through ``h2``, so
+        HPACK stays in sync; their DATA is acknowledged for flow control).
+        """
+        events: list[ServerEvent] = super().receive_data(data)  # type: ignore[assignment]
+        if self._state is _SERVING:
+            index = 0
+            for event in events:
+                index += 1
+                if event.__class__ is RequestReceived:
+                    self._requests_seen += 1
+                    reason = self._request_trigger(event)
+                    if reason is not None:
+                        self._start(reason)
+                        out = events[:index]
+                        out.extend(self._queued)
+                        self._queued.clear()
+                        return self._receive_draining(events, index, out)
+            return events
+        out = self._queued  # events of a drain started outside receive_data come first
+        self._queued = []
+        return self._receive_draining(events, 0, out)
+
+    def data_to_send(self, amount: int | None = None) -> bytes:
+        """Bytes for the socket: ``h2``'s frames, then ours (GOAWAY, PING), whole.
+
+        With ``amount``, our frames are only started once ``h2``'s buffer is
+        empty, and a frame of ours that was cut is finished before any more of
+        ``h2``'s bytes, so frame boundaries stay intact.
+        """
+        if self._state is _SERVING:
+            return super().data_to_send(amount)
+        self._progress(self._clock())
+        pending = self._pending
+        if amount is None:
+            data = super().data_to_send()
+            if pending:
+                data += pending
+                pending.clear()
+            return data
+        out = b""
+        if self._pending_split:
+            out = bytes(pending[:amount])
+            del pending[:amount]
+            self._pending_split = bool(pending)
+            amount -= len(out)
+            if not amount:
+                return out
+        data = super().data_to_send(amount)
+        out += data
+        if pending and len(data) < amount:
+            room = amount - len(data)
+            out += pending[:room]
+            del pending[:room]
+            self._pending_split = bool(pending)
+        return out
+
+    # -- drain control -------------------------------------------------------------
+
+    def start_drain(self, reason: str = "shutdown") -> None:
+        """Start draining now, in the policy's mode (no-op if already draining).
+
+        For server shutdown. The GOAWAY is in the next :meth:`data_to_send`;
+        the events it causes come out of the next :meth:`receive_data` or
+        :meth:`handle_timer` (and :meth:`next_deadline` says "now" until then).
+        """
+        if not isinstance(reason, str):
+            raise TypeError(f"reason must be a str, got {reason!r}")
+        if self._state is _SERVING:
+            self._start(reason)
+
+    def next_deadline(self) -> float | None:
+        """The time (on ``clock``) at which :meth:`handle_timer` must run next, or None."""
+        if self._queued:
+            return self._queued_at
+        state = self._state
+        if state is _SERVING:
+            return self._age_deadline
+        if state is _NOTICE:
+            ping, grace = self._ping_deadline, self._grace_deadline
+            if ping is None or (grace is not None and grace < ping):
+                return grace
+            return ping
+        if state is _DRAINED:
+            return self._close_at
+        return self._grace_deadline
+
+    def handle_timer(self, now: float) -> list[ServerEvent]:
+        """Act on deadlines that passed by ``now``; return the events that were waiting.
+
+        Handles ``max_age``, ``ping_timeout``, ``grace`` and the idle fallback.
+        Safe to call early or often: nothing happens before a deadline.
+        """
+        state = self._state
+        grace = self._grace_deadline
+        if state is _SERVING:
+            if self._age_deadline is not None and now >= self._age_deadline:
+                self._start("max_age", now)
+        elif state is _IDLE_WAIT:
+            if grace is not None and now >= grace:
+                # Never idle within grace: fall back to the two-phase drain.
+                assert self._policy.grace is not None
+                self._grace_deadline = now + self._policy.grace
+                self._send_notice(now)
+        elif state is _NOTICE:
+            if grace is not None and now >= grace:
+                self._expire(now)
+            elif self._ping_deadline is not None and now >= self._ping_deadline:
+                self._send_final(now)
+        elif state is _DRAINING and grace is not None and now >= grace:
+            self._expire(now)
+        self._progress(now)
+        events = self._queued
+        self._queued = []
+        return events
+
+    # -- internals -----------------------------------------------------------------
+
+    def _request_trigger(self, event: RequestReceived) -> str | None:
+        decider = self._decider
+        if decider is not None:
+            verdict = decider(event.headers or [])
+            if verdict is not None:
+                return "decider" if verdict else None
+        left = self._requests_left
+        if left is not None:
+            left -= 1
+            self._requests_left = left
+            if left <= 0:
+                return "max_requests"
+        sampler = self._sampler
+        if sampler is not None and sampler.sample():
+            return "chance"
+        return None
+
+    def _move(self, state: DrainState) -> None:
+        if state not in _NEXT[self._state]:  # a bug here, never the peer's doing
+            raise AssertionError(f"drain state {self._state.name} -> {state.name} is not allowed")
+        self._state = state
+
+    def _queue(self, event: ServerEvent, now: float) -> None:
+        if not self._queued:
+            self._queued_at = now
+        self._queued.append(event)
+
+    def _start(self, reason: str, now: float | None = None) -> None:
+        if now is None:
+            now = self._clock()
+        self._reason = reason
+        self._drain_started = now
+        grace = self._policy.grace
+        if grace is not None:
+            self._grace_deadline = now + grace
+        if self._mode == "graceful":
+            self._send_notice(now)
+        elif self._mode == "single":
+            self._send_final(now)
+        else:
+            self._move(_IDLE_WAIT)
+            self._progress(now)
+
+    def _send_notice(self, now: float) -> None:
+        # RFC 9113 §6.8: GOAWAY(2^31-1) then a PING; the ACK proves the client
+        # has read the GOAWAY, so every stream it opened before is here.
+        self._ping_opaque = os.urandom(8)
+        self._pending += encode_goaway(MAX_STREAM_ID)
+        self._pending += encode_ping(self._ping_opaque)
+        self._goaways_sent += 1
+        self._ping_deadline = now + self._policy.ping_timeout
+        self._move(_NOTICE)
+        self._queue(GoawaySent(last_stream_id=MAX_STREAM_ID, final=False, reason=self._reason), now)
+
+    def _send_final(self, now: float) -> None:
+        last = self.highest_inbound_stream_id
+        self._final_id = last
+        self._pending += encode_goaway(last)
+        self._goaways_sent += 1
+        self._ping_deadline = None
+        self._move(_DRAINING)
+        self._queue(GoawaySent(last_stream_id=last, final=True, reason=self._reason), now)
+        self._progress(now)
+
+    def _progress(self, now: float) -> None:
+        state = self._state
+        if state is _IDLE_WAIT:
+            if self.open_inbound_streams == 0:
+                self._send_final(now)
+        elif state is _DRAINING and self.open_inbound_streams == 0:
+            self._finish(now, self._policy.linger)
+
+    def _finish(self, now: float, linger: float) -> None:
+        assert self._drain_started is not None and self._final_id is not None
+        self._move(_DRAINED)
+        self._drain_duration = now - self._drain_started
+        self._close_at = now + linger
+        self._queue(
+            ConnectionDrained(last_stream_id=self._final_id, reason=self._reason, duration=self._drain_duration),
+            now,
+        )
+
+    def _open_stream_ids(self) -> list[int]:
+        # THE h2 seam (see the module docstring): ``streams`` and ``H2Stream.closed``.
+        return [stream_id for stream_id, stream in self.streams.items() if stream_id & 1 and not stream.closed]
+
+    def _expire(self, now: float) -> None:
+        if self._state is _NOTICE:
+            self._send_final(now)
+            if self._state is _DRAINED:
+                return
+        for stream_id in self._open_stream_ids():
+            try:
+                self.reset_stream(stream_id, ErrorCodes.CANCEL)
+            except ProtocolError:  # h2 already CLOSED (peer GOAWAY'd with an error)
+                continue
+            self._streams_cut += 1
+        self._finish(now, 0.0)
+
+    def _receive_draining(self, events: list[ServerEvent], start: int, out: list[ServerEvent]) -> list[ServerEvent]:
+        """Slow path during a drain: refuse late streams, swallow our PING ACK."""
+        refused: set[int] | None = None
+        final = self._final_id
+        for index in range(start, len(events)):
+            event = events[index]
+            cls = event.__class__
+            if cls is RequestReceived:
+                stream_id = event.stream_id  # type: ignore[union-attr]
+                if final is not None and stream_id > final:
+                    # Late: HPACK already decoded it; refuse, retry-safe (RFC 9113 §8.7).
+                    self.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+                    self._streams_refused += 1
+                    if refused is None:
+                        refused = set()
+                    refused.add(stream_id)
+                    continue
+                self._requests_seen += 1
+            elif cls is PingAckReceived:
+                if self._ping_opaque is not None and event.ping_data == self._ping_opaque:  # type: ignore[union-attr]
+                    if self._state is _NOTICE:
+                        self._send_final(self._clock())
+                        final = self._final_id
+                    out.extend(self._queued)
+                    self._queued.clear()
+                    continue
+            elif refused is not None and getattr(event, "stream_id", None) in refused:
+                if cls is DataReceived:
+                    # Give the bytes back to the connection window (the stream is gone).
+                    self.acknowledge_received_data(event.flow_controlled_length or 0, event.stream_id)  # type: ignore[union-attr]
+                continue
+            out.append(event)
+        self._progress(self._clock())
+        if self._queued:
+            out.extend(self._queued)
+            self._queued.clear()
+        return out
