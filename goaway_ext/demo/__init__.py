@@ -1,0 +1,311 @@
+"""``python -m goaway_ext demo``: the rebalance demonstration, and its model (``--simulate``).
+
+The demo shows the problem goaway_ext exists for and its fix, end to end on
+127.0.0.1: backends running the asyncio server, an L4 balancer in front (our
+round-robin proxy, or HAProxy with ``--lb haproxy``), HTTP/2 clients that keep
+one connection and one watch each, a rolling restart, and then the load
+share per backend, once per GOAWAY policy. The modules:
+
+- :mod:`.scenario`: one policy's run (processes, balancer, clients, restart);
+- :mod:`.proxy` / :mod:`.haproxy`: the two balancers;
+- :mod:`.processes`: child processes, always cleaned up;
+- :mod:`.report`: time series, summary, table, progress line, JSON and plot;
+- :mod:`.simulate`: the same scenario as a model, for fleets of any size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..policy import MAX_SAFE_CHANCE, GoawayPolicy
+from .report import PlotUnavailable, ProgressLine, RunResult, format_table, write_json, write_plot
+
+__all__ = ["configure_parser", "run_command", "PolicySpec", "policies_from_args"]
+
+# Limits that keep a real run meaningful on one machine; the model has wider ones.
+_REAL_LIMITS = {"backends": (2, 16), "clients": (1, 500), "rate": (0.1, 200.0)}
+_SIM_LIMITS = {"backends": (2, 1000), "clients": (1, 200_000), "rate": (0.01, 1000.0)}
+
+
+class PolicySpec:
+    """One GOAWAY policy the demo compares: a label, its ``serve`` options, and the policy object.
+
+    The same spec drives the real backends (as command-line options) and the
+    model (as a :class:`~goaway_ext.GoawayPolicy`), so both run the same rule.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        *,
+        chance: float = 0.0,
+        max_requests: int | None = None,
+        max_age: float | None = None,
+    ) -> None:
+        self.label = label
+        self.chance = chance
+        self.max_requests = max_requests
+        self.max_age = max_age
+
+    def serve_args(self) -> list[str]:
+        """The ``python -m goaway_ext serve`` options for this policy."""
+        args: list[str] = []
+        if self.chance > 0:
+            args += ["--chance", repr(self.chance)]
+            if self.chance > MAX_SAFE_CHANCE:
+                args.append("--allow-high-chance")
+        if self.max_requests is not None:
+            args += ["--max-requests", str(self.max_requests)]
+        if self.max_age is not None:
+            args += ["--max-age", repr(self.max_age)]
+        return args
+
+    def policy(self, seed: int | None) -> GoawayPolicy:
+        """The policy object the server builds from :meth:`serve_args` (used by the model)."""
+        return GoawayPolicy(
+            self.chance, max_requests=self.max_requests, max_age=self.max_age,
+            seed=seed, allow_high_chance=True,
+        )
+
+    def __repr__(self) -> str:
+        return f"PolicySpec({self.label!r})"
+
+
+def _number(
+    name: str, kind: Callable[[str], Any], low: float, high: float, *, low_open: bool = False
+) -> Callable[[str], Any]:
+    """An argparse ``type=`` that names the option and its valid range in every error."""
+
+    def parse(text: str) -> Any:
+        what = "an integer" if kind is int else "a number"
+        bound = f"greater than {low:g}" if low_open else f"from {low:g}"
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be {what} {bound} to {high:g}, got {text!r}") from None
+        if (isinstance(value, float) and not math.isfinite(value)) or value < low or value > high or (
+            low_open and value == low
+        ):
+            raise argparse.ArgumentTypeError(f"{name} must be {what} {bound} to {high:g}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _chances(text: str) -> list[float]:
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--chance must be a probability in (0, 1] or a comma-separated list of them, got {text!r}"
+            ) from None
+        if not 0.0 < value <= 1.0:
+            raise argparse.ArgumentTypeError(
+                f"--chance values must be in (0, 1] (the 'none' policy is always run), got {part!r}"
+            )
+        values.append(value)
+    return values
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Declare the demo's options on the ``demo`` sub-command."""
+    parser.description = (
+        "Rolling restart of HTTP/2 backends behind an L4 load balancer, once per GOAWAY policy: "
+        "without GOAWAY the backend restarted last gets no traffic; with goaway_ext the load "
+        "spreads again, with no failed request and no interrupted watch."
+    )
+    parser.add_argument("--backends", type=_number("--backends", int, 2, 1000), default=None,
+                        help="backend processes (default 3; with --simulate 20)")
+    parser.add_argument("--clients", type=_number("--clients", int, 1, 200_000), default=None,
+                        help="HTTP/2 clients, one connection and one watch each (default 30; with --simulate 3000)")
+    parser.add_argument("--rate", type=_number("--rate", float, 0.0, 1000.0, low_open=True), default=None,
+                        help="requests per second per client (default 10; with --simulate 1)")
+    parser.add_argument("--duration", type=_number("--duration", float, 1.0, 86400.0), default=None,
+                        help="seconds of load after the rolling restart, per policy (default 16; with --simulate 600)")
+    parser.add_argument("--warmup", type=_number("--warmup", float, 0.5, 3600.0), default=None,
+                        help="seconds of load before the rolling restart (default 3; with --simulate 30)")
+    parser.add_argument("--window", type=_number("--window", float, 0.5, 3600.0), default=None,
+                        help="final window in seconds over which shares are reported (default 5; with --simulate 60)")
+    parser.add_argument("--seed", type=_number("--seed", int, 0, 2**63 - 1), default=1,
+                        help="seed for client timing and the policies' draws (default 1)")
+    parser.add_argument("--lb", choices=("builtin", "haproxy"), default="builtin",
+                        help="load balancer: the built-in round-robin TCP proxy, or HAProxy (mode tcp, roundrobin)")
+    parser.add_argument("--chance", type=_chances, default=[0.01],
+                        help="per-request GOAWAY probability for the 'chance' policy; a comma-separated list "
+                             "runs one policy per value (default 0.01)")
+    parser.add_argument("--max-requests", type=_number("--max-requests", int, 1, 10**9), default=None,
+                        help="also run a policy that drains each connection after about N requests")
+    parser.add_argument("--max-age", type=_number("--max-age", float, 0.0, 86400.0, low_open=True), default=None,
+                        help="also run a policy that drains each connection after about S seconds")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the 'none' policy (no GOAWAY)")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE",
+                        help="write the raw time series and the summary as JSON")
+    parser.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
+                        help="draw share per backend over time (needs the optional extra goaway_ext[plot])")
+    parser.add_argument("--simulate", action="store_true",
+                        help="no sockets: run the model with many clients and backends, same policy code")
+
+
+def policies_from_args(args: argparse.Namespace) -> list[PolicySpec]:
+    """The policies to compare, in table order: none, each chance, max-requests, max-age."""
+    specs = [] if args.no_baseline else [PolicySpec("none")]
+    for chance in args.chance:
+        specs.append(PolicySpec(f"chance={chance:g}", chance=chance))
+    if args.max_requests is not None:
+        specs.append(PolicySpec(f"max-requests={args.max_requests}", max_requests=args.max_requests))
+    if args.max_age is not None:
+        specs.append(PolicySpec(f"max-age={args.max_age:g}s", max_age=args.max_age))
+    return specs
+
+
+def _resolve_defaults(args: argparse.Namespace) -> str | None:
+    """Fill mode-dependent defaults and check cross-option limits; return an error or None."""
+    sim = args.simulate
+    defaults = {
+        "backends": 20 if sim else 3,
+        "clients": 3000 if sim else 30,
+        "rate": 1.0 if sim else 10.0,
+        "duration": 600.0 if sim else 16.0,
+        "warmup": 30.0 if sim else 3.0,
+        "window": 60.0 if sim else 5.0,
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    limits = _SIM_LIMITS if sim else _REAL_LIMITS
+    for name, (low, high) in limits.items():
+        value = getattr(args, name)
+        if not low <= value <= high:
+            where = "with --simulate" if sim else "for a real run (use --simulate for larger fleets)"
+            return f"--{name} must be from {low:g} to {high:g} {where}, got {value:g}"
+    if args.window > args.duration:
+        return f"--window ({args.window:g} s) must not be longer than --duration ({args.duration:g} s)"
+    if not sim and args.clients * args.rate > 3000:
+        return (f"--clients x --rate is {args.clients * args.rate:g} requests/s; a real run on one machine "
+                "is limited to 3000 (use --simulate for larger fleets)")
+    if args.json is not None and not args.json.parent.is_dir():
+        return f"--json: directory {str(args.json.parent)!r} does not exist"
+    if args.plot is not None:
+        if not args.plot.parent.is_dir():
+            return f"--plot: directory {str(args.plot.parent)!r} does not exist"
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return "--plot needs matplotlib, which is not installed: pip install 'goaway_ext[plot]'"
+    if sim and args.lb != "builtin":
+        return "--lb has no meaning with --simulate (the model has its own round-robin balancer)"
+    return None
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the demo (or the model); 0 when every policy kept failures and interruptions at zero."""
+    error = _resolve_defaults(args)
+    if error is not None:
+        print(f"python -m goaway_ext demo: error: {error}", file=sys.stderr)
+        return 2
+    specs = policies_from_args(args)
+    if not specs:
+        print("python -m goaway_ext demo: error: --no-baseline leaves no policy to run", file=sys.stderr)
+        return 2
+    if args.simulate:
+        from .simulate import run_simulation_command
+
+        return run_simulation_command(args, specs)
+    return _run_real(args, specs)
+
+
+def _run_real(args: argparse.Namespace, specs: list[PolicySpec]) -> int:
+    from .haproxy import HAProxyNotInstalled, find_haproxy
+    from .processes import BackendStartError, ProcessGroupRegistry
+    from .scenario import DemoConfig, run_scenario
+
+    if args.lb == "haproxy" and find_haproxy() is None:
+        print("python -m goaway_ext demo: error: --lb haproxy needs HAProxy, which is not installed "
+              "(looked for /usr/sbin/haproxy and haproxy on PATH); install it with `apt-get install haproxy`, "
+              "or use the built-in balancer (--lb builtin)", file=sys.stderr)
+        return 2
+    config = DemoConfig(
+        backends=args.backends, clients=args.clients, rate=args.rate, duration=args.duration,
+        warmup=args.warmup, window=args.window, seed=args.seed, lb=args.lb,
+    )
+    registry = ProcessGroupRegistry()
+    progress = ProgressLine()
+    results: list[RunResult] = []
+    started = time.monotonic()
+    progress.message(
+        f"goaway_ext demo: {config.backends} backends behind the {config.lb} balancer, {config.clients} clients "
+        f"x {config.rate:g} req/s + 1 watch each; rolling restart after {config.warmup:g} s, then "
+        f"{config.duration:g} s of load; policies: {', '.join(s.label for s in specs)}"
+    )
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        # SIGTERM ends the demo like Ctrl-C: cancel, let the finally blocks stop every child.
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            with tempfile.TemporaryDirectory(prefix="goaway-demo-") as work:
+                for spec in specs:
+                    result = await run_scenario(config, spec, registry, progress, Path(work))
+                    results.append(result)
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    status = 0
+    try:
+        asyncio.run(main())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        progress.finish()
+        print("interrupted: every backend and balancer process was stopped", file=sys.stderr)
+        status = 130
+    except (BackendStartError, HAProxyNotInstalled, OSError) as exc:
+        progress.finish()
+        print(f"python -m goaway_ext demo: error: {exc}", file=sys.stderr)
+        status = 1
+    finally:
+        registry.kill_all()
+    if status:
+        return status
+    print(format_table([r.summary() for r in results], config.window))
+    print(f"(total {time.monotonic() - started:.0f} s)")
+    return _write_outputs(args, results, registry.pids) or _verdict(results)
+
+
+def _write_outputs(args: argparse.Namespace, results: list[RunResult], pids: list[int]) -> int:
+    parameters = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"
+    }
+    if args.json is not None:
+        write_json(args.json, parameters, results, {"child_pids": pids})
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot is not None:
+        try:
+            write_plot(args.plot, results)
+        except PlotUnavailable as exc:
+            print(f"python -m goaway_ext demo: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _verdict(results: list[RunResult]) -> int:
+    """1 if any request failed or any watch was cut: the library's promise was broken."""
+    broken = [r for r in results if r.failed_requests or r.watches_interrupted]
+    for r in broken:
+        print(f"FAILED: policy {r.policy}: {r.failed_requests} failed requests, "
+              f"{r.watches_interrupted} interrupted watches; first errors: {r.errors[:3]}", file=sys.stderr)
+    return 1 if broken else 0
+

@@ -1,0 +1,161 @@
+"""HAProxy as the demo's load balancer (``--lb haproxy``).
+
+A real, widely deployed L4 balancer shows that the effect does not come from
+our own proxy: in ``mode tcp`` with ``balance roundrobin`` HAProxy also picks a
+server only when a TCP connection opens. The configuration is written into the
+demo's temporary directory; HAProxy runs in the foreground (``-db``) in its own
+process group, so the demo can stop it like any other child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+
+from .processes import BackendStartError, ProcessGroupRegistry
+
+__all__ = ["HAPROXY_PATH", "HAProxyNotInstalled", "HAProxyBalancer", "find_haproxy", "render_config"]
+
+#: Where Debian's ``haproxy`` package installs the binary.
+HAPROXY_PATH = "/usr/sbin/haproxy"
+
+
+class HAProxyNotInstalled(RuntimeError):
+    """``--lb haproxy`` was asked for but no haproxy binary exists."""
+
+
+def find_haproxy() -> str | None:
+    """Return the haproxy binary to use (Debian's path first, then ``$PATH``), or None."""
+    if os.access(HAPROXY_PATH, os.X_OK):
+        return HAPROXY_PATH
+    return shutil.which("haproxy")
+
+
+def render_config(frontend_port: int, backends: Sequence[tuple[str, str, int]], *, host: str = "127.0.0.1") -> str:
+    """Return an HAProxy configuration: TCP mode, round robin, fast health checks.
+
+    ``backends`` lists ``(name, host, port)``. A restarting server is noticed
+    in two ways: a refused connect is retried on another server
+    (``option redispatch 1`` redispatches on every retry), and the 200 ms
+    health check takes it out of (and back into) the rotation quickly. The
+    client and server timeouts are long because HTTP/2 connections and watch
+    streams are meant to stay open.
+    """
+    lines = [
+        "global",
+        "    maxconn 4096",
+        "defaults",
+        "    mode tcp",
+        "    timeout connect 2s",
+        "    timeout client 10m",
+        "    timeout server 10m",
+        "    retries 3",
+        "    option redispatch 1",
+        "frontend demo_in",
+        f"    bind {host}:{frontend_port}",
+        "    default_backend demo_servers",
+        "backend demo_servers",
+        "    balance roundrobin",
+    ]
+    for name, backend_host, port in backends:
+        lines.append(f"    server {name} {backend_host}:{port} check inter 200ms fall 1 rise 1")
+    return "\n".join(lines) + "\n"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel just considered free (HAProxy binds it itself, so we cannot pass 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class HAProxyBalancer:
+    """Runs one HAProxy in front of the backends for the length of a scenario."""
+
+    def __init__(
+        self,
+        backends: Sequence[tuple[str, str, int]],
+        registry: ProcessGroupRegistry,
+        work_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+    ) -> None:
+        binary = find_haproxy()
+        if binary is None:
+            raise HAProxyNotInstalled(
+                f"--lb haproxy needs HAProxy, which is not installed (looked for {HAPROXY_PATH} and "
+                "haproxy on PATH); install it with `apt-get install haproxy` (make demo / make test do "
+                "that when run as root), or use the built-in balancer: --lb builtin"
+            )
+        self._binary = binary
+        self._backends = list(backends)
+        self._registry = registry
+        self._work_dir = work_dir
+        self._host = host
+        self._process: asyncio.subprocess.Process | None = None
+        self.port = 0
+
+    @property
+    def pid(self) -> int | None:
+        """The HAProxy master pid while it runs."""
+        return None if self._process is None else self._process.pid
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Write the configuration, start HAProxy and wait until its frontend accepts."""
+        self.port = free_port(self._host)
+        config = self._work_dir / "haproxy.cfg"
+        config.write_text(render_config(self.port, self._backends, host=self._host))
+        log_path = self._work_dir / "haproxy.log"
+        with open(log_path, "ab") as log:
+            self._process = await asyncio.create_subprocess_exec(
+                self._binary, "-db", "-f", str(config),
+                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True,
+            )
+        self._registry.add(self._process.pid)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if self._process.returncode is not None:
+                break
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(self._host, self.port), 1.0)
+            except (OSError, asyncio.TimeoutError):
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            return
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        await self.stop()
+        raise BackendStartError(
+            f"haproxy did not accept connections on port {self.port} within {timeout:.0f} s:\n{tail}"
+        )
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop HAProxy (SIGTERM: immediate stop; the clients are already done)."""
+        process = self._process
+        if process is None:
+            return
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), timeout)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(process.wait(), timeout)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        self._registry.forget(process.pid)
+        self._process = None

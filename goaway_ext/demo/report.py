@@ -1,0 +1,340 @@
+"""What the demo measures, and how it shows it: time series, summary, table, progress, plot.
+
+One :class:`RunResult` per policy holds requests served per backend per time
+bucket (from the ``x-backend`` header of each response) plus the counters that
+must stay at zero. The summary answers the demo's questions: how is the load
+shared in the last window, how unequal is it (max/min share), and how long after
+the rolling restart did the ratio settle under :data:`BALANCED_RATIO` for good.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = [
+    "BALANCED_RATIO",
+    "RunResult",
+    "Summary",
+    "ProgressLine",
+    "format_table",
+    "format_columns",
+    "write_json",
+    "write_plot",
+    "PlotUnavailable",
+]
+
+#: The max/min share ratio under which the demo calls the load balanced.
+BALANCED_RATIO = 1.25
+
+
+@dataclass
+class RunResult:
+    """Everything recorded for one policy's scenario (times in seconds from its start).
+
+    ``counts[i][b]`` is the number of requests backend ``b`` answered in bucket
+    ``i`` (``[i * bucket, (i + 1) * bucket)``). ``events`` lists
+    ``(time, backend, what)`` for the rolling restart (``"stop"`` and ``"up"``);
+    ``restart_done`` is when the last restarted backend was accepting again.
+    """
+
+    policy: str
+    backends: list[str]
+    bucket: float
+    duration: float
+    window: float
+    counts: list[list[int]] = field(default_factory=list)
+    events: list[tuple[float, str, str]] = field(default_factory=list)
+    restart_done: float | None = None
+    requests: int = 0
+    failed_requests: int = 0
+    watches_opened: int = 0
+    watches_interrupted: int = 0
+    connections_opened: int = 0
+    goaways_received: int = 0
+    goaways_sent: int | None = None
+    lb: str = "builtin"
+    pids: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def record(self, now: float, backend_index: int) -> None:
+        """Count one request answered by ``backend_index`` at time ``now``."""
+        index = max(0, int(now / self.bucket))
+        while len(self.counts) <= index:
+            self.counts.append([0] * len(self.backends))
+        self.counts[index][backend_index] += 1
+        self.requests += 1
+
+    def window_counts(self, start: float, end: float) -> list[int]:
+        """Requests per backend in the buckets that lie inside ``[start, end)``."""
+        first = max(0, round(start / self.bucket))
+        last = min(len(self.counts), round(end / self.bucket))
+        totals = [0] * len(self.backends)
+        for row in self.counts[first:last]:
+            for b, n in enumerate(row):
+                totals[b] += n
+        return totals
+
+    def summary(self) -> Summary:
+        """Compute the numbers of the final table."""
+        end = min(self.duration, len(self.counts) * self.bucket)
+        final = self.window_counts(max(0.0, end - self.window), end)
+        shares = _shares(final)
+        return Summary(
+            policy=self.policy,
+            lb=self.lb,
+            shares=dict(zip(self.backends, shares, strict=True)),
+            ratio=_ratio(final),
+            rebalanced_after=self.rebalanced_after(),
+            goaways_sent=self.goaways_sent,
+            goaways_received=self.goaways_received,
+            connections_opened=self.connections_opened,
+            requests=self.requests,
+            failed_requests=self.failed_requests,
+            watches_opened=self.watches_opened,
+            watches_interrupted=self.watches_interrupted,
+        )
+
+    def ratio_series(self, smooth: float) -> list[tuple[float, float]]:
+        """``(t, max/min ratio over [t - smooth, t))`` at every bucket boundary from ``smooth`` on."""
+        series = []
+        steps = round(smooth / self.bucket)
+        for i in range(steps, len(self.counts) + 1):
+            t = i * self.bucket
+            series.append((t, _ratio(self.window_counts(t - smooth, t))))
+        return series
+
+    def share_series(self, smooth: float) -> tuple[list[float], list[list[float]]]:
+        """Times and per-backend shares over a sliding window of ``smooth`` seconds (for plots)."""
+        times: list[float] = []
+        shares: list[list[float]] = [[] for _ in self.backends]
+        steps = max(1, round(smooth / self.bucket))
+        for i in range(steps, len(self.counts) + 1):
+            t = i * self.bucket
+            row = _shares(self.window_counts(t - smooth, t))
+            times.append(t)
+            for b, value in enumerate(row):
+                shares[b].append(value)
+        return times, shares
+
+    def rebalanced_after(self, smooth: float | None = None) -> float | None:
+        """Seconds from the end of the rolling restart until the ratio stayed under :data:`BALANCED_RATIO`.
+
+        The ratio is taken over a sliding window (``smooth``, default the
+        final window) so a single quiet bucket does not count. None means it
+        never settled before the run ended.
+        """
+        if self.restart_done is None:
+            return None
+        width = self.window if smooth is None else smooth
+        series = [(t, r) for t, r in self.ratio_series(width) if t >= self.restart_done]
+        if not series or series[-1][1] >= BALANCED_RATIO:
+            return None
+        settled = series[-1][0]
+        for t, r in reversed(series):
+            if r >= BALANCED_RATIO:
+                break
+            settled = t
+        # The first window entirely under the ratio started `width` earlier.
+        return max(0.0, settled - width - self.restart_done)
+
+
+@dataclass
+class Summary:
+    """The final table's row for one policy (``ratio`` is ``inf`` when a backend got nothing)."""
+
+    policy: str
+    lb: str
+    shares: dict[str, float]
+    ratio: float
+    rebalanced_after: float | None
+    goaways_sent: int | None
+    goaways_received: int
+    connections_opened: int
+    requests: int
+    failed_requests: int
+    watches_opened: int
+    watches_interrupted: int
+
+    def as_json(self) -> dict[str, Any]:
+        """A JSON-safe dict (infinity becomes null, as JSON has no infinity)."""
+        data = asdict(self)
+        if math.isinf(self.ratio):
+            data["ratio"] = None
+        return data
+
+
+def _shares(counts: list[int]) -> list[float]:
+    total = sum(counts)
+    return [n / total if total else 0.0 for n in counts]
+
+
+def _ratio(counts: list[int]) -> float:
+    if not counts or min(counts) == 0:
+        return math.inf
+    return max(counts) / min(counts)
+
+
+def format_table(summaries: list[Summary], window: float) -> str:
+    """The final table, one row per policy, as plain text."""
+    if not summaries:
+        return ""
+    names = list(summaries[0].shares)
+    header = [
+        "policy",
+        *[f"{name} share" for name in names],
+        "max/min",
+        f"under {BALANCED_RATIO} after",
+        "GOAWAYs sent",
+        "connections",
+        "requests",
+        "failed",
+        "watches interrupted",
+    ]
+    rows = []
+    for s in summaries:
+        rows.append([
+            s.policy,
+            *[f"{100 * s.shares[name]:.1f}%" for name in names],
+            "inf" if math.isinf(s.ratio) else f"{s.ratio:.2f}",
+            "never" if s.rebalanced_after is None else f"{s.rebalanced_after:.1f} s",
+            "?" if s.goaways_sent is None else str(s.goaways_sent),
+            str(s.connections_opened),
+            str(s.requests),
+            str(s.failed_requests),
+            str(s.watches_interrupted),
+        ])
+    title = (
+        f"Shares of requests per backend in the last {window:g} s; "
+        f"'under {BALANCED_RATIO} after' counts from the end of the rolling restart."
+    )
+    return title + "\n" + format_columns(header, rows)
+
+
+def format_columns(header: list[str], rows: list[list[str]]) -> str:
+    """Align a header and rows as text columns: the first left-aligned, the numbers right-aligned."""
+    widths = [max(len(header[c]), *(len(row[c]) for row in rows)) for c in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        padded = [v.ljust(w) if c == 0 else v.rjust(w) for c, (v, w) in enumerate(zip(cells, widths, strict=True))]
+        return "  ".join(padded)
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(row) for row in rows)])
+
+
+class ProgressLine:
+    """Live progress on stderr: one rewritten line on a terminal, a line every few seconds otherwise.
+
+    A log file or a CI console cannot handle carriage returns, so without a tty
+    the same information comes as ordinary lines at ``every`` seconds.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, every: float = 5.0, width: int = 24) -> None:
+        self._stream = sys.stderr if stream is None else stream
+        self._tty = bool(getattr(self._stream, "isatty", lambda: False)())
+        self._every = every
+        self._width = width
+        self._last_print = -math.inf
+        self._dirty = False
+
+    def update(self, label: str, elapsed: float, total: float, shares: dict[str, float], note: str = "") -> None:
+        """Show where the run is and the current share per backend."""
+        done = min(1.0, elapsed / total) if total > 0 else 1.0
+        filled = int(done * self._width)
+        bar = "#" * filled + "." * (self._width - filled)
+        share_text = " ".join(f"{name} {100 * v:4.1f}%" for name, v in shares.items())
+        text = f"{label:<18} [{bar}] {elapsed:5.1f}/{total:.0f} s  {share_text}"
+        if note:
+            text += f"  {note}"
+        if self._tty:
+            self._stream.write("\r\x1b[K" + text)
+            self._stream.flush()
+            self._dirty = True
+        elif elapsed - self._last_print >= self._every or elapsed < self._last_print:
+            self._stream.write(text + "\n")
+            self._stream.flush()
+            self._last_print = elapsed
+
+    def message(self, text: str) -> None:
+        """A line that stays (a restart step, a warning), above the progress line on a tty."""
+        if self._tty and self._dirty:
+            self._stream.write("\r\x1b[K")
+        self._stream.write(text + "\n")
+        self._stream.flush()
+        self._dirty = False
+
+    def finish(self) -> None:
+        """End the live line so the next output starts on a fresh line."""
+        if self._tty and self._dirty:
+            self._stream.write("\n")
+            self._stream.flush()
+        self._dirty = False
+        self._last_print = -math.inf
+
+
+def write_json(
+    path: Path, parameters: dict[str, Any], results: list[RunResult], extra: dict[str, Any] | None = None
+) -> None:
+    """Write the raw time series and the summary of every policy to ``path``."""
+    document: dict[str, Any] = {"parameters": parameters, "policies": []}
+    for result in results:
+        document["policies"].append({
+            "policy": result.policy,
+            "lb": result.lb,
+            "backends": result.backends,
+            "bucket_seconds": result.bucket,
+            "duration": result.duration,
+            "window": result.window,
+            "counts": result.counts,
+            "events": [{"t": t, "backend": b, "what": w} for t, b, w in result.events],
+            "restart_done": result.restart_done,
+            "pids": result.pids,
+            "errors": result.errors,
+            "summary": result.summary().as_json(),
+        })
+    if extra:
+        document.update(extra)
+    path.write_text(json.dumps(document, indent=1) + "\n")
+
+
+class PlotUnavailable(RuntimeError):
+    """``--plot`` needs matplotlib, an optional extra that is not installed."""
+
+
+def write_plot(path: Path, results: list[RunResult], smooth: float = 2.0) -> None:
+    """Draw share per backend over time, one panel per policy, with the restarts marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotUnavailable(
+            "--plot needs matplotlib, which is not installed; install the optional extra: "
+            "pip install 'goaway_ext[plot]'"
+        ) from None
+    figure, axes = plt.subplots(len(results), 1, figsize=(9, 2.6 * len(results) + 0.6), sharex=True, squeeze=False)
+    for ax, result in zip(axes[:, 0], results, strict=True):
+        times, shares = result.share_series(smooth)
+        for name, series in zip(result.backends, shares, strict=True):
+            ax.plot(times, [100 * v for v in series], label=name, linewidth=1.6)
+        ax.axhline(100 / len(result.backends), color="grey", linestyle=":", linewidth=1)
+        for t, name, what in result.events:
+            if what == "stop":
+                ax.axvline(t, color="black", alpha=0.25, linewidth=1)
+                ax.text(t, 97, f" {name} restart", fontsize=7, va="top", alpha=0.7)
+        summary = result.summary()
+        ratio = "inf" if math.isinf(summary.ratio) else f"{summary.ratio:.2f}"
+        ax.set_title(f"{result.policy} ({result.lb} balancer): final max/min {ratio}", fontsize=10)
+        ax.set_ylabel("share of requests %")
+        ax.set_ylim(0, 100)
+        ax.legend(loc="upper left", fontsize=8, ncol=len(result.backends))
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel(f"seconds (share over a sliding {smooth:g} s window)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,304 @@
+"""One policy's run of the demo: backends, balancer, clients, rolling restart, measurements.
+
+Timeline (seconds from the start of the load):
+
+1. ``0 .. warmup``: every client has connected through the balancer and sends
+   requests at a steady rate, each also keeping one watch open;
+2. rolling restart: each backend in turn gets SIGTERM (its server drains every
+   connection gracefully: requests in flight finish, watches end with
+   END_STREAM, clients reconnect through the balancer), exits, and is started
+   again on the same port; the next one follows once it is listening;
+3. ``duration`` more seconds of the same load; the final ``window`` is what the
+   table reports.
+
+Every response names its backend (``x-backend``), which is how requests are
+attributed. A request that raises, or answers anything but 200, is a failure; a
+watch that ends any other way than a clean END_STREAM is an interruption. Both
+must stay at zero: that is the library's promise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..asyncio_client import H2Client, H2ClientError
+from .haproxy import HAProxyBalancer
+from .processes import Backend, ProcessGroupRegistry
+from .proxy import RoundRobinProxy
+from .report import ProgressLine, RunResult
+
+if TYPE_CHECKING:
+    from . import PolicySpec
+
+__all__ = ["DemoConfig", "run_scenario", "WATCH_SECONDS", "REQUEST_TIMEOUT"]
+
+#: Length of each watch; like a Kubernetes watch timeout, it ends cleanly and is opened again.
+WATCH_SECONDS = 4
+#: Bound on any single request or watch chunk: nothing in the demo can hang for ever.
+REQUEST_TIMEOUT = 10.0
+_HOST = "127.0.0.1"
+_RESTART_GAP = 0.5
+_STOP_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The knobs of a real run, validated by the CLI."""
+
+    backends: int
+    clients: int
+    rate: float
+    duration: float
+    warmup: float
+    window: float
+    seed: int
+    lb: str
+    bucket: float = 0.5
+
+
+class _Load:
+    """The clients: each one :class:`H2Client`, a steady request loop and a watch loop."""
+
+    def __init__(self, config: DemoConfig, port: int, result: RunResult, clock: Callable[[], float]) -> None:
+        self._config = config
+        self._port = port
+        self._result = result
+        self._clock = clock
+        self._index = {name: i for i, name in enumerate(result.backends)}
+        self._clients: list[H2Client] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._rng = random.Random(config.seed)
+
+    def start(self) -> None:
+        """Start every client; their first connections go through the balancer in turn."""
+        for n in range(self._config.clients):
+            client = H2Client(_HOST, self._port, timeout=REQUEST_TIMEOUT)
+            self._clients.append(client)
+            phase = self._rng.random() / self._config.rate
+            self._tasks.append(asyncio.create_task(self._requests(client, phase), name=f"requests-{n}"))
+            self._tasks.append(asyncio.create_task(self._watches(client), name=f"watch-{n}"))
+
+    async def stop(self) -> None:
+        """Let requests in flight finish, end the watches, close every connection."""
+        self._stopping = True
+        tasks = [t for t in self._tasks if not t.done()]
+        for task in tasks:
+            if task.get_name().startswith("watch-"):
+                task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=REQUEST_TIMEOUT)
+        for task in tasks:
+            task.cancel()
+        for client in self._clients:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        self._result.connections_opened = sum(c.connections_opened for c in self._clients)
+        self._result.goaways_received = sum(c.goaways_received for c in self._clients)
+
+    def _error(self, text: str) -> None:
+        if len(self._result.errors) < 20:
+            self._result.errors.append(f"{self._clock():.2f}s {text}")
+
+    async def _requests(self, client: H2Client, phase: float) -> None:
+        interval = 1.0 / self._config.rate
+        next_at = self._clock() + phase
+        while not self._stopping:
+            delay = next_at - self._clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            next_at += interval
+            try:
+                response = await client.request("GET", "/")
+            except (H2ClientError, OSError, asyncio.TimeoutError) as exc:
+                self._result.failed_requests += 1
+                self._error(f"request failed: {exc!r}")
+                continue
+            backend = self._index.get(response.header("x-backend") or "")
+            if response.status != 200 or backend is None:
+                self._result.failed_requests += 1
+                self._error(f"bad response: status {response.status}, x-backend {response.header('x-backend')!r}")
+                continue
+            self._result.record(self._clock(), backend)
+            if self._clock() > next_at + interval:
+                next_at = self._clock()  # fell behind (a slow moment): resume the rate, no burst
+
+    async def _watches(self, client: H2Client) -> None:
+        while not self._stopping:
+            self._result.watches_opened += 1
+            try:
+                async with client.stream("GET", f"/watch?seconds={WATCH_SECONDS}") as response:
+                    if response.status != 200:
+                        raise H2ClientError(f"watch answered status {response.status}")
+                    async for _chunk in response:
+                        pass
+            except (H2ClientError, OSError, asyncio.TimeoutError) as exc:
+                if self._stopping:
+                    return
+                self._result.watches_interrupted += 1
+                self._error(f"watch interrupted: {exc!r}")
+                await asyncio.sleep(0.1)
+
+
+async def _backend_stats(client: H2Client) -> dict[str, object]:
+    response = await client.request("GET", "/stats")
+    data = json.loads(response.body)
+    if not isinstance(data, dict):
+        raise ValueError(f"/stats answered {data!r}")
+    return data
+
+
+def _policy_goaways(stats: dict[str, object]) -> int:
+    """GOAWAY drains the policy started (not the shutdown ones), from a backend's /stats."""
+    for key in ("policy_drains", "drains_by_policy"):
+        value = stats.get(key)
+        if isinstance(value, int):
+            return value
+    value = stats.get("goaways_sent")
+    return value if isinstance(value, int) else 0
+
+
+async def _collect_stats(backend: Backend) -> int | None:
+    client = H2Client(_HOST, backend.port, timeout=3.0)
+    try:
+        return _policy_goaways(await _backend_stats(client))
+    except (H2ClientError, OSError, ValueError, asyncio.TimeoutError):
+        return None
+    finally:
+        await client.aclose()
+
+
+async def run_scenario(
+    config: DemoConfig,
+    spec: PolicySpec,
+    registry: ProcessGroupRegistry,
+    progress: ProgressLine,
+    work_dir: Path,
+) -> RunResult:
+    """Run the whole timeline for one policy and return its measurements.
+
+    Every process started here is stopped before this returns or raises
+    (cancellation included); ``registry`` is the safety net behind that.
+    """
+    loop = asyncio.get_running_loop()
+    names = [f"b{i + 1}" for i in range(config.backends)]
+    run_dir = work_dir / spec.label.replace("=", "-")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    backends = [
+        Backend(name, [*spec.serve_args(), *_seed_args(config.seed, i)], registry, run_dir)
+        for i, name in enumerate(names)
+    ]
+    result = RunResult(
+        policy=spec.label, backends=names, bucket=config.bucket, duration=0.0, window=config.window, lb=config.lb,
+    )
+    balancer: RoundRobinProxy | HAProxyBalancer | None = None
+    load: _Load | None = None
+    progress_task: asyncio.Task[None] | None = None
+    goaways = 0
+    stats_known = True
+    try:
+        await asyncio.gather(*(b.start() for b in backends))
+        if config.lb == "haproxy":
+            balancer = HAProxyBalancer([(b.name, b.host, b.port) for b in backends], registry, run_dir)
+        else:
+            balancer = RoundRobinProxy([(b.host, b.port) for b in backends])
+        await balancer.start()
+        start = loop.time()
+
+        def clock() -> float:
+            return loop.time() - start
+
+        expected_total = config.warmup + config.backends * 2.0 + config.duration
+        state = {"note": "warm-up", "total": expected_total}
+        load = _Load(config, balancer.port, result, clock)
+        load.start()
+        progress_task = asyncio.create_task(_show_progress(progress, spec.label, result, clock, state))
+        await _sleep_until(clock, config.warmup)
+        for backend in backends:
+            state["note"] = f"restarting {backend.name}"
+            sent = await _collect_stats(backend)
+            if sent is None:
+                stats_known = False
+            else:
+                goaways += sent
+            result.events.append((clock(), backend.name, "stop"))
+            await backend.stop(_STOP_TIMEOUT)
+            await backend.start()
+            result.events.append((clock(), backend.name, "up"))
+            await asyncio.sleep(_RESTART_GAP)
+        result.restart_done = result.events[-1][0]
+        end = result.restart_done + config.duration
+        state["total"] = end
+        state["note"] = "after the restart"
+        await _sleep_until(clock, end)
+        result.duration = end
+        await load.stop()
+        load = None
+        for backend in backends:
+            sent = await _collect_stats(backend)
+            if sent is None:
+                stats_known = False
+            else:
+                goaways += sent
+        result.goaways_sent = goaways if stats_known else None
+        result.pids = list(registry.pids)
+    finally:
+        if progress_task is not None:
+            progress_task.cancel()
+            with contextlib.suppress(BaseException):
+                await progress_task
+        progress.finish()
+        await _shutdown(load, balancer, backends)
+    return result
+
+
+async def _shutdown(
+    load: _Load | None, balancer: RoundRobinProxy | HAProxyBalancer | None, backends: list[Backend]
+) -> None:
+    """Stop everything, in order, even when cancelled half-way (each step bounded)."""
+    steps: list[Callable[[], Awaitable[object]]] = []
+    if load is not None:
+        steps.append(load.stop)
+    if balancer is not None:
+        steps.append(balancer.stop)
+    steps.extend(b.kill for b in backends)
+    for step in steps:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(asyncio.wait_for(step(), 20.0))
+
+
+def _seed_args(seed: int, index: int) -> list[str]:
+    """Per-backend seed for the policy's draws (each backend its own stream of draws)."""
+    return []
+
+
+async def _sleep_until(clock: Callable[[], float], t: float) -> None:
+    delay = t - clock()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+async def _show_progress(
+    progress: ProgressLine, label: str, result: RunResult, clock: Callable[[], float], state: dict[str, object]
+) -> None:
+    while True:
+        await asyncio.sleep(0.25)
+        now = clock()
+        counts = result.window_counts(max(0.0, now - 2.0), now)
+        total = sum(counts) or 1
+        shares = {name: n / total for name, n in zip(result.backends, counts, strict=True)}
+        note = str(state["note"])
+        if result.failed_requests or result.watches_interrupted:
+            note += f"  failed {result.failed_requests} interrupted {result.watches_interrupted}"
+        total_time = state["total"]
+        assert isinstance(total_time, float)
+        progress.update(label, now, total_time, shares, note)
