@@ -288,7 +288,20 @@ class _HypercornConnection(ServerConnection):
     def __init__(self, *args: Any, terminated: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.reported: list[ServerEvent] = []
+        self.drain_reason = "-"
         self.terminated = terminated  # hypercorn's worker-wide "shutdown began" event
+
+    def note(self, events: list[ServerEvent]) -> None:
+        """Keep our own events (GoawaySent, ConnectionDrained) for the protocol to report."""
+        for event in events:
+            if event.__class__ is GoawaySent or event.__class__ is ConnectionDrained:
+                self.reported.append(event)
+                self.drain_reason = event.reason
+
+    def start_drain(self, reason: str = "shutdown") -> None:
+        if not self.is_draining:
+            self.drain_reason = reason
+        super().start_drain(reason)
 
     @property
     def shutting_down(self) -> bool:
@@ -298,9 +311,7 @@ class _HypercornConnection(ServerConnection):
     def receive_data(self, data: bytes) -> list[ServerEvent]:  # type: ignore[override]
         events = super().receive_data(data)
         if self.is_draining:
-            for event in events:
-                if event.__class__ is GoawaySent or event.__class__ is ConnectionDrained:
-                    self.reported.append(event)
+            self.note(events)
         return events
 
     def close_connection(self, error_code: int = 0, additional_data: bytes | None = None,
@@ -378,6 +389,7 @@ class GoawayH2Protocol(H2Protocol):
         self._counted_refused = 0
         self._counted_cut = 0
         self._shutdown_started = False
+        self._logged = False
         _TOTALS.connections += 1
 
     async def initiate(self, headers: list[tuple[bytes, bytes]] | None = None,
@@ -393,7 +405,10 @@ class GoawayH2Protocol(H2Protocol):
         if self._goaway is None:
             return
         if isinstance(event, Closed):
+            if self._goaway.reported:
+                await self._report()
             self._count_stream_totals()
+            await self._log_drain()
             await self._wake.set()
             return
         if self._goaway.reported:
@@ -447,7 +462,7 @@ class GoawayH2Protocol(H2Protocol):
             if not self._shutdown_started and terminated.is_set():
                 self._shutdown_started = True
                 connection.start_drain("shutdown")
-            connection.reported.extend(connection.handle_timer(now))
+            connection.note(connection.handle_timer(now))
             await self._flush_ours()
             if connection.reported:
                 await self._report()
@@ -468,19 +483,29 @@ class GoawayH2Protocol(H2Protocol):
                 if prometheus:
                     _PROMETHEUS.goaways.labels(reason=event.reason).inc()
             elif isinstance(event, ConnectionDrained):
-                stats = connection.stats
                 _TOTALS.drains += 1
                 _TOTALS.drain_seconds += event.duration
                 if prometheus:
                     _PROMETHEUS.drain.observe(event.duration)
-                self._count_stream_totals()
-                peer = f"{self.client[0]}:{self.client[1]}" if self.client else "-"
-                await self.config.log.info(
-                    f"goaway_ext: drained HTTP/2 connection from {peer}: reason={event.reason} "
-                    f"last_stream_id={event.last_stream_id} requests={stats.requests_seen} "
-                    f"goaways={stats.goaways_sent} refused={stats.streams_refused} cut={stats.streams_cut} "
-                    f"in {event.duration:.3f}s"
-                )
+
+    async def _log_drain(self) -> None:
+        """One line per drain on hypercorn's error log, when the connection ends."""
+        connection = self._goaway
+        assert connection is not None
+        if self._logged or not connection.is_draining:
+            return
+        self._logged = True
+        stats = connection.stats
+        peer = f"{self.client[0]}:{self.client[1]}" if self.client else "-"
+        if stats.drain_duration is not None:
+            outcome = f"drained in {stats.drain_duration:.3f}s"
+        else:
+            outcome = f"closed by the peer while draining ({connection.drain_state.value})"
+        await self.config.log.info(
+            f"goaway_ext: drained HTTP/2 connection from {peer}: reason={connection.drain_reason} "
+            f"last_stream_id={connection.last_stream_id} requests={stats.requests_seen} "
+            f"goaways={stats.goaways_sent} refused={stats.streams_refused} cut={stats.streams_cut}: {outcome}"
+        )
 
     def _count_stream_totals(self) -> None:
         connection = self._goaway
@@ -545,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         hypercorn_main.main(["--help"])
         return 0
     ours, rest = parser.parse_known_args(args_list)
-    overrides = {f"goaway_{name}": value for name, value in vars(ours).items() if value is not None}
+    overrides = {key: value for key, value in vars(ours).items() if value is not None}
     hypercorn_run = hypercorn_main.run  # type: ignore[attr-defined]
 
     def run_with_goaway(config: Config) -> int:

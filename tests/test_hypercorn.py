@@ -1,0 +1,306 @@
+"""goaway_ext.hypercorn against a real hypercorn, real sockets and real clients.
+
+Every server is ``python -m goaway_ext.hypercorn`` in a subprocess on a socket
+this test bound (port 0, handed over as ``fd://``), so no port can be taken in
+between; every server is killed when its test ends. The ASGI app under test is
+``app`` below, which the server imports from this file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+
+HERE = Path(__file__).resolve()
+APP = f"{HERE}:app"
+ROOT = HERE.parent.parent
+
+
+# -- the ASGI app the servers run ------------------------------------------------------
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """``/`` small body; ``/slow?s=S``; ``/stream?chunks=N&interval=S`` (a watch); ``/echo`` (POST)."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    query = {k: v[0] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
+    path = scope["path"]
+    body = b""
+    if path == "/echo":
+        more = True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    if path == "/slow":
+        await asyncio.sleep(float(query.get("s", "1")))
+        await send({"type": "http.response.body", "body": b"slow done\n"})
+    elif path == "/stream":
+        chunks, interval = int(query.get("chunks", "10")), float(query.get("interval", "0.05"))
+        for index in range(chunks):
+            await send({"type": "http.response.body", "body": b"chunk %d\n" % index, "more_body": True})
+            await asyncio.sleep(interval)
+        await send({"type": "http.response.body", "body": b"end\n"})
+    elif path == "/echo":
+        await send({"type": "http.response.body", "body": body})
+    else:
+        await send({"type": "http.response.body", "body": b"ok\n"})
+
+
+def stream_body(chunks: int) -> bytes:
+    """What ``/stream?chunks=N`` sends in full."""
+    return b"".join(b"chunk %d\n" % i for i in range(chunks)) + b"end\n"
+
+
+# -- running servers -------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """A running hypercorn subprocess and the lines of its error log."""
+
+    process: subprocess.Popen[str]
+    port: int
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def drain_lines(self) -> list[str]:
+        return [line for line in self.log if "goaway_ext: drained" in line]
+
+    def wait_for_log(self, needle: str, count: int = 1, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while sum(needle in line for line in self.log) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{needle!r} x{count} not logged within {timeout}s; log: {self.log}")
+            time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def hypercorn_server(*args: str, module: str = "goaway_ext.hypercorn", workers: int = 0,
+                     config: str | None = None, tmp_path: Path | None = None) -> Iterator[Server]:
+    """Run ``python -m MODULE`` on a fresh 127.0.0.1 socket; always kill it afterwards."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(512)
+    port = listener.getsockname()[1]
+    command = [sys.executable, "-m", module, APP, "--bind", f"fd://{listener.fileno()}",
+               "--workers", str(workers), "--error-logfile", "-", *args]
+    if config is not None:
+        assert tmp_path is not None
+        config_path = tmp_path / "hypercorn.toml"
+        config_path.write_text(config)
+        command += ["--config", str(config_path)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(command, pass_fds=[listener.fileno()], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env,
+                               cwd=ROOT)
+    listener.close()
+    server = Server(process, port)
+
+    def read_log() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            server.log.append(line.rstrip("\n"))
+
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
+    try:
+        server.wait_for_log("Running on", timeout=20.0)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+        reader.join(timeout=5)
+
+
+def run(coro: Any, timeout: float = 60.0) -> Any:
+    """Run a client coroutine with a hard bound."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+# -- real clients ----------------------------------------------------------------------
+
+needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed (make system-tools)")
+needs_nghttp = pytest.mark.skipif(shutil.which("nghttp") is None, reason="nghttp not installed (make system-tools)")
+
+
+@needs_curl
+def test_curl_gets_every_response_whole_while_each_request_drains() -> None:
+    # chance 1.0: every request starts a drain on its connection, and is still served.
+    with hypercorn_server("--goaway-chance", "1.0", "--goaway-allow-high-chance") as server:
+        for path, expected in [("/", b"ok\n"), ("/stream?chunks=6&interval=0.02", stream_body(6))]:
+            for _ in range(3):  # one curl per request: curl 7.88 mishandles a reused prior-knowledge connection
+                result = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "--max-time", "10",
+                                         server.url + path], capture_output=True, timeout=20, check=True)
+                assert result.stdout == expected
+        result = subprocess.run(["curl", "-sS", "--http1.1", "-i", "--max-time", "10", server.url + "/"],
+                                capture_output=True, timeout=20, check=True)
+        assert result.stdout.startswith(b"HTTP/1.1 200")
+        assert b"connection: close" not in result.stdout.lower()
+        server.wait_for_log("goaway_ext: drained", count=6)  # curl closes first: "closed by the peer"
+
+
+@needs_nghttp
+def test_nghttp_completes_requests_multiplexed_on_a_draining_connection() -> None:
+    with hypercorn_server("--goaway-chance", "1.0", "--goaway-allow-high-chance") as server:
+        urls = [server.url + "/stream?chunks=8&interval=0.03"] + [server.url + "/"] * 4
+        result = subprocess.run(["nghttp", "-v", *urls], capture_output=True, timeout=30, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.count("recv GOAWAY frame") == 2  # notice (2^31-1), then final
+        assert "last_stream_id=2147483647" in result.stdout
+        assert result.stdout.count("chunk ") == 8 and "end\n" in result.stdout
+
+
+def test_load_through_goaways_fails_nothing_and_reconnects_once_per_goaway() -> None:
+    from goaway_ext.asyncio_client import H2Client
+
+    requests, concurrency = 3000, 10
+
+    async def load(port: int) -> H2Client:
+        client = H2Client("127.0.0.1", port, timeout=20.0)
+        counter = iter(range(requests))
+        failures: list[BaseException] = []
+
+        async def worker() -> None:
+            for index in counter:
+                try:
+                    if index % 7 == 0:
+                        response = await client.request("POST", "/echo", body=b"x" * 100)
+                        assert response.body == b"x" * 100
+                    else:
+                        response = await client.request("GET", "/")
+                        assert response.body == b"ok\n"
+                    assert response.status == 200
+                except Exception as exc:  # counted and reported below
+                    failures.append(exc)
+
+        async with client:
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        assert not failures, failures[:3]
+        return client
+
+    with hypercorn_server("--goaway-chance", "0.02", "--goaway-seed", "7") as server:
+        client = run(load(server.port))
+    assert client.goaways_received > 20  # ~requests * 0.02
+    assert client.connections_opened == client.goaways_received + 1
+
+
+def test_keep_alive_max_requests_drains_instead_of_dropping_in_flight_responses(tmp_path: Path) -> None:
+    # Stock hypercorn answers 0 of these 5 (README, "before/after"): request 6
+    # crosses keep_alive_max_requests=5 and close_connection() drops the rest.
+    from goaway_ext.asyncio_client import H2Client
+
+    async def scenario(port: int) -> tuple[list[bytes], H2Client]:
+        async with H2Client("127.0.0.1", port, timeout=10.0) as client:
+            await client.request("GET", "/")
+            responses = await asyncio.gather(*(client.request("GET", "/slow?s=0.5") for _ in range(5)))
+            return [r.body for r in responses], client
+
+    with hypercorn_server(config="keep_alive_max_requests = 5\n", tmp_path=tmp_path) as server:
+        bodies, client = run(scenario(server.port))
+        server.wait_for_log("reason=max_requests")
+    assert bodies == [b"slow done\n"] * 5
+    assert client.connections_opened == 1
+
+
+def test_a_stream_in_flight_when_shutdown_starts_is_read_in_full() -> None:
+    from goaway_ext.asyncio_client import H2Client
+
+    chunks = 30
+
+    async def scenario(server: Server) -> tuple[bytes, H2Client]:
+        async with H2Client("127.0.0.1", server.port, timeout=10.0) as client:
+            async with client.stream("GET", f"/stream?chunks={chunks}&interval=0.05") as response:
+                body = b""
+                async for chunk in response:
+                    if not body:
+                        server.process.send_signal(signal.SIGTERM)  # shutdown: drain now
+                    body += chunk
+            return body, client
+
+    with hypercorn_server("--graceful-timeout", "10") as server:
+        body, client = run(scenario(server))
+        assert server.process.wait(timeout=10) == 0
+        server.wait_for_log("reason=shutdown")
+    assert body == stream_body(chunks)
+    assert client.goaways_received == 1
+
+
+def test_the_stream_whose_request_started_the_drain_is_read_in_full() -> None:
+    from goaway_ext.asyncio_client import H2Client
+
+    async def scenario(port: int) -> tuple[bytes, bytes, H2Client]:
+        async with H2Client("127.0.0.1", port, timeout=10.0) as client:
+            async with client.stream("GET", "/stream?chunks=20&interval=0.03") as response:
+                first = await response.read()
+            second = (await client.request("GET", "/")).body
+            return first, second, client
+
+    with hypercorn_server("--goaway-chance", "1.0", "--goaway-allow-high-chance", "--goaway-mode", "single") as server:
+        first, second, client = run(scenario(server.port))
+    assert first == stream_body(20)
+    assert second == b"ok\n"
+    assert client.connections_opened == 2 and client.goaways_received >= 1
+
+
+def test_spawned_workers_get_the_hook_too(tmp_path: Path) -> None:
+    # hypercorn's default: one spawned worker process, which receives the
+    # config by pickle; the goaway_* keys in the TOML file must reach it.
+    config = "goaway_chance = 1.0\ngoaway_allow_high_chance = true\ngoaway_mode = \"single\"\n"
+    with hypercorn_server(workers=1, config=config, tmp_path=tmp_path) as server:
+        result = subprocess.run([sys.executable, "-c", _ONE_REQUEST, str(server.port)], capture_output=True,
+                                text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == {"body": "ok\n", "goaways": 1}
+        server.wait_for_log("reason=chance")
+
+
+_ONE_REQUEST = """
+import asyncio, json, sys
+from goaway_ext.asyncio_client import H2Client
+async def main():
+    async with H2Client("127.0.0.1", int(sys.argv[1]), timeout=10) as client:
+        response = await client.request("GET", "/")
+        await asyncio.sleep(0.2)
+        print(json.dumps({"body": response.body.decode(), "goaways": client.goaways_received}))
+asyncio.run(main())
+"""
+
+
+def test_bad_goaway_option_fails_at_startup_with_its_name() -> None:
+    result = subprocess.run([sys.executable, "-m", "goaway_ext.hypercorn", APP, "--goaway-chance", "0.5",
+                             "--bind", "127.0.0.1:0"], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert result.returncode == 2
+    assert "chance=0.5 is above 0.02" in result.stderr
