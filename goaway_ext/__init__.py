@@ -23,6 +23,7 @@ from ._core import (
     encode_rst_stream,
 )
 from .asyncio_client import H2Client, H2ClientError
+from .asyncio_server import H2Server, Request, ResponseStream
 from .client import ClientConnection
 from .errors import ConnectionDrainingError
 from .events import ConnectionDrained, GoawayReceived, GoawaySent, StreamRefused
@@ -53,6 +54,9 @@ __all__ = [
     "DrainState",
     "GoawayPolicy",
     "ServerConnection",
+    "H2Server",
+    "Request",
+    "ResponseStream",
     "ClientConnection",
     "H2Client",
     "H2ClientError",

@@ -1,0 +1,712 @@
+"""A small, real asyncio HTTP/2 server on :class:`~goaway_ext.ServerConnection`.
+
+It exists to show (and test, and demo) the drain end to end: one
+``ServerConnection`` per TCP connection, one async handler call per request,
+flow control respected, timers driven by the event loop, and the socket closed
+at ``close_at`` (after the linger), never earlier. TLS with ALPN ``h2`` when
+given an ``ssl.SSLContext``; cleartext HTTP/2 with prior knowledge otherwise.
+The server speaks only HTTP/2: an HTTP/1.x request gets a plain
+``505 HTTP Version Not Supported`` and the connection is closed.
+
+``python -m goaway_ext serve`` runs it with a built-in app (see
+:func:`builtin_app`); SIGTERM and SIGINT drain every connection and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError
+
+from .events import ConnectionDrained, GoawaySent
+from .policy import MODES, GoawayPolicy
+from .server import ServerConnection
+
+__all__ = ["Request", "ResponseStream", "Handler", "H2Server", "builtin_app", "configure_parser", "run_command"]
+
+log = logging.getLogger("goaway_ext.asyncio_server")
+
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_HTTP1_METHODS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")
+_HTTP1_REFUSAL = (
+    b"HTTP/1.1 505 HTTP Version Not Supported\r\n"
+    b"content-type: text/plain\r\n"
+    b"connection: close\r\n"
+)
+_HTTP1_BODY = b"this server speaks only HTTP/2 (prior knowledge on cleartext, or TLS with ALPN h2)\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One complete HTTP/2 request, body included (up to the server's ``max_body``).
+
+    ``headers`` are the raw ``(name, value)`` byte pairs as received; ``path``
+    is without the query string; ``server`` lets a handler reach the server
+    (its ``shutdown_event``, its ``stats()``).
+    """
+
+    method: str
+    path: str
+    query: str
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    stream_id: int
+    server: H2Server
+
+    def param(self, name: str, default: str | None = None) -> str | None:
+        """The first value of query parameter ``name``, or ``default``."""
+        values = parse_qs(self.query).get(name)
+        return values[0] if values else default
+
+
+class StreamClosed(Exception):
+    """The peer reset the stream, or the connection went away, while a handler was writing."""
+
+
+class ResponseStream:
+    """Writes the response of one request: :meth:`start`, :meth:`write` chunk by chunk, :meth:`end`.
+
+    Writes wait for flow-control window (the peer's WINDOW_UPDATE) and for the
+    socket to accept more, so a slow reader slows the handler instead of
+    filling memory. :meth:`send` is the one-call form for small responses.
+    """
+
+    __slots__ = ("_ended", "_proto", "_started", "stream_id")
+
+    def __init__(self, proto: _H2Protocol, stream_id: int) -> None:
+        self._proto = proto
+        self.stream_id = stream_id
+        self._started = False
+        self._ended = False
+
+    @property
+    def started(self) -> bool:
+        """True once the response headers were sent."""
+        return self._started
+
+    @property
+    def ended(self) -> bool:
+        """True once END_STREAM was sent."""
+        return self._ended
+
+    async def start(self, status: int = 200, headers: Iterable[tuple[str | bytes, str | bytes]] = ()) -> None:
+        """Send the response headers (the server adds ``x-backend``)."""
+        self._send_headers(status, headers, end_stream=False)
+        self._proto.flush()
+
+    def _send_headers(self, status: int, headers: Iterable[tuple[str | bytes, str | bytes]], end_stream: bool) -> None:
+        if self._started:
+            raise RuntimeError("response headers already sent")
+        proto = self._proto
+        proto.check_open(self.stream_id)
+        fields: list[tuple[bytes, bytes]] = [(b":status", str(status).encode()), proto.server.backend_header]
+        for name, value in headers:
+            fields.append(
+                (name.encode() if isinstance(name, str) else name, value.encode() if isinstance(value, str) else value)
+            )
+        self._started = True
+        proto.conn.send_headers(self.stream_id, fields, end_stream=end_stream)
+        if end_stream:
+            self._ended = True
+
+    async def write(self, data: bytes) -> None:
+        """Send body bytes, as many DATA frames as the windows and frame size allow."""
+        if not self._started:
+            await self.start()
+        await self._proto.send_body(self.stream_id, data, end_stream=False)
+
+    async def end(self, data: bytes = b"") -> None:
+        """Send the last body bytes (if any) with END_STREAM."""
+        if self._ended:
+            return
+        if not self._started:
+            self._send_headers(200, (), end_stream=not data)
+            if not data:
+                self._proto.flush()
+                return
+        self._ended = True
+        await self._proto.send_body(self.stream_id, data, end_stream=True)
+
+    async def send(
+        self, status: int, body: bytes = b"", headers: Iterable[tuple[str | bytes, str | bytes]] = ()
+    ) -> None:
+        """Send a whole response: headers (with content-length) and body."""
+        fields = [*headers, ("content-length", str(len(body)))]
+        self._send_headers(status, fields, end_stream=not body)
+        if body:
+            self._ended = True
+            await self._proto.send_body(self.stream_id, body, end_stream=True)
+        else:
+            self._proto.flush()
+
+
+#: ``handler(request, response)``: must end the response (the server ends it if not).
+Handler = Callable[[Request, ResponseStream], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _StreamState:
+    headers: list[tuple[bytes, bytes]]
+    body: bytearray = field(default_factory=bytearray)
+    task: asyncio.Task[None] | None = None
+    reset: bool = False
+
+
+class _H2Protocol(asyncio.Protocol):
+    """One TCP connection: bytes <-> the connection object, events -> handler tasks."""
+
+    def __init__(self, server: H2Server) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.conn: H2Connection = H2Connection()  # replaced once the preface is seen
+        self.drainable: ServerConnection | None = None
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self._preface = b""
+        self._started = False
+        self._streams: dict[int, _StreamState] = {}
+        self._window_waiters: dict[int, asyncio.Future[None]] = {}
+        self._resume: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._closing = False
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+        self.requests = 0
+        self.drains = 0
+
+    # -- transport callbacks ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.server.connection_opened(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        for state in self._streams.values():
+            if state.task is not None and not state.task.done():
+                state.task.cancel()
+        self._wake_all(error=True)
+        if self._resume is not None and not self._resume.done():
+            self._resume.set_exception(StreamClosed("connection lost"))
+            self._resume.exception()  # mark retrieved: nobody may be waiting
+        self.server.connection_closed(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._resume = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._resume is not None and not self._resume.done():
+            self._resume.set_result(None)
+        self._resume = None
+
+    def data_received(self, data: bytes) -> None:
+        if not self._started:
+            data = self._check_preface(data)
+            if not data:
+                return
+        try:
+            events = self.conn.receive_data(data)
+        except ProtocolError as exc:
+            log.info("protocol error from %s: %s", self.peer, exc)
+            self.flush()
+            self.close()
+            return
+        self._handle(events)
+        self.flush()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    # -- helpers --------------------------------------------------------------------
+
+    def _check_preface(self, data: bytes) -> bytes:
+        buffered = self._preface + data
+        if len(buffered) < len(_PREFACE) and _PREFACE.startswith(buffered):
+            self._preface = buffered
+            return b""
+        if not buffered.startswith(_PREFACE):
+            assert self.transport is not None
+            if buffered.startswith(_HTTP1_METHODS):
+                log.info("refused an HTTP/1.x request from %s: this server speaks only HTTP/2", self.peer)
+                name, value = self.server.backend_header
+                self.transport.write(
+                    _HTTP1_REFUSAL + name + b": " + value + b"\r\ncontent-length: "
+                    + str(len(_HTTP1_BODY)).encode() + b"\r\n\r\n" + _HTTP1_BODY
+                )
+            self.close()
+            return b""
+        self._started = True
+        self._preface = b""
+        config = H2Configuration(client_side=False, header_encoding=None)
+        if self.server.plain_h2:
+            self.conn = H2Connection(config=config)
+        else:
+            self.drainable = ServerConnection(config, policy=self.server.policy, clock=self.loop.time)
+            self.conn = self.drainable
+            if self.server.is_shutting_down:
+                self.drainable.start_drain("shutdown")
+        self.conn.initiate_connection()
+        return buffered
+
+    def close(self) -> None:
+        if self.transport is not None and not self._closing:
+            self._closing = True
+            self.transport.close()
+
+    def flush(self) -> None:
+        if self._closing:
+            return
+        data = self.conn.data_to_send()
+        if data:
+            assert self.transport is not None
+            self.transport.write(data)
+        drainable = self.drainable
+        if drainable is not None:
+            deadline = drainable.next_deadline()
+            if deadline != self._timer_at:
+                self._schedule(deadline)
+
+    def _schedule(self, deadline: float | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None and not self._closing:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        drainable = self.drainable
+        if drainable is None or self._closing:
+            return
+        now = self.loop.time()
+        self._handle(drainable.handle_timer(now))
+        self.flush()
+        close_at = drainable.close_at
+        if close_at is not None and now >= close_at:
+            log.info("closing drained connection from %s", self.peer)
+            self.close()
+
+    def start_drain(self) -> None:
+        """Server shutdown: drain this connection (plain h2: GOAWAY the h2 way)."""
+        if self._closing:
+            return
+        if not self._started:
+            self.close()
+            return
+        if self.drainable is not None:
+            self.drainable.start_drain("shutdown")
+        else:
+            with contextlib.suppress(ProtocolError):
+                self.conn.close_connection()
+            self.flush()
+            self.close()
+            return
+        self.flush()
+
+    def check_open(self, stream_id: int) -> None:
+        state = self._streams.get(stream_id)
+        if self._closing or state is None or state.reset:
+            raise StreamClosed(f"stream {stream_id} was reset or its connection closed")
+
+    def _handle(self, events: list[Any]) -> None:
+        for event in events:
+            cls = event.__class__
+            if cls is RequestReceived:
+                self.requests += 1
+                self._streams[event.stream_id] = _StreamState(event.headers)
+            elif cls is DataReceived:
+                state = self._streams.get(event.stream_id)
+                if state is not None:
+                    state.body += event.data
+                    if len(state.body) > self.server.max_body:
+                        self._reset(event.stream_id, ErrorCodes.REFUSED_STREAM)
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif cls is StreamEnded:
+                state = self._streams.get(event.stream_id)
+                if state is not None and not state.reset and state.task is None:
+                    state.task = self.loop.create_task(self._run(event.stream_id, state))
+            elif cls is WindowUpdated:
+                if event.stream_id:
+                    self._wake(event.stream_id)
+                else:
+                    self._wake_all()
+            elif cls is RemoteSettingsChanged:
+                self._wake_all()
+            elif cls is StreamReset:
+                state = self._streams.get(event.stream_id)
+                if state is not None:
+                    state.reset = True
+                    self._wake(event.stream_id, error=True)
+            elif cls is ConnectionTerminated:
+                log.info("peer %s sent GOAWAY (error code %s)", self.peer, event.error_code)
+                self.flush()
+                self.close()
+            elif cls is GoawaySent:
+                log.info(
+                    "GOAWAY to %s: last_stream_id=%d final=%s reason=%s",
+                    self.peer, event.last_stream_id, event.final, event.reason,
+                )
+            elif cls is ConnectionDrained:
+                self.drains += 1
+                log.info(
+                    "drained connection from %s: last_stream_id=%d reason=%s in %.3fs",
+                    self.peer, event.last_stream_id, event.reason, event.duration,
+                )
+
+    def _reset(self, stream_id: int, code: ErrorCodes) -> None:
+        state = self._streams.get(stream_id)
+        if state is not None:
+            state.reset = True
+            if state.task is not None:
+                state.task.cancel()
+        with contextlib.suppress(ProtocolError):
+            self.conn.reset_stream(stream_id, code)
+        self._wake(stream_id, error=True)
+
+    def _wake(self, stream_id: int, error: bool = False) -> None:
+        waiter = self._window_waiters.pop(stream_id, None)
+        if waiter is not None and not waiter.done():
+            if error:
+                waiter.set_exception(StreamClosed(f"stream {stream_id} was reset"))
+            else:
+                waiter.set_result(None)
+
+    def _wake_all(self, error: bool = False) -> None:
+        for stream_id in list(self._window_waiters):
+            self._wake(stream_id, error)
+
+    async def send_body(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        """Send ``data`` on a stream within the flow-control windows, then flush."""
+        conn = self.conn
+        view = memoryview(data)
+        while True:
+            self.check_open(stream_id)
+            if not view:
+                if end_stream:
+                    conn.end_stream(stream_id)
+                break
+            size = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size, len(view))
+            if size <= 0:
+                self.flush()
+                waiter = self.loop.create_future()
+                self._window_waiters[stream_id] = waiter
+                await waiter
+                continue
+            last = size == len(view)
+            conn.send_data(stream_id, view[:size].tobytes(), end_stream=end_stream and last)
+            view = view[size:]
+            if last:
+                break
+        self.flush()
+        if self._resume is not None:
+            await self._resume
+
+    async def _run(self, stream_id: int, state: _StreamState) -> None:
+        path, _, query = _header(state.headers, b":path").partition("?")
+        request = Request(
+            method=_header(state.headers, b":method"),
+            path=path,
+            query=query,
+            headers=state.headers,
+            body=bytes(state.body),
+            stream_id=stream_id,
+            server=self.server,
+        )
+        response = ResponseStream(self, stream_id)
+        try:
+            await self.server.handler(request, response)
+            if not response.ended:
+                await response.end()
+        except (StreamClosed, asyncio.CancelledError):
+            pass
+        except Exception:
+            log.exception("handler failed on %s %s", request.method, request.path)
+            if not self._closing:
+                if not response.started:
+                    with contextlib.suppress(StreamClosed, ProtocolError):
+                        await response.send(500, b"internal error\n")
+                else:
+                    self._reset(stream_id, ErrorCodes.INTERNAL_ERROR)
+                    self.flush()
+        finally:
+            self._streams.pop(stream_id, None)
+            self._window_waiters.pop(stream_id, None)
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return ""
+
+
+class H2Server:
+    """An asyncio HTTP/2 server: one :class:`ServerConnection` per connection, one handler call per request.
+
+    ``policy`` applies to every connection; ``name`` goes into the
+    ``x-backend`` header of every response (default ``host:port``), so a
+    client behind a balancer can count where its requests went.
+    ``plain_h2=True`` uses h2's own ``H2Connection`` instead (no drain; for
+    benchmarks against the baseline).
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        policy: GoawayPolicy | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        name: str | None = None,
+        max_body: int = 1 << 20,
+        plain_h2: bool = False,
+    ) -> None:
+        self.handler = handler
+        self.policy = policy if policy is not None else GoawayPolicy()
+        self.ssl_context = ssl_context
+        self.max_body = max_body
+        self.plain_h2 = plain_h2
+        self._name = name
+        self.backend_header = (b"x-backend", (name or "").encode())
+        self._server: asyncio.base_events.Server | None = None
+        self._protocols: set[_H2Protocol] = set()
+        self._totals = {"connections_opened": 0, "requests": 0, "goaways_sent": 0, "streams_refused": 0,
+                        "streams_cut": 0, "drains": 0}
+        self._shutdown: asyncio.Event | None = None
+        self.address: tuple[str, int] | None = None
+
+    @property
+    def name(self) -> str:
+        """The value of the ``x-backend`` header."""
+        return self.backend_header[1].decode()
+
+    @property
+    def shutdown_event(self) -> asyncio.Event:
+        """Set when shutdown starts: long handlers (watches) should end their stream cleanly."""
+        if self._shutdown is None:
+            self._shutdown = asyncio.Event()
+        return self._shutdown
+
+    @property
+    def is_shutting_down(self) -> bool:
+        """True once :meth:`shutdown` was called."""
+        return self._shutdown is not None and self._shutdown.is_set()
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Bind and start accepting; returns the bound ``(host, port)`` (port 0 picks one)."""
+        if self.ssl_context is not None:
+            self.ssl_context.set_alpn_protocols(["h2"])
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _H2Protocol(self), host, port, ssl=self.ssl_context)
+        sockname = self._server.sockets[0].getsockname()
+        self.address = (sockname[0], sockname[1])
+        if self._name is None:
+            self.backend_header = (b"x-backend", f"{host}:{self.address[1]}".encode())
+        self.shutdown_event  # noqa: B018  (created on the loop that serves)
+        return self.address
+
+    def connection_opened(self, proto: _H2Protocol) -> None:
+        self._protocols.add(proto)
+        self._totals["connections_opened"] += 1
+        if self.is_shutting_down:
+            proto.start_drain()
+
+    def connection_closed(self, proto: _H2Protocol) -> None:
+        if proto in self._protocols:
+            self._protocols.discard(proto)
+            self._add(self._totals, proto)
+
+    @staticmethod
+    def _add(totals: dict[str, int], proto: _H2Protocol) -> None:
+        totals["requests"] += proto.requests
+        totals["drains"] += proto.drains
+        if proto.drainable is not None:
+            s = proto.drainable.stats
+            totals["goaways_sent"] += s.goaways_sent
+            totals["streams_refused"] += s.streams_refused
+            totals["streams_cut"] += s.streams_cut
+
+    def stats(self) -> dict[str, Any]:
+        """Counters over every connection so far, open or closed (what ``GET /stats`` returns)."""
+        totals = dict(self._totals)
+        for proto in self._protocols:
+            self._add(totals, proto)
+        totals["connections_open"] = len(self._protocols)
+        return {"name": self.name, **totals}
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop accepting, drain every connection with ``start_drain``, wait at most ``timeout`` s, then close."""
+        self.shutdown_event.set()
+        if self._server is not None:
+            self._server.close()
+        for proto in list(self._protocols):
+            proto.start_drain()
+        waiting = [proto.closed for proto in self._protocols]
+        if waiting:
+            _, pending = await asyncio.wait(waiting, timeout=timeout)
+            if pending:
+                log.warning("%d connection(s) still open after %.1fs: closing them", len(pending), timeout)
+        for proto in list(self._protocols):
+            if proto.transport is not None:
+                proto.transport.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+# -- the built-in app -------------------------------------------------------------------
+
+
+async def builtin_app(request: Request, response: ResponseStream) -> None:
+    """``GET /``, ``GET /watch?seconds=N``, ``POST /echo``, ``GET /stats``: what ``serve`` runs.
+
+    A watch sends one chunk every 0.5 s for N seconds, like a Kubernetes watch,
+    and ends its stream cleanly (END_STREAM) when the server shuts down, so a
+    watch is never cut off by a drain.
+    """
+    server = request.server
+    text = [("content-type", "text/plain")]
+    if request.path == "/" and request.method == "GET":
+        await response.send(200, f"hello from {server.name}\n".encode(), text)
+    elif request.path == "/watch" and request.method == "GET":
+        try:
+            seconds = float(request.param("seconds", "5") or "5")
+            if not 0 <= seconds <= 3600:
+                raise ValueError
+        except ValueError:
+            await response.send(400, b"seconds must be a number in [0, 3600]\n", text)
+            return
+        await response.start(200, text)
+        shutdown = server.shutdown_event
+        for index in range(round(seconds / 0.5)):
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(shutdown.wait(), 0.5)
+            if shutdown.is_set():
+                break
+            await response.write(f"event {index}\n".encode())
+        await response.end()
+    elif request.path == "/echo" and request.method == "POST":
+        await response.send(200, request.body, [("content-type", "application/octet-stream")])
+    elif request.path == "/stats" and request.method == "GET":
+        body = json.dumps(server.stats(), sort_keys=True).encode() + b"\n"
+        await response.send(200, body, [("content-type", "application/json")])
+    elif request.path in ("/", "/watch", "/echo", "/stats"):
+        await response.send(405, b"method not allowed\n", text)
+    else:
+        await response.send(404, b"not found\n", text)
+
+
+# -- command line -------------------------------------------------------------------------
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Options of ``python -m goaway_ext serve``."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="port to bind; 0 picks a free one (default 8080)")
+    parser.add_argument("--chance", type=float, default=0.001, help="per-request GOAWAY probability (default 0.001)")
+    parser.add_argument("--allow-high-chance", action="store_true", help="accept --chance above 0.02 (tests, demos)")
+    parser.add_argument("--max-requests", type=int, default=None, help="drain after about N requests per connection")
+    parser.add_argument("--max-age", type=float, default=None, help="drain connections older than about S seconds")
+    parser.add_argument("--jitter", type=float, default=0.1, help="spread of --max-requests/--max-age (default 0.1)")
+    parser.add_argument("--mode", choices=MODES, default="graceful", help="drain mode (default graceful)")
+    parser.add_argument("--grace", type=float, default=None, help="hard deadline in seconds after a drain starts")
+    parser.add_argument("--ping-timeout", type=float, default=5.0, help="wait for the drain PING ACK (default 5)")
+    parser.add_argument("--linger", type=float, default=1.0, help="seconds between drained and close (default 1)")
+    parser.add_argument("--seed", type=int, default=None, help="seed the policy's draws (reproducible runs)")
+    parser.add_argument("--name", default=None, help="x-backend header value (default HOST:PORT)")
+    parser.add_argument("--tls", action="store_true", help="TLS with ALPN h2 (self-signed unless --certfile)")
+    parser.add_argument("--certfile", default=None, help="PEM certificate chain for --tls")
+    parser.add_argument("--keyfile", default=None, help="PEM private key for --tls")
+    parser.add_argument("--shutdown-timeout", type=float, default=10.0, help="bound on the shutdown drain (default 10)")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--plain-h2", action="store_true", help=argparse.SUPPRESS)  # benchmarks: h2 baseline
+
+
+def _tls_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if certfile is None:
+        # A throwaway self-signed certificate, made with the openssl command line.
+        with tempfile.TemporaryDirectory() as tmp:
+            certfile, keyfile = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                 "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", keyfile, "-out", certfile],
+                check=True, capture_output=True, timeout=60,
+            )
+            context.load_cert_chain(certfile, keyfile)
+    else:
+        context.load_cert_chain(certfile, keyfile)
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+async def _serve(args: argparse.Namespace, policy: GoawayPolicy, context: ssl.SSLContext | None) -> int:
+    server = H2Server(builtin_app, policy=policy, ssl_context=context, name=args.name, plain_h2=args.plain_h2)
+    host, port = await server.start(args.host, args.port)
+    print(f"listening on {host}:{port}", flush=True)
+    log.info("serving %s as %s with %r%s", "https" if context else "h2c", server.name, policy,
+             " (plain h2 baseline)" if args.plain_h2 else "")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining %d connection(s)", len(server._protocols))
+    await server.shutdown(args.shutdown_timeout)
+    log.info("stopped")
+    return 0
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run ``serve`` until SIGTERM/SIGINT, then drain and exit 0; 2 on a bad option."""
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        policy = GoawayPolicy(
+            args.chance, max_requests=args.max_requests, max_age=args.max_age, jitter=args.jitter,
+            ping_timeout=args.ping_timeout, grace=args.grace, linger=args.linger, mode=args.mode, seed=args.seed,
+            allow_high_chance=args.allow_high_chance,
+        )
+        if not 0 <= args.port <= 65535:
+            raise ValueError(f"--port must be in 0..65535, got {args.port}")
+        if args.shutdown_timeout <= 0:
+            raise ValueError(f"--shutdown-timeout must be positive, got {args.shutdown_timeout}")
+    except (TypeError, ValueError) as exc:
+        print(f"serve: error: {exc}", file=sys.stderr)
+        return 2
+    context = _tls_context(args.certfile, args.keyfile) if args.tls else None
+    return asyncio.run(_serve(args, policy, context))
