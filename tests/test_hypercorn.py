@@ -304,3 +304,187 @@ def test_bad_goaway_option_fails_at_startup_with_its_name() -> None:
                              "--bind", "127.0.0.1:0"], capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert result.returncode == 2
     assert "chance=0.5 is above 0.02" in result.stderr
+
+
+def test_httpx_transport_against_hypercorn_fails_nothing() -> None:
+    httpx = pytest.importorskip("httpx")
+    from goaway_ext.httpx import AsyncGracefulTransport
+
+    async def load(url: str) -> int:
+        failures = 0
+        transport = AsyncGracefulTransport(http2=True, http1=False)
+        async with httpx.AsyncClient(transport=transport, base_url=url, timeout=20.0) as client:
+            async def worker(count: int) -> None:
+                nonlocal failures
+                for index in range(count):
+                    try:
+                        if index % 5 == 0:
+                            response = await client.post("/echo", content=b"y" * 64)
+                            ok = response.content == b"y" * 64
+                        else:
+                            response = await client.get("/stream?chunks=2&interval=0" if index % 3 else "/")
+                            ok = response.status_code == 200 and response.http_version == "HTTP/2"
+                        failures += not ok
+                    except httpx.HTTPError:
+                        failures += 1
+
+            await asyncio.gather(*(worker(60) for _ in range(10)))
+        return failures
+
+    with hypercorn_server("--goaway-chance", "0.02", "--goaway-seed", "3") as server:
+        assert run(load(server.url)) == 0
+        server.wait_for_log("goaway_ext: drained", count=3)
+
+
+# -- in process: the one line from code ------------------------------------------------
+
+
+@contextlib.contextmanager
+def serve_in_thread(config: Any) -> Iterator[int]:
+    """``hypercorn.asyncio.serve(app, config)`` on its own loop and thread; port 0; always stopped."""
+    import hypercorn.asyncio
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    config.bind = [f"fd://{listener.detach()}"]  # hypercorn owns and closes it
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            loop.run_until_complete(hypercorn.asyncio.serve(app, config, shutdown_trigger=stop.wait))
+        except BaseException as exc:  # re-raised in the test thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        yield port
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=15)
+        loop.close()
+    assert not errors, errors
+
+
+def test_enable_goaway_is_one_line_from_code_and_counts() -> None:
+    from hypercorn.config import Config
+
+    from goaway_ext import GoawayPolicy
+    from goaway_ext.asyncio_client import H2Client
+    from goaway_ext.hypercorn import enable_goaway, totals, uninstall_protocol
+
+    async def scenario(port: int) -> H2Client:
+        async with H2Client("127.0.0.1", port, timeout=10.0) as client:
+            for _ in range(5):
+                assert (await client.request("GET", "/")).body == b"ok\n"
+            await asyncio.sleep(0.3)
+            return client
+
+    before = totals()
+    config = Config()
+    enable_goaway(config, GoawayPolicy(1.0, allow_high_chance=True, mode="single", linger=0.05))
+    try:
+        with serve_in_thread(config) as port:
+            client = run(scenario(port))
+    finally:
+        uninstall_protocol()
+    after = totals()
+    assert client.connections_opened == 5 == client.goaways_received
+    assert after.connections - before.connections == 5
+    assert after.goaways_sent.get("chance", 0) - before.goaways_sent.get("chance", 0) == 5
+    assert after.drains - before.drains == 5
+
+
+def test_a_config_that_was_not_enabled_stays_stock_hypercorn() -> None:
+    from hypercorn.config import Config
+
+    from goaway_ext.asyncio_client import H2Client
+    from goaway_ext.hypercorn import install_protocol, policy_for, totals, uninstall_protocol
+
+    async def scenario(port: int) -> H2Client:
+        async with H2Client("127.0.0.1", port, timeout=10.0) as client:
+            for _ in range(3):
+                await client.request("GET", "/")
+            return client
+
+    config = Config()
+    assert policy_for(config) is None
+    before = totals()
+    install_protocol()  # process-wide hook, but this config never asked for it
+    try:
+        with serve_in_thread(config) as port:
+            client = run(scenario(port))
+    finally:
+        uninstall_protocol()
+    assert client.goaways_received == 0
+    assert totals().connections == before.connections
+
+
+def test_config_keys_and_keep_alive_max_requests_map_onto_the_policy() -> None:
+    from hypercorn.config import Config
+
+    from goaway_ext import GoawayPolicy
+    from goaway_ext.hypercorn import policy_for
+
+    config = Config.from_mapping({"goaway_chance": 0.001, "goaway_max_age": 30, "goaway_mode": "single",
+                                  "keep_alive_max_requests": 500})
+    policy = policy_for(config)
+    assert policy is not None
+    assert (policy.chance, policy.max_age, policy.mode, policy.max_requests) == (0.001, 30.0, "single", 500)
+    assert policy_for(config) is policy  # one policy per config: per-connection seeds from one generator
+    config.goaway_max_requests = 100
+    assert policy_for(config).max_requests == 100  # type: ignore[union-attr]
+
+    given = GoawayPolicy(0.001, max_age=60)
+    code_config = Config()
+    code_config.keep_alive_max_requests = 50
+    from goaway_ext.hypercorn import enable_goaway, uninstall_protocol
+
+    try:
+        enable_goaway(code_config, given)
+        mapped = policy_for(code_config)
+        assert mapped is not given and mapped is not None
+        assert (mapped.chance, mapped.max_age, mapped.max_requests) == (0.001, 60.0, 50)
+        with pytest.raises(ValueError, match=r"goaway_\*: .*mode"):
+            enable_goaway(Config.from_mapping({"goaway_mode": "sometimes"}))
+    finally:
+        uninstall_protocol()
+
+
+def test_prometheus_metrics_when_prometheus_client_is_installed() -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from hypercorn.config import Config
+
+    from goaway_ext import GoawayPolicy
+    from goaway_ext.asyncio_client import H2Client
+    from goaway_ext.hypercorn import enable_goaway, uninstall_protocol
+
+    def sample(name: str, **labels: str) -> float:
+        return prometheus_client.REGISTRY.get_sample_value(name, labels) or 0.0
+
+    async def scenario(port: int) -> None:
+        async with H2Client("127.0.0.1", port, timeout=10.0) as client:
+            for _ in range(3):
+                await client.request("GET", "/")
+            await asyncio.sleep(0.3)
+
+    goaways = sample("goaway_ext_goaways_sent_total", reason="chance")
+    drains = sample("goaway_ext_drain_seconds_count")
+    config = enable_goaway(Config(), GoawayPolicy(1.0, allow_high_chance=True, linger=0.05))
+    try:
+        with serve_in_thread(config) as port:
+            run(scenario(port))
+    finally:
+        uninstall_protocol()
+    assert sample("goaway_ext_goaways_sent_total", reason="chance") - goaways == 6  # notice + final, x3
+    assert sample("goaway_ext_drain_seconds_count") - drains == 3
