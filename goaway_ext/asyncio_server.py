@@ -25,7 +25,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
@@ -691,6 +691,14 @@ async def _serve(args: argparse.Namespace, policy: GoawayPolicy, context: ssl.SS
     return 0
 
 
+def exempt_stats(headers: Sequence[tuple[Any, Any]]) -> bool | None:
+    """Decider of ``serve``: ``/stats`` never starts a drain, so watching the server does not change it."""
+    for name, value in headers:
+        if name in (b":path", ":path"):
+            return False if value in (b"/stats", "/stats") else None
+    return None
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Run ``serve`` until SIGTERM/SIGINT, then drain and exit 0; 2 on a bad option."""
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -699,7 +707,7 @@ def run_command(args: argparse.Namespace) -> int:
         policy = GoawayPolicy(
             args.chance, max_requests=args.max_requests, max_age=args.max_age, jitter=args.jitter,
             ping_timeout=args.ping_timeout, grace=args.grace, linger=args.linger, mode=args.mode, seed=args.seed,
-            allow_high_chance=args.allow_high_chance,
+            allow_high_chance=args.allow_high_chance, decider=exempt_stats,
         )
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port must be in 0..65535, got {args.port}")
