@@ -220,7 +220,9 @@ class _Connection:
     def _forget(self, stream: _Stream) -> None:
         self.streams.pop(stream.stream_id, None)
         self._wake_all()
-        if not self.streams and self.h2.is_draining:
+        # saw_goaway, not h2.is_draining: within one read, the StreamEnded
+        # events come before the GoawayReceived they are reported with.
+        if not self.streams and self.saw_goaway:
             self.close()
 
     async def _read_loop(self) -> None:
@@ -353,7 +355,9 @@ class H2Client:
     ``ssl``: an ``SSLContext`` for https (ALPN ``h2`` is set on it), or None for
     cleartext HTTP/2 with prior knowledge. ``timeout`` bounds each wait (connect,
     response headers, each body chunk, a flow-control window); ``max_attempts``
-    bounds how often a refused request is sent again.
+    bounds how often a refused request is sent again. ``eager_reconnect``
+    opens the replacement connection as soon as a GOAWAY arrives instead of at
+    the next request (what a load generator holding C connections wants).
 
     Counters, for tests and the load generator: ``connections_opened``,
     ``goaways_received`` (connections that got at least one GOAWAY, so a
@@ -369,6 +373,7 @@ class H2Client:
         ssl: _ssl.SSLContext | None = None,
         timeout: float = 30.0,
         max_attempts: int = 5,
+        eager_reconnect: bool = False,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout!r}")
@@ -381,6 +386,9 @@ class H2Client:
             ssl.set_alpn_protocols(["h2"])
         self.timeout = timeout
         self.max_attempts = max_attempts
+        self.eager_reconnect = eager_reconnect
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._closing = False
         self._authority = f"{host}:{port}".encode("idna")
         self._scheme = b"https" if ssl is not None else b"http"
         self._current: _Connection | None = None
@@ -404,9 +412,16 @@ class H2Client:
 
     async def aclose(self) -> None:
         """Close every connection; requests still running fail."""
+        self._closing = True
+        if self._reconnecting is not None:
+            await self._reconnecting
         for conn in list(self._connections):
             conn.close()
         await asyncio.sleep(0)
+
+    async def connect(self) -> None:
+        """Open the connection now instead of at the first request (fails like a request would)."""
+        await self._connection()
 
     async def request(
         self, method: str, path: str, headers: Iterable[tuple[str, str]] = (), body: bytes = b""
@@ -475,6 +490,16 @@ class H2Client:
     def _connection_draining(self, conn: _Connection) -> None:
         if self._current is conn:
             self._current = None
+            if self.eager_reconnect and not self._closing and self._reconnecting is None:
+                self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        try:
+            await self._connection()
+        except H2ClientError:
+            pass  # the next request tries again and reports the error
+        finally:
+            self._reconnecting = None
 
     def _connection_closed(self, conn: _Connection) -> None:
         self._connections.discard(conn)
