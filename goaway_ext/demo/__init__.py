@@ -58,9 +58,10 @@ class PolicySpec:
 
     def serve_args(self) -> list[str]:
         """The ``python -m goaway_ext serve`` options for this policy."""
-        args: list[str] = []
+        # serve's own default chance is 0.001: say 0 explicitly for the baseline.
+        args: list[str] = ["--chance", "0"]
         if self.chance > 0:
-            args += ["--chance", repr(self.chance)]
+            args = ["--chance", repr(self.chance)]
             if self.chance > MAX_SAFE_CHANCE:
                 args.append("--allow-high-chance")
         if self.max_requests is not None:

@@ -37,8 +37,13 @@ def find_haproxy() -> str | None:
     return shutil.which("haproxy")
 
 
-def render_config(frontend_port: int, backends: Sequence[tuple[str, str, int]], *, host: str = "127.0.0.1") -> str:
+def render_config(
+    frontend_port: int, backends: Sequence[tuple[str, str, int]], stats_socket: Path, *, host: str = "127.0.0.1"
+) -> str:
     """Return an HAProxy configuration: TCP mode, round robin, fast health checks.
+
+    ``stats_socket`` is the runtime API socket through which the demo takes a
+    server out of the rotation before restarting it (``disable server``).
 
     ``backends`` lists ``(name, host, port)``. A restarting server is noticed
     in two ways: a refused connect is retried on another server
@@ -50,6 +55,7 @@ def render_config(frontend_port: int, backends: Sequence[tuple[str, str, int]], 
     lines = [
         "global",
         "    maxconn 4096",
+        f"    stats socket {stats_socket} mode 600 level admin",
         "defaults",
         "    mode tcp",
         "    timeout connect 2s",
@@ -100,6 +106,7 @@ class HAProxyBalancer:
         self._work_dir = work_dir
         self._host = host
         self._process: asyncio.subprocess.Process | None = None
+        self._socket = work_dir / "haproxy.sock"
         self.port = 0
 
     @property
@@ -111,7 +118,7 @@ class HAProxyBalancer:
         """Write the configuration, start HAProxy and wait until its frontend accepts."""
         self.port = free_port(self._host)
         config = self._work_dir / "haproxy.cfg"
-        config.write_text(render_config(self.port, self._backends, host=self._host))
+        config.write_text(render_config(self.port, self._backends, self._socket, host=self._host))
         log_path = self._work_dir / "haproxy.log"
         with open(log_path, "ab") as log:
             self._process = await asyncio.create_subprocess_exec(
@@ -139,6 +146,26 @@ class HAProxyBalancer:
         raise BackendStartError(
             f"haproxy did not accept connections on port {self.port} within {timeout:.0f} s:\n{tail}"
         )
+
+    async def set_enabled(self, index: int, enabled: bool) -> None:
+        """Put server ``index`` in or out of the rotation through the runtime API.
+
+        ``disable server`` (maintenance) stops new connections only; the open
+        ones stay, so the backend can drain them itself.
+        """
+        name = self._backends[index][0]
+        command = f"{'enable' if enabled else 'disable'} server demo_servers/{name}\n"
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(self._socket)), 2.0)
+        try:
+            writer.write(command.encode())
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 2.0)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        if answer.strip():
+            raise BackendStartError(f"haproxy refused {command.strip()!r}: {answer.decode(errors='replace').strip()}")
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop HAProxy (SIGTERM: immediate stop; the clients are already done)."""

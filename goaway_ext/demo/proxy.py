@@ -6,8 +6,11 @@ opens a TCP connection and then copies bytes both ways until one side is done.
 It never looks inside the HTTP/2 stream, so a client that keeps its connection
 keeps its backend, which is exactly the imbalance GOAWAY corrects.
 
-A backend that refuses the connection (it is restarting) is skipped and the
-next one in the rotation is tried, as HAProxy does with ``option redispatch``.
+A backend can be taken out of the rotation before it is stopped (what
+Kubernetes does when it removes a terminating pod from the endpoints), so no
+new connection lands on a server that is shutting down; a backend that refuses
+the connection anyway is skipped and the next one is tried, as HAProxy does
+with ``option redispatch``.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class RoundRobinProxy:
         self._next = 0
         self._server: asyncio.AbstractServer | None = None
         self._pipes: set[asyncio.Task[None]] = set()
+        self._enabled = [True] * len(self._backends)
         self.connections_per_backend = [0] * len(self._backends)
         self.failed_connects = 0
 
@@ -56,6 +60,10 @@ class RoundRobinProxy:
     def port(self) -> int:
         """The port clients connect to (known once :meth:`start` returned)."""
         return self._port
+
+    async def set_enabled(self, index: int, enabled: bool) -> None:
+        """Put backend ``index`` in or out of the rotation; its open connections are left alone."""
+        self._enabled[index] = enabled
 
     async def start(self) -> None:
         """Bind and start accepting; with ``port=0`` the kernel picks the port."""
@@ -74,10 +82,12 @@ class RoundRobinProxy:
             await asyncio.wait(pipes, timeout=2.0)
 
     async def _open_backend(self) -> tuple[int, asyncio.StreamReader, asyncio.StreamWriter] | None:
-        # One full turn of the rotation at most: every backend gets one try.
+        # One full turn of the rotation at most: every backend in it gets one try.
         for _ in range(len(self._backends)):
             index = self._next
             self._next = (self._next + 1) % len(self._backends)
+            if not self._enabled[index]:
+                continue
             host, port = self._backends[index]
             try:
                 reader, writer = await asyncio.wait_for(

@@ -139,8 +139,8 @@ class RunResult:
             if r >= BALANCED_RATIO:
                 break
             settled = t
-        # The first window entirely under the ratio started `width` earlier.
-        return max(0.0, settled - width - self.restart_done)
+        # A sliding mean describes the middle of its window, not its end.
+        return max(0.0, settled - width / 2 - self.restart_done)
 
 
 @dataclass

@@ -45,6 +45,8 @@ WATCH_SECONDS = 4
 REQUEST_TIMEOUT = 10.0
 _HOST = "127.0.0.1"
 _RESTART_GAP = 0.5
+#: Between leaving the rotation and SIGTERM: connections the balancer is opening right now arrive.
+_PRE_STOP_DELAY = 0.2
 _STOP_TIMEOUT = 15.0
 
 
@@ -158,13 +160,16 @@ async def _backend_stats(client: H2Client) -> dict[str, object]:
 
 
 def _policy_goaways(stats: dict[str, object]) -> int:
-    """GOAWAY drains the policy started (not the shutdown ones), from a backend's /stats."""
-    for key in ("policy_drains", "drains_by_policy"):
-        value = stats.get(key)
-        if isinstance(value, int):
-            return value
-    value = stats.get("goaways_sent")
-    return value if isinstance(value, int) else 0
+    """Drains a backend started so far, from its ``/stats``.
+
+    Read just before the backend is stopped, so the shutdown drains are not
+    in it: what remains is what the policy started. A two-phase drain (two
+    GOAWAY frames) counts once, as the clients count it.
+    """
+    value = stats.get("drains")
+    if not isinstance(value, int):
+        raise ValueError(f"/stats has no 'drains' counter: {stats!r}")
+    return value
 
 
 async def _collect_stats(backend: Backend) -> int | None:
@@ -223,8 +228,12 @@ async def run_scenario(
         load.start()
         progress_task = asyncio.create_task(_show_progress(progress, spec.label, result, clock, state))
         await _sleep_until(clock, config.warmup)
-        for backend in backends:
+        for index, backend in enumerate(backends):
             state["note"] = f"restarting {backend.name}"
+            # Out of the rotation first, then SIGTERM: no new connection lands on a server
+            # that is shutting down (Kubernetes removes the endpoint, then the pod stops).
+            await balancer.set_enabled(index, False)
+            await asyncio.sleep(_PRE_STOP_DELAY)
             sent = await _collect_stats(backend)
             if sent is None:
                 stats_known = False
@@ -233,6 +242,7 @@ async def run_scenario(
             result.events.append((clock(), backend.name, "stop"))
             await backend.stop(_STOP_TIMEOUT)
             await backend.start()
+            await balancer.set_enabled(index, True)
             result.events.append((clock(), backend.name, "up"))
             await asyncio.sleep(_RESTART_GAP)
         result.restart_done = result.events[-1][0]
@@ -241,6 +251,7 @@ async def run_scenario(
         state["note"] = "after the restart"
         await _sleep_until(clock, end)
         result.duration = end
+        progress_task.cancel()
         await load.stop()
         load = None
         for backend in backends:
@@ -278,7 +289,7 @@ async def _shutdown(
 
 def _seed_args(seed: int, index: int) -> list[str]:
     """Per-backend seed for the policy's draws (each backend its own stream of draws)."""
-    return []
+    return ["--seed", str(seed * 1000 + index)]
 
 
 async def _sleep_until(clock: Callable[[], float], t: float) -> None:
