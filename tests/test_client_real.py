@@ -1,0 +1,197 @@
+"""The clients against the real asyncio server over sockets (127.0.0.1 only).
+
+The server runs as ``python -m goaway_ext serve`` in a subprocess. At chance
+1.0 every request starts a drain, the harshest case a client can meet: every
+connection is told to go away right after its first request. Nothing may fail,
+and each connection a client opened but the current one must have been retired
+by a GOAWAY.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from goaway_ext.asyncio_client import H2Client
+from goaway_ext.httpx import AsyncGracefulTransport, GracefulTransport
+from goaway_ext.loadgen import run_load
+
+pytestmark = pytest.mark.slow
+
+WATCH_SECONDS = 2  # the server sends a chunk every 0.5 s
+WATCH_BODY_CHUNKS = 4
+
+
+class Server:
+    """A running ``serve`` subprocess and its port."""
+
+    def __init__(self, *args: str) -> None:
+        command = [sys.executable, "-m", "goaway_ext", "serve", "--host", "127.0.0.1", "--port", "0",
+                   "--linger", "0.2", "--log-level", "WARNING", *args]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        lines: queue.Queue[str] = queue.Queue()
+
+        def pump() -> None:
+            assert self.process.stdout is not None
+            for line in self.process.stdout:
+                lines.put(line)
+
+        threading.Thread(target=pump, daemon=True).start()
+        self.output: list[str] = []
+        while True:
+            try:
+                line = lines.get(timeout=15)
+            except queue.Empty:
+                self.stop()
+                raise RuntimeError(f"server did not start: {self.output}") from None
+            self.output.append(line)
+            if line.startswith("listening on "):
+                self.port = int(line.rsplit(":", 1)[1])
+                break
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def always() -> Iterator[Server]:
+    """A server that drains every connection on its first request."""
+    server = Server("--chance", "1.0", "--allow-high-chance")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def sometimes() -> Iterator[Server]:
+    """A server at kube-apiserver's highest allowed chance, 0.02."""
+    server = Server("--chance", "0.02")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_httpx_async_transport_watches_and_requests_survive(always: Server) -> None:
+    async def main() -> None:
+        transport = AsyncGracefulTransport(http1=False)
+        async with httpx.AsyncClient(transport=transport, base_url=always.url, timeout=15) as client:
+            async def watch() -> list[bytes]:
+                async with client.stream("GET", f"/watch?seconds={WATCH_SECONDS}") as response:
+                    assert response.status_code == 200 and response.headers["x-backend"]
+                    return [chunk async for chunk in response.aiter_raw()]
+
+            async def requests(count: int) -> list[int]:
+                codes = []
+                for _ in range(count):
+                    response = await client.get("/")
+                    assert response.headers["x-backend"]
+                    codes.append(response.status_code)
+                return codes
+
+            watches = [asyncio.create_task(watch()) for _ in range(10)]
+            codes = await asyncio.gather(*(requests(20) for _ in range(10)))
+            bodies = await asyncio.gather(*watches)
+        assert [c for batch in codes for c in batch] == [200] * 200
+        assert all(len(b"".join(body).splitlines()) >= WATCH_BODY_CHUNKS for body in bodies)
+        stats = transport.stats
+        # Every connection but the last was retired by a GOAWAY; at chance 1.0
+        # the last one was told to go too.
+        assert stats.goaways_received >= 1
+        assert stats.goaways_received <= stats.connections_opened <= stats.goaways_received + 1
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_httpx_sync_transport(always: Server) -> None:
+    transport = GracefulTransport(http1=False)
+    with httpx.Client(transport=transport, base_url=always.url, timeout=15) as client:
+        for i in range(30):
+            assert client.get("/").status_code == 200
+            if i % 10 == 0:
+                # A body sent whole with a non-idempotent method still works
+                # when nothing is refused: only partial bodies are never replayed.
+                echoed = client.post("/echo", content=b"x" * 1000)
+                assert echoed.status_code == 200 and echoed.content == b"x" * 1000
+    assert transport.stats.connections_opened >= 30
+
+
+def test_h2client_with_eager_reconnect(always: Server) -> None:
+    async def main() -> None:
+        async with H2Client("127.0.0.1", always.port, timeout=15, eager_reconnect=True) as client:
+            async def watch() -> bytes:
+                async with client.stream("GET", f"/watch?seconds={WATCH_SECONDS}") as response:
+                    return await response.read()
+
+            async def requests(count: int) -> None:
+                for i in range(count):
+                    if i % 5 == 0:
+                        body = bytes(range(256)) * 800  # 200 KiB: more than one flow-control window
+                        response = await client.request("POST", "/echo", body=body)
+                        assert response.body == body
+                    else:
+                        response = await client.request("GET", "/")
+                    assert response.status == 200 and response.header("x-backend")
+
+            watches = [asyncio.create_task(watch()) for _ in range(5)]
+            await asyncio.gather(*(requests(10) for _ in range(5)))
+            bodies = await asyncio.gather(*watches)
+            assert all(len(body.splitlines()) >= WATCH_BODY_CHUNKS for body in bodies)
+        # Eager reconnect: each GOAWAY replaced its connection at once.
+        assert client.connections_opened == client.goaways_received + 1
+        assert client.open_connections == 0
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_load_generator_at_chance_002(sometimes: Server) -> None:
+    ticks: list[int] = []
+    result = run_load(sometimes.url + "/", requests=3000, connections=10, streams=10, timeout=15,
+                      progress=lambda partial: ticks.append(partial.requests))
+    assert result.failed == 0 and result.succeeded == 3000, result.errors
+    assert result.goaways_received > 0
+    assert result.connections_opened == result.goaways_received + 10
+    assert result.latency()["max"] >= result.latency()["p99"] >= result.latency()["min"] > 0
+    assert ticks == sorted(ticks)  # progress reports (if the run took long enough) only grow
+
+
+def test_load_command_json(sometimes: Server) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "goaway_ext", "load", sometimes.url + "/", "-n", "300", "-c", "2", "-m", "4",
+         "--json", "--processes", "2"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr
+    summary = json.loads(completed.stdout)
+    assert summary["requests"] == 300 and summary["failed"] == 0
+    assert summary["connections_opened"] == summary["goaways_received"] + 2
+
+
+def test_load_command_text_and_bad_arguments(sometimes: Server) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "goaway_ext", "load", sometimes.url + "/", "-n", "50", "-c", "1", "-m", "2"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "requests: 50 total, 50 succeeded, 0 failed" in completed.stdout
+    assert "time for request:" in completed.stdout
+    bad = subprocess.run([sys.executable, "-m", "goaway_ext", "load", "ftp://x/", "-n", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "URL must be" in bad.stderr
