@@ -10,6 +10,8 @@ APT_TOOLS := curl nghttp2-client haproxy
 # Oldest and newest h2 releases we support: the contract tests run on both.
 H2_OLDEST := 4.1.0
 H2_NEWEST := 4.4.1
+# httpcore releases the httpx transport's contract tests run on (pyproject: >=1.0.5,<1.1).
+HTTPCORE_VERSIONS := 1.0.5 1.0.9
 # Oldest and newest hypercorn releases we support (pyproject: hypercorn>=0.17,<0.19).
 HYPERCORN_OLDEST := 0.17.0
 HYPERCORN_NEWEST := 0.18.0
@@ -71,6 +73,14 @@ contract: install
 	  echo "== contract tests on h2 $$v"; \
 	  $$env_dir/bin/python -m pytest -q -m "not slow" tests/test_contract_h2*.py || exit 1; \
 	done
+	@for v in $(HTTPCORE_VERSIONS); do \
+	  env_dir=.venv-httpcore-$$v; \
+	  [ -x $$env_dir/bin/python ] || $(PYTHON) -m venv $$env_dir; \
+	  $$env_dir/bin/python -m pip --disable-pip-version-check -q install "httpcore==$$v" "httpx>=0.27,<0.29" "h2==$(H2_NEWEST)" pytest hypothesis Cython setuptools || exit 1; \
+	  GOAWAY_EXT_REQUIRE_EXTENSIONS=1 $$env_dir/bin/python -m pip --disable-pip-version-check -q install --no-deps -e . || exit 1; \
+	  echo "== contract tests on httpcore $$v"; \
+	  $$env_dir/bin/python -m pytest -q tests/test_contract_httpcore.py || exit 1; \
+	done
 
 # The hypercorn hook (see goaway_ext/hypercorn.py) on the oldest and newest hypercorn.
 contract-hypercorn: install
@@ -127,4 +137,4 @@ bench: install
 	@for b in benches/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf build dist wheelhouse .venv-h2-* .venv-hypercorn-* goaway_ext/_core_c.c goaway_ext/*.so *.egg-info
+	rm -rf build dist wheelhouse .venv-h2-* .venv-httpcore-* .venv-hypercorn-* goaway_ext/_core_c.c goaway_ext/*.so *.egg-info
