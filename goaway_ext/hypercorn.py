@@ -290,6 +290,15 @@ class _HypercornConnection(ServerConnection):
         self.reported: list[ServerEvent] = []
         self.drain_reason = "-"
         self.terminated = terminated  # hypercorn's worker-wide "shutdown began" event
+        self.on_drain: Callable[[], None] | None = None  # called once, when the drain starts
+        self._drain_seen = False
+
+    def check_drain(self) -> None:
+        """Call ``on_drain`` the first time the connection is found draining."""
+        if not self._drain_seen and self.is_draining:
+            self._drain_seen = True
+            if self.on_drain is not None:
+                self.on_drain()
 
     def note(self, events: list[ServerEvent]) -> None:
         """Keep our own events (GoawaySent, ConnectionDrained) for the protocol to report."""
@@ -302,6 +311,7 @@ class _HypercornConnection(ServerConnection):
         if not self.is_draining:
             self.drain_reason = reason
         super().start_drain(reason)
+        self.check_drain()
 
     @property
     def shutting_down(self) -> bool:
@@ -311,6 +321,7 @@ class _HypercornConnection(ServerConnection):
     def receive_data(self, data: bytes) -> list[ServerEvent]:  # type: ignore[override]
         events = super().receive_data(data)
         if self.is_draining:
+            self.check_drain()
             self.note(events)
         return events
 
@@ -381,8 +392,9 @@ class GoawayH2Protocol(H2Protocol):
             return
         self._goaway = _copy_h2_setup(self.connection, policy, context.terminated)
         self.connection = self._goaway
+        # hypercorn's own send until a drain starts; then ours (see _send_through).
         self._send_to_server = self.send
-        self.send = self._send_through
+        self._goaway.on_drain = self._on_drain
         self._wake = context.event_class()
         self._armed: float | None = None
         self._is_trio = type(context).__module__.startswith("hypercorn.trio")
@@ -411,21 +423,25 @@ class GoawayH2Protocol(H2Protocol):
             await self._log_drain()
             await self._wake.set()
             return
-        if self._goaway.reported:
-            await self._report()
-        await self._rearm()
+        if self._goaway.is_draining:
+            if self._goaway.reported:
+                await self._report()
+            await self._rearm()
 
     # -- internals -------------------------------------------------------------------------
+
+    def _on_drain(self) -> None:
+        self.send = self._send_through
 
     async def _send_through(self, event: Any) -> None:
         # While draining, our timer owns the close: hypercorn's idle timer
         # would close right after the last response, before the linger.
         connection = self._goaway
         assert connection is not None
-        if event.__class__ is Updated and event.idle and connection.is_draining:
+        if event.__class__ is Updated and event.idle:
             return
         await self._send_to_server(event)
-        if event.__class__ is RawData and connection.is_draining:
+        if event.__class__ is RawData:
             await self._rearm()
 
     async def _rearm(self) -> None:
@@ -463,6 +479,7 @@ class GoawayH2Protocol(H2Protocol):
                 self._shutdown_started = True
                 connection.start_drain("shutdown")
             connection.note(connection.handle_timer(now))
+            connection.check_drain()
             await self._flush_ours()
             if connection.reported:
                 await self._report()
