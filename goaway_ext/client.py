@@ -179,10 +179,9 @@ class ClientConnection(h2.connection.H2Connection):
             self.close_connection(error_code=ErrorCodes.FRAME_SIZE_ERROR)
             raise h2.exceptions.FrameTooLargeError(str(exc)) from exc
         events: list[Any] = super().receive_data(for_h2) if for_h2 else []
-        for event in events:
-            if type(event) is _StreamReset and event.error_code == _REFUSED_STREAM:
-                events = self._add_refusals(events)
-                break
+        # A C-level scan of the event types keeps the common case (no reset) cheap.
+        if events and _StreamReset in map(type, events):
+            events = self._add_refusals(events)
         for last_stream_id, error_code, debug_data in goaways:
             self._receive_goaway(last_stream_id, error_code, debug_data, events)
         return events
