@@ -3,7 +3,8 @@
 The first half pins every private httpcore name the transports rely on (see
 the list in ``goaway_ext/httpx.py``), so an httpcore release that moves one
 fails here rather than in production. The second half drives the transports
-against a scripted h2 server on 127.0.0.1 that refuses streams on purpose.
+against a scripted h2 server on 127.0.0.1 that refuses streams on purpose;
+the asyncio ``H2Client`` meets the same server at the end.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from h2.errors import ErrorCodes
 from httpcore._async.http2 import AsyncHTTP2Connection
 from httpcore._sync.http2 import HTTP2Connection
 
-from goaway_ext import encode_goaway
+from goaway_ext import H2Client, encode_goaway
 from goaway_ext.httpx import (
     AsyncGracefulHTTP2Connection,
     AsyncGracefulTransport,
@@ -222,3 +223,17 @@ def test_plain_httpcore_fails_where_the_transport_succeeds(refusing: RefusingSer
 def test_graceful_connection_classes_are_httpcore_subclasses() -> None:
     assert issubclass(AsyncGracefulHTTP2Connection, AsyncHTTP2Connection)
     assert issubclass(GracefulHTTP2Connection, HTTP2Connection)
+
+
+def test_h2client_retries_refused_stream_on_a_new_connection(refusing: RefusingServer) -> None:
+    async def main() -> None:
+        async with H2Client("127.0.0.1", refusing.port, timeout=10) as client:
+            first = asyncio.create_task(client.request("GET", "/"))
+            await asyncio.sleep(0.1)
+            second = await client.request("POST", "/", body=b"safe: never processed")
+            assert second.status == 200 and second.body == b"slow"
+            assert (await first).body == b"slow"
+        assert client.streams_refused == 1 and client.requests_retried == 1
+        assert client.connections_opened == 2 and client.goaways_received == 1
+
+    asyncio.run(asyncio.wait_for(main(), 30))
