@@ -56,6 +56,16 @@ class PolicySpec:
         self.max_requests = max_requests
         self.max_age = max_age
 
+    def options(self) -> dict[str, float | int | None]:
+        """The policy's settings, as stored in the ``--json`` file (to replay it in the model)."""
+        return {"chance": self.chance, "max_requests": self.max_requests, "max_age": self.max_age}
+
+    @classmethod
+    def from_options(cls, label: str, options: dict[str, Any]) -> PolicySpec:
+        """The inverse of :meth:`options`."""
+        return cls(label, chance=float(options.get("chance") or 0.0), max_requests=options.get("max_requests"),
+                   max_age=options.get("max_age"))
+
     def serve_args(self) -> list[str]:
         """The ``python -m goaway_ext serve`` options for this policy."""
         # serve's own default chance is 0.001: say 0 explicitly for the baseline.
@@ -129,15 +139,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", type=_number("--backends", int, 2, 1000), default=None,
                         help="backend processes (default 3; with --simulate 20)")
     parser.add_argument("--clients", type=_number("--clients", int, 1, 200_000), default=None,
-                        help="HTTP/2 clients, one connection and one watch each (default 30; with --simulate 3000)")
+                        help="HTTP/2 clients, one connection and one watch each (default 30; with --simulate 10000)")
     parser.add_argument("--rate", type=_number("--rate", float, 0.0, 1000.0, low_open=True), default=None,
-                        help="requests per second per client (default 10; with --simulate 1)")
+                        help="requests per second per client (default 20; with --simulate 1)")
     parser.add_argument("--duration", type=_number("--duration", float, 1.0, 86400.0), default=None,
-                        help="seconds of load after the rolling restart, per policy (default 16; with --simulate 600)")
+                        help="seconds of load after the rolling restart, per policy (default 20; with --simulate 400)")
     parser.add_argument("--warmup", type=_number("--warmup", float, 0.5, 3600.0), default=None,
                         help="seconds of load before the rolling restart (default 3; with --simulate 30)")
     parser.add_argument("--window", type=_number("--window", float, 0.5, 3600.0), default=None,
-                        help="final window in seconds over which shares are reported (default 5; with --simulate 60)")
+                        help="final window in seconds over which shares are reported (default 10; with --simulate 60)")
     parser.add_argument("--seed", type=_number("--seed", int, 0, 2**63 - 1), default=1,
                         help="seed for client timing and the policies' draws (default 1)")
     parser.add_argument("--lb", choices=("builtin", "haproxy"), default="builtin",
@@ -157,6 +167,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="draw share per backend over time (needs the optional extra goaway_ext[plot])")
     parser.add_argument("--simulate", action="store_true",
                         help="no sockets: run the model with many clients and backends, same policy code")
+    parser.add_argument("--compare", type=Path, default=None, metavar="FILE.json",
+                        help="with --simulate: replay a real run's --json file in the model and compare the numbers")
 
 
 def policies_from_args(args: argparse.Namespace) -> list[PolicySpec]:
@@ -176,11 +188,11 @@ def _resolve_defaults(args: argparse.Namespace) -> str | None:
     sim = args.simulate
     defaults = {
         "backends": 20 if sim else 3,
-        "clients": 3000 if sim else 30,
-        "rate": 1.0 if sim else 10.0,
-        "duration": 600.0 if sim else 16.0,
+        "clients": 10000 if sim else 30,
+        "rate": 1.0 if sim else 20.0,
+        "duration": 400.0 if sim else 20.0,
         "warmup": 30.0 if sim else 3.0,
-        "window": 60.0 if sim else 5.0,
+        "window": 60.0 if sim else 10.0,
     }
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -205,6 +217,9 @@ def _resolve_defaults(args: argparse.Namespace) -> str | None:
             import matplotlib  # noqa: F401
         except ImportError:
             return "--plot needs matplotlib, which is not installed: pip install 'goaway_ext[plot]'"
+    if args.compare is not None and not (sim and args.compare.is_file()):
+        return ("--compare needs --simulate and an existing JSON file written by `demo --json`, "
+                f"got {str(args.compare)!r}")
     if sim and args.lb != "builtin":
         return "--lb has no meaning with --simulate (the model has its own round-robin balancer)"
     return None

@@ -60,6 +60,31 @@ class RunResult:
     lb: str = "builtin"
     pids: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunResult:
+        """Rebuild a result from one entry of the ``--json`` file's ``policies`` list."""
+        summary = data.get("summary", {})
+        return cls(
+            policy=data["policy"],
+            backends=list(data["backends"]),
+            bucket=float(data["bucket_seconds"]),
+            duration=float(data["duration"]),
+            window=float(data["window"]),
+            counts=[list(row) for row in data["counts"]],
+            events=[(float(e["t"]), str(e["backend"]), str(e["what"])) for e in data["events"]],
+            restart_done=data.get("restart_done"),
+            requests=int(summary.get("requests", 0)),
+            failed_requests=int(summary.get("failed_requests", 0)),
+            watches_opened=int(summary.get("watches_opened", 0)),
+            watches_interrupted=int(summary.get("watches_interrupted", 0)),
+            connections_opened=int(summary.get("connections_opened", 0)),
+            goaways_received=int(summary.get("goaways_received", 0)),
+            goaways_sent=summary.get("goaways_sent"),
+            lb=str(data.get("lb", "builtin")),
+            options=dict(data.get("options", {})),
+        )
 
     def record(self, now: float, backend_index: int) -> None:
         """Count one request answered by ``backend_index`` at time ``now``."""
@@ -79,9 +104,13 @@ class RunResult:
                 totals[b] += n
         return totals
 
+    def _buckets_in_run(self) -> int:
+        """Buckets up to the end of the run (requests that finish while the clients stop are left out)."""
+        return min(len(self.counts), round(self.duration / self.bucket))
+
     def summary(self) -> Summary:
         """Compute the numbers of the final table."""
-        end = min(self.duration, len(self.counts) * self.bucket)
+        end = self._buckets_in_run() * self.bucket
         final = self.window_counts(max(0.0, end - self.window), end)
         shares = _shares(final)
         return Summary(
@@ -103,7 +132,7 @@ class RunResult:
         """``(t, max/min ratio over [t - smooth, t))`` at every bucket boundary from ``smooth`` on."""
         series = []
         steps = round(smooth / self.bucket)
-        for i in range(steps, len(self.counts) + 1):
+        for i in range(steps, self._buckets_in_run() + 1):
             t = i * self.bucket
             series.append((t, _ratio(self.window_counts(t - smooth, t))))
         return series
@@ -113,7 +142,7 @@ class RunResult:
         times: list[float] = []
         shares: list[list[float]] = [[] for _ in self.backends]
         steps = max(1, round(smooth / self.bucket))
-        for i in range(steps, len(self.counts) + 1):
+        for i in range(steps, self._buckets_in_run() + 1):
             t = i * self.bucket
             row = _shares(self.window_counts(t - smooth, t))
             times.append(t)
@@ -294,6 +323,7 @@ def write_json(
             "restart_done": result.restart_done,
             "pids": result.pids,
             "errors": result.errors,
+            "options": result.options,
             "summary": result.summary().as_json(),
         })
     if extra:

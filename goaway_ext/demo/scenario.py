@@ -204,6 +204,7 @@ async def run_scenario(
     ]
     result = RunResult(
         policy=spec.label, backends=names, bucket=config.bucket, duration=0.0, window=config.window, lb=config.lb,
+        options=spec.options(),
     )
     balancer: RoundRobinProxy | HAProxyBalancer | None = None
     load: _Load | None = None

@@ -28,12 +28,15 @@ GOAWAY but carry no new requests, so they do not change where requests go.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
+import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..policy import ConnectionBudget, GoawayPolicy
@@ -43,6 +46,12 @@ if TYPE_CHECKING:
     from . import PolicySpec
 
 __all__ = [
+    "Agreement",
+    "COUNT_TOLERANCE",
+    "SHARE_TOLERANCE",
+    "compare_with_run",
+    "format_agreement",
+    "plan_from_events",
     "RESTART_DOWNTIME",
     "RESTART_GAP",
     "RestartPlan",
@@ -213,7 +222,9 @@ def format_simulation_table(results: list[RunResult], params: SimulationParamete
 
 
 def run_simulation_command(args: argparse.Namespace, specs: Sequence[PolicySpec]) -> int:
-    """``demo --simulate``: run the model once per policy and print its table."""
+    """``demo --simulate``: run the model once per policy and print its table (or ``--compare``)."""
+    if args.compare is not None:
+        return _run_compare(args.compare)
     restart_start = args.warmup
     plan = rolling_restart_plan(args.backends, start=restart_start, downtime=RESTART_DOWNTIME, gap=RESTART_GAP)
     restart_end = plan[-1].up
@@ -237,3 +248,150 @@ def run_simulation_command(args: argparse.Namespace, specs: Sequence[PolicySpec]
             print(f"python -m goaway_ext demo: error: {exc}", file=sys.stderr)
             return 1
     return 0
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """The model replayed on a real run's exact schedule, side by side with what the run measured.
+
+    ``model_*`` values are means over ``seeds`` model runs. ``within`` says
+    whether every quantity agrees within the stated tolerances:
+    :data:`COUNT_TOLERANCE` (relative) on policy GOAWAYs and connections
+    opened; on each backend's final share, :data:`SHARE_TOLERANCE` or three
+    times the model's own seed-to-seed spread, whichever is larger (with a
+    few dozen clients the share of one run is that noisy, and the model says so).
+    """
+
+    policy: str
+    real_goaways: int | None
+    model_goaways: float
+    real_connections: int
+    model_connections: float
+    real_shares: dict[str, float]
+    model_shares: dict[str, float]
+    share_tolerance: dict[str, float]
+    real_rebalanced_after: float | None
+    model_rebalanced_after: list[float | None]
+    within: bool
+
+
+#: Relative tolerance on counts (GOAWAYs, connections) between the model and a real run.
+COUNT_TOLERANCE = 0.15
+#: Absolute tolerance on each backend's share of the final window.
+SHARE_TOLERANCE = 0.10
+
+
+def plan_from_events(events: Sequence[tuple[float, str, str]], names: Sequence[str]) -> list[RestartPlan]:
+    """Turn a real run's ``(time, backend, "stop"|"up")`` events into the model's restart plan."""
+    stops: dict[str, float] = {}
+    plan = []
+    for t, name, what in events:
+        if what == "stop":
+            stops[name] = t
+        elif name in stops:
+            plan.append(RestartPlan(list(names).index(name), stops.pop(name), t))
+    return plan
+
+
+def compare_with_run(
+    real: RunResult, policy_for_seed: Callable[[int], GoawayPolicy], *, clients: int, rate: float, seeds: int = 20
+) -> Agreement:
+    """Replay ``real``'s schedule in the model ``seeds`` times and compare the numbers of the table.
+
+    The model gets the request rate the real clients achieved (``rate`` is
+    what they aimed at; a busy machine delivers a little less, mostly while
+    reconnecting), so both see the same number of policy draws.
+    """
+    plan = plan_from_events(real.events, real.backends)
+    served = sum(real.window_counts(0.0, real.duration))
+    if served and real.duration > 0:
+        rate = min(rate, served / (clients * real.duration))
+    params = [
+        SimulationParameters(backends=len(real.backends), clients=clients, rate=rate, duration=real.duration,
+                             window=real.window, bucket=real.bucket, seed=seed)
+        for seed in range(1, seeds + 1)
+    ]
+    runs = [simulate(p, policy_for_seed(p.seed), real.policy, plan) for p in params]
+    summaries = [r.summary() for r in runs]
+    real_summary = real.summary()
+    model_shares = {name: statistics.fmean(s.shares[name] for s in summaries) for name in real.backends}
+    share_tolerance = {
+        name: max(SHARE_TOLERANCE, 3.0 * statistics.pstdev(s.shares[name] for s in summaries))
+        for name in real.backends
+    }
+    model_goaways = sum(r.goaways_sent or 0 for r in runs) / seeds
+    model_connections = sum(r.connections_opened for r in runs) / seeds
+
+    def close(real_value: float, model_value: float) -> bool:
+        return abs(real_value - model_value) <= COUNT_TOLERANCE * max(model_value, 1.0) or abs(
+            real_value - model_value
+        ) <= 3.0
+
+    within = (
+        (real.goaways_sent is None or close(real.goaways_sent, model_goaways))
+        and close(real.connections_opened, model_connections)
+        and all(abs(real_summary.shares[n] - model_shares[n]) <= share_tolerance[n] for n in real.backends)
+    )
+    return Agreement(
+        policy=real.policy,
+        real_goaways=real.goaways_sent,
+        model_goaways=model_goaways,
+        real_connections=real.connections_opened,
+        model_connections=model_connections,
+        real_shares=real_summary.shares,
+        model_shares=model_shares,
+        share_tolerance=share_tolerance,
+        real_rebalanced_after=real_summary.rebalanced_after,
+        model_rebalanced_after=[s.rebalanced_after for s in summaries],
+        within=within,
+    )
+
+
+def format_agreement(rows: Sequence[Agreement]) -> str:
+    """The real-versus-model table printed by ``demo --simulate --compare FILE``."""
+    header = ["policy", "GOAWAYs real/model", "connections real/model", "final shares real", "final shares model",
+              "under 1.25 after real / model median", "agree"]
+    body = []
+    for a in rows:
+        settled = sorted(x for x in a.model_rebalanced_after if x is not None)
+        never = len(a.model_rebalanced_after) - len(settled)
+        median = (
+            "never" if len(settled) * 2 < len(a.model_rebalanced_after) else f"{settled[len(settled) // 2]:.1f} s"
+        )
+        real_settle = "never" if a.real_rebalanced_after is None else f"{a.real_rebalanced_after:.1f} s"
+        body.append([
+            a.policy,
+            f"{'?' if a.real_goaways is None else a.real_goaways}/{a.model_goaways:.0f}",
+            f"{a.real_connections}/{a.model_connections:.0f}",
+            " ".join(f"{100 * v:.0f}%" for v in a.real_shares.values()),
+            " ".join(f"{100 * v:.0f}±{100 * a.share_tolerance[n]:.0f}%" for n, v in a.model_shares.items()),
+            f"{real_settle} / {median} ({never} of {len(a.model_rebalanced_after)} never)",
+            "yes" if a.within else "NO",
+        ])
+    return (
+        f"Model replayed on the real run's restart schedule (mean of the model runs; tolerances: "
+        f"{100 * COUNT_TOLERANCE:.0f}% on counts; on shares {100 * SHARE_TOLERANCE:.0f} points or 3 standard "
+        f"deviations of the model's runs, whichever is larger)\n"
+        + format_columns(header, body)
+    )
+
+
+def _run_compare(path: Path) -> int:
+    """``--simulate --compare FILE``: the model on each recorded run's own schedule, side by side."""
+    from . import PolicySpec
+
+    try:
+        document = json.loads(path.read_text())
+        parameters = document["parameters"]
+        clients, rate = int(parameters["clients"]), float(parameters["rate"])
+        runs = [RunResult.from_json(entry) for entry in document["policies"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"python -m goaway_ext demo: error: --compare: {path} is not a `demo --json` file ({exc!r})",
+              file=sys.stderr)
+        return 2
+    rows = []
+    for run in runs:
+        spec = PolicySpec.from_options(run.policy, run.options)
+        rows.append(compare_with_run(run, spec.policy, clients=clients, rate=rate))
+    print(format_agreement(rows))
+    return 0 if all(row.within for row in rows) else 1
