@@ -1,8 +1,12 @@
 """hypercorn benchmarks: goaway_ext.hypercorn against stock hypercorn, same machine, same run.
 
-1. before/after: ``keep_alive_max_requests = 5``, one connection, one request,
+0. before/after: ``keep_alive_max_requests = 5``, one connection, one request,
    then 5 concurrent slow requests (the 5th crosses the budget): responses
    completed on stock hypercorn vs with goaway_ext.
+1. In process, no sockets: hypercorn's ``H2Protocol`` vs ``GoawayH2Protocol``
+   on one asyncio loop fed by an in-memory h2 client; CPU time per request
+   (``time.process_time``, so other processes matter less) and Python
+   function calls per request (deterministic).
 2. ``h2load`` requests/s, baseline stock ``python -m hypercorn`` vs
    ``python -m goaway_ext.hypercorn --goaway-chance 0`` (the policy installed,
    no GOAWAY: h2load fails the requests queued behind one). Target >= 0.99x.
@@ -140,6 +144,99 @@ def _measured(proc: subprocess.Popen[str], requests: int, run: Any) -> tuple[flo
     return rate, (_cpu_seconds(proc) - before) / requests * 1e6, extra
 
 
+_REQUEST = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"bench")]
+
+
+async def _in_process_round(protocol_class: Any, config: Any, requests: int, batch: int = 10) -> float:
+    """Serve ``requests`` through one protocol object fed by an in-memory h2 client; CPU seconds per request."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    from hypercorn.app_wrappers import ASGIWrapper
+    from hypercorn.asyncio.task_group import TaskGroup
+    from hypercorn.asyncio.worker_context import WorkerContext
+    from hypercorn.events import Closed, RawData
+    from hypercorn.typing import ConnectionState
+
+    out = bytearray()
+
+    async def send(event: Any) -> None:
+        if isinstance(event, RawData):
+            out.extend(event.data)
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    start = time.process_time()
+    async with TaskGroup(asyncio.get_running_loop()) as task_group:
+        protocol = protocol_class(ASGIWrapper(app), config, WorkerContext(None), task_group, ConnectionState({}),
+                                  False, ("127.0.0.1", 1), ("127.0.0.1", 2), send)
+        await protocol.initiate()
+        await protocol.handle(RawData(client.data_to_send()))
+        for _ in range(requests // batch):
+            for _ in range(batch):
+                client.send_headers(client.get_next_available_stream_id(), _REQUEST, end_stream=True)
+            await protocol.handle(RawData(client.data_to_send()))
+            ended = 0
+            while ended < batch:
+                await asyncio.sleep(0)
+                if not out:
+                    continue
+                data = bytes(out)
+                out.clear()
+                for event in client.receive_data(data):
+                    if isinstance(event, h2.events.StreamEnded):
+                        ended += 1
+                    elif isinstance(event, h2.events.DataReceived):
+                        client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                pending = client.data_to_send()
+                if pending:
+                    await protocol.handle(RawData(pending))
+        await protocol.handle(Closed())
+    return (time.process_time() - start) / requests
+
+
+def bench_in_process(rounds: int, requests: int) -> None:
+    """hypercorn's H2Protocol vs GoawayH2Protocol, no sockets: CPU per request and Python calls per request."""
+    import cProfile
+    import pstats
+
+    from hypercorn.config import Config
+    from hypercorn.protocol.h2 import H2Protocol
+
+    from goaway_ext.hypercorn import GoawayH2Protocol, enable_goaway
+
+    stock_config, our_config = Config(), Config()
+    stock_config.keep_alive_max_requests = our_config.keep_alive_max_requests = 10**9
+    enable_goaway(our_config)  # policy at chance 0: the per-request path, no GOAWAY
+    candidates = {"stock": (H2Protocol, stock_config), "ours": (GoawayH2Protocol, our_config)}
+
+    async def run_all() -> dict[str, list[float]]:
+        times: dict[str, list[float]] = {name: [] for name in candidates}
+        for cls, config in candidates.values():
+            await _in_process_round(cls, config, requests // 5)
+        for _ in range(rounds):
+            for name, (cls, config) in candidates.items():
+                times[name].append(await _in_process_round(cls, config, requests))
+        return times
+
+    times = asyncio.run(run_all())
+    calls: dict[str, float] = {}
+    for name, (cls, config) in candidates.items():
+        profile = cProfile.Profile()
+        profile.enable()
+        asyncio.run(_in_process_round(cls, config, 2000))
+        profile.disable()
+        calls[name] = pstats.Stats(profile).total_calls / 2000  # type: ignore[attr-defined]
+    ratios = sorted(o / b for o, b in zip(times["ours"], times["stock"], strict=True))
+    print(f"in process (no sockets): {requests} requests per round, {rounds} interleaved rounds, CPU time")
+    print(f"  baseline hypercorn H2Protocol                         best {min(times['stock']) * 1e6:7.1f} us/request"
+          f"   {calls['stock']:7.1f} Python calls/request")
+    print(f"  GoawayH2Protocol (policy at chance 0)                 best {min(times['ours']) * 1e6:7.1f} us/request"
+          f"   {calls['ours']:7.1f} Python calls/request")
+    print(f"  ratio vs H2Protocol: CPU median of paired rounds {statistics.median(ratios):.3f}x, "
+          f"best/best {min(times['ours']) / min(times['stock']):.3f}x; calls {calls['ours'] / calls['stock']:.4f}x")
+
+
 def _h2load(h2load: str, port: int, requests: int) -> float:
     out = subprocess.run([h2load, "-n", str(requests), "-c", "10", "-m", "10", f"http://127.0.0.1:{port}/"],
                          capture_output=True, text=True, timeout=300).stdout
@@ -226,6 +323,7 @@ def bench_load(rounds: int, requests: int) -> None:
 def main() -> None:
     quick = "--quick" in sys.argv[1:]
     before_after()
+    bench_in_process(rounds=5 if quick else 11, requests=2000 if quick else 5000)
     bench_h2load(rounds=3 if quick else 9, requests=5000 if quick else 10000)
     bench_load(rounds=3 if quick else 7, requests=3000 if quick else 6000)
 
