@@ -356,13 +356,14 @@ def write_plot(path: Path, results: list[RunResult], smooth: float = 2.0) -> Non
         for t, name, what in result.events:
             if what == "stop":
                 ax.axvline(t, color="black", alpha=0.25, linewidth=1)
-                ax.text(t, 97, f" {name} restart", fontsize=7, va="top", alpha=0.7)
+                ax.text(t, 3, f"{name} restart ", fontsize=7, va="bottom", ha="right", rotation=90, alpha=0.7)
         summary = result.summary()
         ratio = "inf" if math.isinf(summary.ratio) else f"{summary.ratio:.2f}"
         ax.set_title(f"{result.policy} ({result.lb} balancer): final max/min {ratio}", fontsize=10)
         ax.set_ylabel("share of requests %")
         ax.set_ylim(0, 100)
-        ax.legend(loc="upper left", fontsize=8, ncol=len(result.backends))
+        if len(result.backends) <= 8:
+            ax.legend(loc="upper right", fontsize=8, ncol=len(result.backends))
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel(f"seconds (share over a sliding {smooth:g} s window)")
     figure.tight_layout()
