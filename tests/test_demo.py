@@ -251,3 +251,19 @@ def test_haproxy_config_is_tcp_round_robin(tmp_path: Path) -> None:
     assert "mode tcp" in config and "balance roundrobin" in config
     assert "server b2 127.0.0.1:9002 check" in config and "bind 127.0.0.1:8000" in config
     assert f"stats socket {tmp_path / 's.sock'}" in config
+
+
+def test_missing_haproxy_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import goaway_ext.demo.haproxy as haproxy_module
+
+    monkeypatch.setattr(haproxy_module, "find_haproxy", lambda: None)
+    assert main(["demo", "--lb", "haproxy"]) == 2
+    assert "--lb haproxy needs HAProxy, which is not installed" in capsys.readouterr().err
+
+
+def test_missing_matplotlib_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    assert main(["demo", "--plot", str(tmp_path / "x.png")]) == 2
+    assert "pip install 'goaway_ext[plot]'" in capsys.readouterr().err
