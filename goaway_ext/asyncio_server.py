@@ -326,7 +326,9 @@ class _H2Protocol(asyncio.Protocol):
         if self._closing:
             return
         if not self._started:
-            self.close()
+            # No preface yet: _check_preface starts the drain the moment it
+            # arrives, so a client that connected just before shutdown still
+            # gets its first requests answered instead of a reset.
             return
         if self.drainable is not None:
             self.drainable.start_drain("shutdown")
@@ -575,11 +577,17 @@ class H2Server:
             self._server.close()
         for proto in list(self._protocols):
             proto.start_drain()
-        waiting = [proto.closed for proto in self._protocols]
-        if waiting:
-            _, pending = await asyncio.wait(waiting, timeout=timeout)
-            if pending:
-                log.warning("%d connection(s) still open after %.1fs: closing them", len(pending), timeout)
+        # Connections accepted while we wait are drained in connection_opened;
+        # wait for them too, until every connection is gone or time runs out.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._protocols:
+            left = deadline - loop.time()
+            if left <= 0:
+                log.warning("%d connection(s) still open after %.1fs: closing them", len(self._protocols), timeout)
+                break
+            await asyncio.wait([proto.closed for proto in self._protocols], timeout=left,
+                               return_when=asyncio.FIRST_COMPLETED)
         for proto in list(self._protocols):
             if proto.transport is not None:
                 proto.transport.abort()

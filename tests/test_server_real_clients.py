@@ -383,3 +383,50 @@ def test_concurrent_tasks_300_requests_no_failure(serve: Any) -> None:
     client = asyncio.run(asyncio.wait_for(run(), 45))
     assert sum(1 for c in client.conns if c.goaways) >= 1
     assert len(client.conns) >= 2
+
+
+def test_connection_opened_during_shutdown_is_served_and_waited_for() -> None:
+    # Regression: shutdown used to close a connection whose preface had not
+    # arrived yet, and never waited for connections accepted after it began.
+    # A client that connected just before shutdown must get its response.
+    import h2.config
+    import h2.events
+
+    from goaway_ext import ClientConnection
+    from goaway_ext.asyncio_server import H2Server, builtin_app
+
+    async def scenario() -> tuple[int, bytes]:
+        server = H2Server(builtin_app, name="b1")
+        host, port = await server.start("127.0.0.1", 0)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+        await asyncio.sleep(0.05)  # accepted, but no preface sent yet
+        shutdown = asyncio.create_task(server.shutdown(timeout=5.0))
+        await asyncio.sleep(0.05)
+        # A plain h2 client would go CLOSED on the shutdown GOAWAY and choke on
+        # the PING behind it; ClientConnection keeps the stream alive.
+        conn = ClientConnection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        conn.initiate_connection()
+        conn.send_headers(1, [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"),
+                              (b":authority", b"x")], end_stream=True)
+        writer.write(conn.data_to_send())
+        status, body, ended = 0, b"", False
+        while not ended:
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    body += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended = True
+            writer.write(conn.data_to_send())
+        writer.close()
+        await asyncio.wait_for(shutdown, 10)
+        return status, body
+
+    status, body = asyncio.run(scenario())
+    assert status == 200
+    assert body == b"hello from b1\n"
