@@ -33,7 +33,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import DataReceived, Event, PingAckReceived, RequestReceived
-from h2.exceptions import ProtocolError
+from h2.exceptions import ProtocolError, StreamClosedError
 
 from ._core import MAX_STREAM_ID, Sampler, encode_goaway, encode_ping
 from .events import ConnectionDrained, GoawaySent
@@ -463,8 +463,12 @@ class ServerConnection(H2Connection):
                 stream_id = event.stream_id  # type: ignore[union-attr]
                 if final is not None and stream_id > final:
                     # Late: HPACK already decoded it; refuse, retry-safe (RFC 9113 §8.7).
-                    self.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
-                    self._streams_refused += 1
+                    try:
+                        self.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+                    except StreamClosedError:
+                        pass  # the peer reset it in the same read: nothing left to refuse
+                    else:
+                        self._streams_refused += 1
                     if refused is None:
                         refused = set()
                     refused.add(stream_id)
