@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+import anyio  # the app sleeps with anyio so that it runs on hypercorn's asyncio and trio workers
 import pytest
 
 HERE = Path(__file__).resolve()
@@ -36,7 +37,10 @@ ROOT = HERE.parent.parent
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """``/`` small body; ``/slow?s=S``; ``/stream?chunks=N&interval=S`` (a watch); ``/echo`` (POST)."""
+    """``/`` small body; ``/slow?s=S``; ``/stream?chunks=N&interval=S`` (a watch); ``/echo`` (POST).
+
+    Backend-neutral (anyio), so the same app runs on hypercorn's trio worker.
+    """
     if scope["type"] == "lifespan":
         while True:
             message = await receive()
@@ -56,13 +60,13 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             more = message.get("more_body", False)
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
     if path == "/slow":
-        await asyncio.sleep(float(query.get("s", "1")))
+        await anyio.sleep(float(query.get("s", "1")))
         await send({"type": "http.response.body", "body": b"slow done\n"})
     elif path == "/stream":
         chunks, interval = int(query.get("chunks", "10")), float(query.get("interval", "0.05"))
         for index in range(chunks):
             await send({"type": "http.response.body", "body": b"chunk %d\n" % index, "more_body": True})
-            await asyncio.sleep(interval)
+            await anyio.sleep(interval)
         await send({"type": "http.response.body", "body": b"end\n"})
     elif path == "/echo":
         await send({"type": "http.response.body", "body": body})
@@ -290,6 +294,33 @@ def test_the_stream_whose_request_started_the_drain_is_read_in_full() -> None:
     assert first == stream_body(20)
     assert second == b"ok\n"
     assert client.connections_opened == 2 and client.goaways_received >= 1
+
+
+def test_trio_worker_drains_and_a_stream_in_flight_at_ctrl_c_completes() -> None:
+    pytest.importorskip("trio")
+    from goaway_ext.asyncio_client import H2Client
+
+    chunks = 20
+
+    async def scenario(server: Server) -> tuple[bytes, bytes, H2Client]:
+        async with H2Client("127.0.0.1", server.port, timeout=10.0) as client:
+            first = (await client.request("GET", "/")).body  # chance 1.0: this one drains its connection
+            async with client.stream("GET", f"/stream?chunks={chunks}&interval=0.05") as response:
+                body = b""
+                async for chunk in response:
+                    if not body:
+                        server.process.send_signal(signal.SIGINT)  # hypercorn's trio worker: Ctrl-C
+                    body += chunk
+            return first, body, client
+
+    with hypercorn_server("--worker-class", "trio", "--goaway-chance", "1.0", "--goaway-allow-high-chance",
+                          "--graceful-timeout", "10") as server:
+        first, body, client = run(scenario(server))
+        server.process.wait(timeout=15)
+        server.wait_for_log("reason=chance", count=1)
+    assert first == b"ok\n"
+    assert body == stream_body(chunks)
+    assert client.connections_opened == 2
 
 
 def test_spawned_workers_get_the_hook_too(tmp_path: Path) -> None:
