@@ -111,9 +111,24 @@ wheel-test: wheel
 	cd build/wheel-tests && GOAWAY_EXT_REQUIRE_EXTENSIONS=1 GOAWAY_EXT_FROM_WHEEL=1 \
 	  ../wheel-venv/bin/python -m pytest -q -p no:cacheprovider tests
 
-# Longer fuzz run of the core (the same tests make test runs with 300 examples).
+# Longer fuzz runs (the same tests make test runs with 300 examples / 150 state
+# machine runs): the core, the connections fed garbage, the stateful drain model.
+# Writes its rows of docs/reliability.md.
+FUZZ_EXAMPLES ?= 20000
+STATEFUL_EXAMPLES ?= 2000
 fuzz: install
-	GOAWAY_EXT_FUZZ_EXAMPLES=$${GOAWAY_EXT_FUZZ_EXAMPLES:-20000} $(PY) -m pytest -q tests/test_core_fuzz.py
+	mkdir -p build
+	GOAWAY_EXT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) GOAWAY_EXT_STATEFUL_EXAMPLES=$(STATEFUL_EXAMPLES) \
+	  $(PY) -m pytest -q -p no:cacheprovider --junitxml=build/fuzz.xml \
+	  tests/test_core_fuzz.py tests/test_connection_fuzz.py tests/test_stateful.py; \
+	  status=$$?; $(PY) benches/soak.py --fuzz-report build/fuzz.xml --fuzz-examples $(FUZZ_EXAMPLES) \
+	  --stateful-examples $(STATEFUL_EXAMPLES) && exit $$status
+
+# Long soak: 1,000,000 in-memory requests, hostile floods, 100,000 requests over
+# real sockets to serve and to hypercorn (see benches/soak.py; SOAK_ARGS to scale).
+# Writes its rows of docs/reliability.md.
+soak: install
+	$(PY) benches/soak.py $(SOAK_ARGS)
 
 # The compiled core built with AddressSanitizer, run under the core tests. The
 # package is copied to build/asan so the instrumented module is the one imported;
