@@ -218,7 +218,9 @@ def test_load_through_goaways_fails_nothing_and_reconnects_once_per_goaway() -> 
     with hypercorn_server("--goaway-chance", "0.02", "--goaway-seed", "7") as server:
         client = run(load(server.port))
     assert client.goaways_received > 10  # ~requests * 0.02
-    assert client.connections_opened == client.goaways_received + 1
+    # Kubernetes' invariant: opened == GOAWAYs + 1, except that a GOAWAY on the
+    # last connection (after the last request) opens nothing.
+    assert client.goaways_received <= client.connections_opened <= client.goaways_received + 1
 
 
 def test_load_generator_at_chance_002_fails_nothing_and_reopens_once_per_goaway() -> None:
@@ -235,7 +237,8 @@ def test_load_generator_at_chance_002_fails_nothing_and_reopens_once_per_goaway(
     summary = json.loads(result.stdout)
     assert (summary["requests"], summary["succeeded"], summary["failed"]) == (4000, 4000, 0)
     assert summary["goaways_received"] > 30  # ~4000 * 0.02, less what draining connections carry
-    assert summary["connections_opened"] == summary["goaways_received"] + connections
+    # opened == GOAWAYs + initial, less the final connections that got a GOAWAY after their last request
+    assert summary["goaways_received"] <= summary["connections_opened"] <= summary["goaways_received"] + connections
 
 
 def test_keep_alive_max_requests_drains_instead_of_dropping_in_flight_responses(tmp_path: Path) -> None:
