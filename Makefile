@@ -111,7 +111,7 @@ wheel-test: wheel
 	cd build/wheel-tests && GOAWAY_EXT_REQUIRE_EXTENSIONS=1 GOAWAY_EXT_FROM_WHEEL=1 \
 	  ../wheel-venv/bin/python -m pytest -q -p no:cacheprovider tests
 
-# Longer fuzz runs (the same tests make test runs with 300 examples / 150 state
+# Longer fuzz runs (the same tests make test runs with 300 examples / 100 state
 # machine runs): the core, the connections fed garbage, the stateful drain model.
 # Writes its rows of docs/reliability.md.
 FUZZ_EXAMPLES ?= 20000

@@ -57,7 +57,7 @@ from goaway_ext import (
 from goaway_ext.server import DrainState
 
 MAX_ID = 2**31 - 1
-EXAMPLES = int(os.environ.get("GOAWAY_EXT_STATEFUL_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("GOAWAY_EXT_STATEFUL_EXAMPLES", "100"))
 STEPS = int(os.environ.get("GOAWAY_EXT_STATEFUL_STEPS", "80"))
 MAX_OPEN = 8  # client streams open at once (well under h2's 100)
 APP_RESET = ErrorCodes.INTERNAL_ERROR  # how the server application resets; CANCEL is grace's and the client's
