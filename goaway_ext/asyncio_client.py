@@ -51,6 +51,19 @@ class _RefusedError(H2ClientError):
     """The server never processed the stream; the request may be sent again."""
 
 
+class _SilentServerError(H2ClientError):
+    """The connection ended before the server sent a single byte.
+
+    Behind an L4 balancer this is a backend that went away between accept and
+    answer. A server that never wrote its SETTINGS cannot have sent a response,
+    so an idempotent request (RFC 9110 §9.2.2) may be sent again; others are
+    reported, since the server might have acted on them.
+    """
+
+
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
 @dataclass(frozen=True, slots=True)
 class Response:
     """A whole response: what :meth:`H2Client.request` returns."""
@@ -126,6 +139,7 @@ class _Connection:
         self.streams: dict[int, _Stream] = {}
         self.closed = False
         self.saw_goaway = False
+        self.heard_from_server = False
         self._waiters: list[asyncio.Future[None]] = []
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(_CONNECTION_WINDOW)
@@ -202,7 +216,12 @@ class _Connection:
             self.h2.send_data(stream.stream_id, chunk)
             sent += len(chunk)
             self.flush()
-            await self.writer.drain()
+            try:
+                await self.writer.drain()
+            except OSError as exc:  # the socket died under the body: report it as ours
+                if not self.heard_from_server:
+                    raise _SilentServerError(f"the connection closed before the server sent anything ({exc})") from exc
+                raise H2ClientError(f"connection lost while sending the request body: {exc}") from exc
         if stream.error is not None:
             raise stream.error
         self.h2.end_stream(stream.stream_id)
@@ -232,6 +251,7 @@ class _Connection:
                 data = await self.reader.read(_READ_SIZE)
                 if not data:
                     break
+                self.heard_from_server = True
                 self._dispatch(self.h2.receive_data(data))
                 self.flush()
                 if self.closed:
@@ -241,6 +261,8 @@ class _Connection:
             error = H2ClientError(f"HTTP/2 protocol error: {exc}")
         except OSError as exc:
             error = H2ClientError(f"connection error: {exc}")
+        if not self.heard_from_server:
+            error = _SilentServerError(f"the connection closed before the server sent anything ({error})")
         self.close(error)
 
     def _dispatch(self, events: Iterable[Any]) -> None:
@@ -462,6 +484,10 @@ class H2Client:
                 return await conn.start(fields, body, self.timeout)
             except (ConnectionDrainingError, _RefusedError):
                 continue  # never processed by the server: send it on a new connection
+            except _SilentServerError:
+                if fields[0][1] not in _IDEMPOTENT:
+                    raise
+                continue
         raise H2ClientError(f"request refused {self.max_attempts} times; giving up")
 
     async def _connection(self) -> _Connection:

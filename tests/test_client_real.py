@@ -195,3 +195,59 @@ def test_load_command_text_and_bad_arguments(sometimes: Server) -> None:
     bad = subprocess.run([sys.executable, "-m", "goaway_ext", "load", "ftp://x/", "-n", "1"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "URL must be" in bad.stderr
+
+
+async def _front_that_drops_first(backend_port: int, dropped: list[int]) -> asyncio.base_events.Server:
+    # A tiny L4 front: the first connection is accepted and closed at once (a
+    # backend gone between accept and answer); later ones are piped through.
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not dropped:
+            dropped.append(1)
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", backend_port)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize(("method", "retried"), [("GET", True), ("POST", False)])
+def test_connection_closed_before_server_spoke(method: str, retried: bool) -> None:
+    # Regression: a connection that died before the server sent one byte
+    # failed the request; an idempotent one is now sent again, a POST is not.
+    from goaway_ext.asyncio_client import H2ClientError
+    from goaway_ext.asyncio_server import H2Server, builtin_app
+
+    async def scenario() -> tuple[int, bytes] | str:
+        server = H2Server(builtin_app, name="b1")
+        _, port = await server.start("127.0.0.1", 0)
+        dropped: list[int] = []
+        front = await _front_that_drops_first(port, dropped)
+        front_port = front.sockets[0].getsockname()[1]
+        client = H2Client("127.0.0.1", front_port, timeout=5.0)
+        try:
+            path = "/" if method == "GET" else "/echo"
+            response = await client.request(method, path, body=b"" if method == "GET" else b"x")
+            return response.status, response.body
+        except H2ClientError as exc:
+            return str(exc)
+        finally:
+            await client.aclose()
+            front.close()
+            await server.shutdown(timeout=2.0)
+
+    result = asyncio.run(asyncio.wait_for(scenario(), 20))
+    if retried:
+        assert result == (200, b"hello from b1\n")
+    else:
+        assert isinstance(result, str) and "before the server sent anything" in result
