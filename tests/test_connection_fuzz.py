@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 
 import h2.exceptions
+from chunking import split
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from hypothesis import HealthCheck, given, settings
@@ -40,16 +41,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    pieces, start = [], 0
-    for point in points:
-        pieces.append(data[start:point])
-        start = point
-    pieces.append(data[start:])
-    return [p for p in pieces if p]
 
 
 frames = st.lists(
@@ -88,7 +79,7 @@ def test_server_connection_survives_garbage(data: bytes, cuts: list[int], phase:
         server.data_to_send()
     state = ORDER.index(server.drain_state)
     try:
-        for piece in split(data, cuts):
+        for piece in split(data, cuts, keep_empty=False):
             server.receive_data(piece)
             server.data_to_send(7)
             clock.now += 0.5
@@ -118,7 +109,7 @@ def test_client_connection_survives_garbage(data: bytes, cuts: list[int], goaway
         client.receive_data(encode_goaway(3))
     last = client.goaway_last_stream_id
     try:
-        for piece in split(data, cuts):
+        for piece in split(data, cuts, keep_empty=False):
             client.receive_data(piece)
             client.data_to_send()
             if last is not None:

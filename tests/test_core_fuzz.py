@@ -15,21 +15,12 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
+from chunking import split
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 EXAMPLES = int(os.environ.get("GOAWAY_EXT_FUZZ_EXAMPLES", "300"))
 fuzz = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-def _split(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    pieces, start = [], 0
-    for point in points:
-        pieces.append(data[start:point])
-        start = point
-    pieces.append(data[start:])
-    return pieces
 
 
 @fuzz
@@ -39,7 +30,7 @@ def test_scanner_survives_garbage(core: ModuleType, data: bytes, cuts: list[int]
     scanner = core.FrameScanner(limit)
     out: list[bytes] = []
     try:
-        for piece in _split(data, cuts):
+        for piece in split(data, cuts):
             passed, found = scanner.feed(piece)
             out.append(passed)
             for last, code, debug in found:
@@ -71,7 +62,7 @@ def test_scanner_on_well_framed_garbage(core: ModuleType, frames: list[tuple[int
     data = b"".join(wire)
     scanner = core.FrameScanner()
     out, found = [], []
-    for piece in _split(data, cuts):
+    for piece in split(data, cuts):
         passed, goaways = scanner.feed(piece)
         out.append(passed)
         found.extend(goaways)

@@ -13,6 +13,7 @@ import os
 from types import ModuleType
 
 import pytest
+from chunking import split
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -55,16 +56,6 @@ def expected(frames: list[Frame]) -> tuple[bytes, list[tuple[int, int, bytes]]]:
         if is_goaway((_t, _f, _s, p))
     ]
     return out, found
-
-
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    pieces, start = [], 0
-    for point in points:
-        pieces.append(data[start:point])
-        start = point
-    pieces.append(data[start:])
-    return pieces
 
 
 def scan(core: ModuleType, chunks: list[bytes]) -> tuple[list[bytes], list[tuple[int, int, bytes]]]:
