@@ -270,6 +270,13 @@ class ServerConnection(H2Connection):
         self._progress(self._clock())
         pending = self._pending
         if amount is None:
+            if self._pending_split:
+                # A frame of ours was cut by an earlier ``amount``: its rest
+                # must come before any byte of h2's.
+                data = bytes(pending) + super().data_to_send()
+                pending.clear()
+                self._pending_split = False
+                return data
             data = super().data_to_send()
             if pending:
                 data += pending

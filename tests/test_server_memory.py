@@ -442,6 +442,20 @@ def test_data_to_send_amount_keeps_frames_whole() -> None:
     assert names == ["HEADERS(1)", "DATA(1)+END", f"GOAWAY({MAX})", "PING", "PING"]
 
 
+def test_cut_frame_of_ours_is_finished_before_h2_bytes_on_unbounded_send() -> None:
+    # Regression (found by the stateful test): data_to_send(amount) cut our
+    # GOAWAY, h2 then queued a frame, and a later data_to_send() with no amount
+    # put h2's frame in the middle of ours, corrupting the stream.
+    p = Pair()
+    p.server.start_drain("test")
+    assert p.to_client()[0] == [f"GOAWAY({MAX})", "PING"]
+    p.to_server()  # the client's PING ACK: the final GOAWAY is queued
+    wire = p.server.data_to_send(5)  # the first 5 bytes of it
+    p.server.ping(b"between!")  # h2 queues a frame while ours is cut
+    wire += p.server.data_to_send()
+    assert kinds(parse(wire)) == ["GOAWAY(0)", "PING"]
+
+
 def test_goaway_bytes_equal_hyperframe() -> None:
     p = Pair(always("single"))
     p.request()
