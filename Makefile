@@ -118,7 +118,7 @@ FUZZ_EXAMPLES ?= 20000
 STATEFUL_EXAMPLES ?= 2000
 fuzz: install
 	mkdir -p build
-	GOAWAY_EXT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) GOAWAY_EXT_STATEFUL_EXAMPLES=$(STATEFUL_EXAMPLES) \
+	HYPOTHESIS_PROFILE=explore GOAWAY_EXT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) GOAWAY_EXT_STATEFUL_EXAMPLES=$(STATEFUL_EXAMPLES) \
 	  $(PY) -m pytest -q -p no:cacheprovider --junitxml=build/fuzz.xml \
 	  tests/test_core_fuzz.py tests/test_connection_fuzz.py tests/test_stateful.py; \
 	  status=$$?; $(PY) benches/soak.py --fuzz-report build/fuzz.xml --fuzz-examples $(FUZZ_EXAMPLES) \
