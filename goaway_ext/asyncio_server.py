@@ -168,6 +168,7 @@ class ResponseStream:
 
 #: ``handler(request, response)``: must end the response (the server ends it if not).
 Handler = Callable[[Request, ResponseStream], Awaitable[None]]
+"""A request handler: it answers through the ``ResponseStream``, so it can stream (watches)."""
 
 
 @dataclass(slots=True)

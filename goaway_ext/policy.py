@@ -36,6 +36,7 @@ MAX_SAFE_CHANCE = 0.02
 
 #: ``decider(headers)``: True forces a drain, False exempts the request, None defers to the policy.
 Decider = Callable[[Sequence[tuple[Any, Any]]], "bool | None"]
+"""Sees a request's headers: True forces a drain, False exempts the request, None leaves it to chance."""
 
 
 def _real(name: str, value: object, *, low: float, low_open: bool, none_ok: bool = False) -> float | None:

@@ -43,6 +43,7 @@ __all__ = ["DrainState", "ServerConnection", "ConnectionStats", "ServerEvent"]
 
 #: What ``ServerConnection.receive_data`` and ``handle_timer`` return.
 ServerEvent = Event | GoawaySent | ConnectionDrained
+"""What ``ServerConnection.receive_data`` returns: h2's events plus the two drain events."""
 
 
 class DrainState(enum.Enum):
