@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -237,18 +236,6 @@ def bench_in_process(rounds: int, requests: int) -> None:
           f"best/best {min(times['ours']) / min(times['stock']):.3f}x; calls {calls['ours'] / calls['stock']:.4f}x")
 
 
-def _h2load(h2load: str, port: int, requests: int) -> float:
-    out = subprocess.run([h2load, "-n", str(requests), "-c", "10", "-m", "10", f"http://127.0.0.1:{port}/"],
-                         capture_output=True, text=True, timeout=300).stdout
-    failed = re.search(r"(\d+) failed", out)
-    if failed is None or int(failed.group(1)):
-        raise SystemExit(f"h2load reported failures:\n{out}")
-    match = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", out)
-    if match is None:
-        raise SystemExit(f"cannot read h2load output:\n{out}")
-    return float(match.group(1))
-
-
 def _load(port: int, requests: int) -> tuple[float, dict[str, Any]]:
     out = subprocess.run(
         [sys.executable, "-m", "goaway_ext", "load", f"http://127.0.0.1:{port}/", "-n", str(requests), "-c", "4",
@@ -273,6 +260,9 @@ def _report(title: str, baseline: str, candidate: str, base: list[tuple[float, f
 
 
 def bench_h2load(rounds: int, requests: int) -> None:
+    # Imported here: hypercorn also loads this file as the ASGI app, without benches/ on sys.path.
+    from _h2load import h2load_rps
+
     h2load = shutil.which("h2load")
     if h2load is None:
         print("h2load: skipped (install Debian package nghttp2-client)")
@@ -281,14 +271,15 @@ def bench_h2load(rounds: int, requests: int) -> None:
     stock = _start("hypercorn", config)
     ours = _start("goaway_ext.hypercorn", config, "--goaway-chance", "0")
     try:
-        _h2load(h2load, stock[1], requests // 4)
-        _h2load(h2load, ours[1], requests // 4)
+        h2load_rps(h2load, stock[1], requests // 4)
+        h2load_rps(h2load, ours[1], requests // 4)
         base: list[tuple[float, float]] = []
         mine: list[tuple[float, float]] = []
         for _ in range(rounds):
             for server, into in ((stock, base), (ours, mine)):
-                rate, cpu, _ = _measured(server[0], requests, lambda port=server[1]: (_h2load(h2load, port, requests),
-                                                                                       None))
+                rate, cpu, _ = _measured(
+                    server[0], requests, lambda port=server[1]: (h2load_rps(h2load, port, requests), None)
+                )
                 into.append((rate, cpu))
     finally:
         _stop(stock, ours)

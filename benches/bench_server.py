@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
-import re
 import shutil
 import signal
 import statistics
@@ -25,6 +24,7 @@ import sys
 import time
 from multiprocessing.connection import Connection
 
+from _h2load import h2load_rps
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 
@@ -141,20 +141,6 @@ def _start(*extra: str) -> tuple[subprocess.Popen[str], int]:
     return proc, int(line.strip().rsplit(":", 1)[1])
 
 
-def _h2load(h2load: str, port: int, requests: int) -> float:
-    out = subprocess.run(
-        [h2load, "-n", str(requests), "-c", "10", "-m", "10", f"http://127.0.0.1:{port}/"],
-        capture_output=True, text=True, timeout=300,
-    ).stdout
-    failed = re.search(r"(\d+) failed", out)
-    if failed is None or int(failed.group(1)):
-        raise SystemExit(f"h2load reported failures:\n{out}")
-    match = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", out)
-    if match is None:
-        raise SystemExit(f"cannot read h2load output:\n{out}")
-    return float(match.group(1))
-
-
 def bench_h2load(rounds: int, requests: int) -> None:
     h2load = shutil.which("h2load")
     if h2load is None:
@@ -163,12 +149,12 @@ def bench_h2load(rounds: int, requests: int) -> None:
     ours_proc, ours_port = _start()
     plain_proc, plain_port = _start("--plain-h2")
     try:
-        _h2load(h2load, ours_port, requests // 4)
-        _h2load(h2load, plain_port, requests // 4)
+        h2load_rps(h2load, ours_port, requests // 4)
+        h2load_rps(h2load, plain_port, requests // 4)
         ours, plain = [], []
         for _ in range(rounds):
-            plain.append(_h2load(h2load, plain_port, requests))
-            ours.append(_h2load(h2load, ours_port, requests))
+            plain.append(h2load_rps(h2load, plain_port, requests))
+            ours.append(h2load_rps(h2load, ours_port, requests))
     finally:
         for proc in (ours_proc, plain_proc):
             proc.send_signal(signal.SIGTERM)
