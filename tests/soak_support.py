@@ -30,6 +30,7 @@ from typing import Any
 
 import h2.events
 from h2.config import H2Configuration
+from manual_clock import ManualClock
 
 from goaway_ext import ClientConnection, GoawayPolicy, GoawayReceived, ServerConnection, StreamRefused
 
@@ -91,14 +92,6 @@ class InMemoryResult:
         return self.end.rss - self.warm.rss
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def run_in_memory(
     requests: int,
     *,
@@ -118,7 +111,7 @@ def run_in_memory(
     after ``warmup`` requests (default a tenth) and again at the end.
     """
     policy = GoawayPolicy(chance, seed=seed)
-    clock = _Clock()
+    clock = ManualClock(0.0)
     result = InMemoryResult()
     warmup = requests // 10 if warmup is None else warmup
     sample_every = max(1, (requests - warmup) // max(1, samples))

@@ -23,6 +23,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from manual_clock import ManualClock
 
 from goaway_ext import ClientConnection, GoawayPolicy, ServerConnection, encode_goaway
 from goaway_ext.server import DrainState
@@ -33,14 +34,6 @@ fuzz = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[Hea
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 REQUEST = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"fuzz")]
 ORDER = [DrainState.SERVING, DrainState.IDLE_WAIT, DrainState.NOTICE, DrainState.DRAINING, DrainState.DRAINED]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 10.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 frames = st.lists(
@@ -65,7 +58,7 @@ def client_setup() -> tuple[H2Connection, bytes]:
        phase=st.sampled_from(["raw", "preface", "serving", "notice", "draining"]),
        mode=st.sampled_from(["graceful", "single", "idle"]))
 def test_server_connection_survives_garbage(data: bytes, cuts: list[int], phase: str, mode: str) -> None:
-    clock = Clock()
+    clock = ManualClock(10.0)
     policy = GoawayPolicy(1.0 if phase in ("notice", "draining") else 0.0, allow_high_chance=True, mode=mode,
                           ping_timeout=1.0, grace=5.0)
     server = ServerConnection(policy=policy, clock=clock)

@@ -43,6 +43,7 @@ from hyperframe.frame import (
     RstStreamFrame,
     SettingsFrame,
 )
+from manual_clock import ManualClock
 
 from goaway_ext import ConnectionDrained, GoawayPolicy, GoawaySent, H2Server, ServerConnection
 from goaway_ext.asyncio_server import builtin_app
@@ -51,14 +52,6 @@ from goaway_ext.server import DrainState
 MAX_ID = 2**31 - 1
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 REQUEST = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"hostile")]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class SmallMemoryServer(ServerConnection):
@@ -149,7 +142,7 @@ def test_a_late_stream_reset_in_the_same_read_is_not_an_error() -> None:
     # ServerConnection refuse an already-closed stream: StreamClosedError
     # escaped receive_data, and a server owner dropped the whole connection
     # with the in-flight stream 1 on it.
-    clock = Clock()
+    clock = ManualClock(100.0)
     server = ServerConnection(policy=GoawayPolicy(mode="single"), clock=clock)
     client = RawClient()
     start(server, client)
@@ -168,7 +161,7 @@ def test_a_late_stream_reset_in_the_same_read_is_not_an_error() -> None:
 
 
 def test_streams_opened_after_the_final_goaway_are_all_refused_in_flat_memory(traced: None) -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     server = SmallMemoryServer(policy=GoawayPolicy(mode="single"), clock=clock)
     client = RawClient()
     start(server, client)
@@ -200,7 +193,7 @@ def test_streams_opened_after_the_final_goaway_are_all_refused_in_flat_memory(tr
 
 
 def test_a_client_that_never_answers_the_ping_gets_the_final_goaway_after_ping_timeout() -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     server = ServerConnection(policy=GoawayPolicy(ping_timeout=2.0, grace=None), clock=clock)
     client = RawClient()
     start(server, client)
@@ -233,7 +226,7 @@ def test_a_client_that_never_answers_the_ping_gets_the_final_goaway_after_ping_t
 
 
 def test_a_rapid_reset_flood_during_a_drain_keeps_memory_flat_and_does_not_stall_it(traced: None) -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     server = SmallMemoryServer(policy=GoawayPolicy(ping_timeout=30.0), clock=clock)
     client = RawClient()
     start(server, client)

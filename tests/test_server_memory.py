@@ -22,21 +22,12 @@ from h2.events import (
     TrailersReceived,
 )
 from hyperframe.frame import Frame, GoAwayFrame, PingFrame, RstStreamFrame
+from manual_clock import ManualClock
 
 from goaway_ext import ConnectionDrained, FrameScanner, GoawayPolicy, GoawaySent, ServerConnection
 from goaway_ext.server import DrainState
 
 MAX = 2**31 - 1
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def parse(data: bytes) -> list[Frame]:
@@ -76,7 +67,7 @@ class Pair:
     """One client, one ServerConnection, and the wire between them."""
 
     def __init__(self, policy: GoawayPolicy | None = None) -> None:
-        self.clock = Clock()
+        self.clock = ManualClock(1000.0)
         self.client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
         self.scanner = FrameScanner()
         self.server = ServerConnection(policy=policy, clock=self.clock)

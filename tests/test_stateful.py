@@ -43,6 +43,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import event as note_event
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from manual_clock import ManualClock
 
 from goaway_ext import (
     ClientConnection,
@@ -64,14 +65,6 @@ APP_RESET = ErrorCodes.INTERNAL_ERROR  # how the server application resets; CANC
 
 # Header values from a small set, so HPACK's dynamic table is used and reused.
 WORDS = st.sampled_from(["alpha", "beta", "gamma", "a-much-longer-value-that-gets-indexed", ""])
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 50.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
@@ -124,7 +117,7 @@ class DrainMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.clock = Clock()
+        self.clock = ManualClock(50.0)
         self.policy: GoawayPolicy | None = None
         self.connections = 0
         self.seen_outcomes: set[str] = set()
