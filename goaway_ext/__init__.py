@@ -9,6 +9,8 @@ losing a single request in flight.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._core import (
     CORE,
     DEFAULT_MAX_FRAME_SIZE,
@@ -22,15 +24,39 @@ from ._core import (
     encode_ping,
     encode_rst_stream,
 )
-from .asyncio_client import H2Client, H2ClientError
-from .asyncio_server import H2Server, Request, ResponseStream
 from .client import ClientConnection
 from .errors import ConnectionDrainingError
 from .events import ConnectionDrained, GoawayReceived, GoawaySent, StreamRefused
 from .policy import ConnectionBudget, GoawayPolicy
 from .server import ConnectionStats, DrainState, ServerConnection
 
+if TYPE_CHECKING:
+    from .asyncio_client import H2Client, H2ClientError
+    from .asyncio_server import H2Server, Request, ResponseStream
+
 __version__ = "0.1.0"
+
+# The asyncio server and client load asyncio and ssl; a sans-IO user of
+# ServerConnection or ClientConnection should not pay for them at import, so
+# they are imported on first use (PEP 562).
+_LAZY = {
+    "H2Client": "asyncio_client",
+    "H2ClientError": "asyncio_client",
+    "H2Server": "asyncio_server",
+    "Request": "asyncio_server",
+    "ResponseStream": "asyncio_server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'goaway_ext' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "CORE",
