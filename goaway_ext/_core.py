@@ -25,6 +25,8 @@ __all__ = [
 ]
 
 CORE: str
+# Why the compiled core is not in use (None when it is): shown by ``python -m goaway_ext info``.
+FALLBACK_REASON: str | None = None
 
 if TYPE_CHECKING or os.environ.get("GOAWAY_EXT_NO_EXTENSIONS", "") not in ("", "0"):
     from ._core_py import (
@@ -41,6 +43,7 @@ if TYPE_CHECKING or os.environ.get("GOAWAY_EXT_NO_EXTENSIONS", "") not in ("", "
     )
 
     CORE = "python"
+    FALLBACK_REASON = "GOAWAY_EXT_NO_EXTENSIONS is set"
 else:
     try:
         from ._core_c import (
@@ -57,7 +60,12 @@ else:
         )
 
         CORE = "cython"
-    except ImportError:  # no compiler at install time: same behaviour, slower
+    except ImportError as exc:  # no compiler at install time: same behaviour, slower
+        if exc.name == f"{__package__}._core_c":
+            FALLBACK_REASON = ("the compiled module was not built when this package was installed (no C compiler "
+                               "or Cython?); reinstall with GOAWAY_EXT_REQUIRE_EXTENSIONS=1 to see the build error")
+        else:
+            FALLBACK_REASON = f"the compiled module did not import: {exc}"
         from ._core_py import (
             DEFAULT_MAX_FRAME_SIZE,
             MAX_DEBUG_DATA,

@@ -42,8 +42,14 @@ from typing import Any
 
 import h2.events
 import h2.exceptions
-import httpcore
-import httpx
+
+from ._extras import missing_extra
+
+try:
+    import httpcore
+    import httpx
+except ModuleNotFoundError as _exc:
+    raise missing_extra("goaway_ext.httpx", "httpx", _exc) from _exc
 from h2.errors import ErrorCodes
 from httpcore._async.http2 import AsyncHTTP2Connection
 from httpcore._async.http11 import AsyncHTTP11Connection

@@ -66,7 +66,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import h2.connection
-import hypercorn.protocol
+
+from ._extras import missing_extra
+
+try:
+    import hypercorn.protocol
+except ModuleNotFoundError as _exc:
+    raise missing_extra("goaway_ext.hypercorn", "hypercorn", _exc) from _exc
 from h2.errors import ErrorCodes
 from hypercorn.config import Config
 from hypercorn.events import Closed, RawData, Updated
