@@ -14,11 +14,14 @@ The h2 seam
 -----------
 Everything here uses public ``h2`` API (``receive_data``, ``data_to_send``,
 ``reset_stream``, ``acknowledge_received_data``, ``open_inbound_streams``,
-``highest_inbound_stream_id``) plus exactly one undocumented detail: when the
-``grace`` deadline cuts a drain short, :meth:`ServerConnection._open_stream_ids`
-reads ``H2Connection.streams`` (stream id -> ``H2Stream``) and ``H2Stream.closed``
-to find the streams to reset. ``tests/test_contract_h2_server.py`` pins that
-detail and the public behaviour we rely on, on the oldest and newest ``h2``.
+``highest_inbound_stream_id``) plus one undocumented detail: ``H2Connection.streams``
+(stream id -> ``H2Stream``), with ``H2Stream.closed`` and ``H2Stream.reset_stream``.
+:meth:`ServerConnection._open_stream_ids` reads it when the ``grace`` deadline
+cuts a drain short, to find the streams to reset; :meth:`ServerConnection._reset`
+uses it when the peer's own GOAWAY moved ``h2`` to CLOSED (``h2`` then refuses
+every send, yet the streams the peer opened still need their RST_STREAM).
+``tests/test_contract_h2_server.py`` pins that detail and the public behaviour
+we rely on, on the oldest and newest ``h2``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from h2.errors import ErrorCodes
 from h2.events import DataReceived, Event, PingAckReceived, RequestReceived
 from h2.exceptions import ProtocolError, StreamClosedError
 
-from ._core import MAX_STREAM_ID, Sampler, encode_goaway, encode_ping
+from ._core import MAX_STREAM_ID, Sampler, encode_goaway, encode_ping, encode_rst_stream
 from .events import ConnectionDrained, GoawaySent
 from .policy import GoawayPolicy
 
@@ -453,12 +456,33 @@ class ServerConnection(H2Connection):
             if self._state is _DRAINED:
                 return
         for stream_id in self._open_stream_ids():
-            try:
-                self.reset_stream(stream_id, ErrorCodes.CANCEL)
-            except ProtocolError:  # h2 already CLOSED (peer GOAWAY'd with an error)
-                continue
-            self._streams_cut += 1
+            if self._reset(stream_id, ErrorCodes.CANCEL):
+                self._streams_cut += 1
         self._finish(now, 0.0)
+
+    def _reset(self, stream_id: int, code: ErrorCodes) -> bool:
+        """Reset a stream the drain gives up on; True when an RST_STREAM was queued.
+
+        Two peer actions in the same read as the stream's HEADERS change what
+        that takes. A RST_STREAM of its own closed it already: nothing to send.
+        Its GOAWAY moved ``h2`` to CLOSED, and ``h2`` then refuses every send,
+        although the stream still needs its answer (RFC 9113 §6.8: a GOAWAY
+        only stops new streams, the peer keeps reading; REFUSED_STREAM tells it
+        the request can be retried). Then the stream is closed in ``h2``'s
+        stream state (the seam in the module docstring) and the frame is
+        written here, after ``h2``'s bytes.
+        """
+        try:
+            self.reset_stream(stream_id, code)
+        except StreamClosedError:
+            return False
+        except ProtocolError:
+            stream = self.streams.get(stream_id)
+            if stream is None or stream.closed:
+                return False
+            stream.reset_stream(code)
+            self._pending += encode_rst_stream(stream_id, code)
+        return True
 
     def _receive_draining(self, events: list[ServerEvent], start: int, out: list[ServerEvent]) -> list[ServerEvent]:
         """Slow path during a drain: refuse late streams, swallow our PING ACK."""
@@ -471,11 +495,7 @@ class ServerConnection(H2Connection):
                 stream_id = event.stream_id  # type: ignore[union-attr]
                 if final is not None and stream_id > final:
                     # Late: HPACK already decoded it; refuse, retry-safe (RFC 9113 §8.7).
-                    try:
-                        self.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
-                    except StreamClosedError:
-                        pass  # the peer reset it in the same read: nothing left to refuse
-                    else:
+                    if self._reset(stream_id, ErrorCodes.REFUSED_STREAM):
                         self._streams_refused += 1
                     if refused is None:
                         refused = set()

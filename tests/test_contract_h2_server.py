@@ -2,7 +2,8 @@
 
 ``make contract`` runs this file on the oldest and newest supported h2. The one
 undocumented detail we read (``H2Connection.streams`` / ``H2Stream.closed``) is
-tested first; the rest is public API whose behaviour the drain depends on.
+tested first (with ``H2Stream.reset_stream``, used once the peer's GOAWAY moved h2
+to CLOSED); the rest is public API whose behaviour the drain depends on.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import PingAckReceived, RequestReceived
+from h2.events import ConnectionTerminated, PingAckReceived, RequestReceived
+from h2.exceptions import ProtocolError, StreamClosedError
 
 from goaway_ext import FrameScanner, GoawayPolicy, ServerConnection, encode_goaway, encode_ping
 
@@ -45,6 +47,29 @@ def test_seam_streams_mapping_and_closed_flag() -> None:
     c.send_headers(1, REQ)
     conn.receive_data(c.data_to_send())
     assert conn._open_stream_ids() == [1]
+
+
+def test_seam_stream_reset_after_the_peers_goaway() -> None:
+    # After the peer's GOAWAY, h2 is CLOSED: reset_stream raises a plain
+    # ProtocolError (not StreamClosedError), yet the stream stays open. The
+    # stream's own reset_stream closes it without asking the connection.
+    client, server = _pair()
+    client.send_headers(1, REQ, end_stream=True)
+    client.close_connection()
+    events = server.receive_data(client.data_to_send())
+    assert [type(e) for e in events][-1] is ConnectionTerminated
+    try:
+        server.reset_stream(1, ErrorCodes.REFUSED_STREAM)
+    except StreamClosedError as exc:
+        raise AssertionError("expected the connection-level ProtocolError") from exc
+    except ProtocolError:
+        pass
+    else:
+        raise AssertionError("h2 accepted a send after the peer's GOAWAY")
+    assert server.open_inbound_streams == 1 and not server.streams[1].closed
+    frames = server.streams[1].reset_stream(ErrorCodes.REFUSED_STREAM)
+    assert [(f.stream_id, f.error_code) for f in frames] == [(1, ErrorCodes.REFUSED_STREAM)]
+    assert server.streams[1].closed and server.open_inbound_streams == 0
 
 
 def test_hand_written_goaway_leaves_h2_serving() -> None:

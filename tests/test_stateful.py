@@ -17,7 +17,12 @@ Checked after every step:
 - the server application never saw a stream above the final last-stream-id,
   and never saw a stream the client was told was refused;
 - no exception escapes, except ``ConnectionDrainingError`` when the client
-  opens a stream on a draining connection (asserted where it must happen).
+  opens a stream on a draining connection (asserted where it must happen);
+- the client may end the connection with its own GOAWAY in the same write as
+  new HEADERS (late ones, when the server's final GOAWAY is still on the
+  wire): the server returns ``ConnectionTerminated`` and never raises, every
+  late stream of that read gets RST_STREAM REFUSED_STREAM, the refused count
+  matches the frames, and the application never sees one.
 
 Checked once everything settled (at the end of each run, and whenever the
 ``settle`` rule fires): every stream the client opened either completed with
@@ -39,6 +44,7 @@ import h2.events
 import pytest
 from h2.config import H2Configuration
 from h2.errors import ErrorCodes
+from hyperframe.frame import Frame, RstStreamFrame
 from hypothesis import HealthCheck, settings
 from hypothesis import event as note_event
 from hypothesis import strategies as st
@@ -81,10 +87,11 @@ class ClientStream:
     reset_by_me: bool = False
     reset_by_peer: int | None = None  # error code
     refused: bool = False
+    abandoned: bool = False  # the client sent its own GOAWAY and left with it open
 
     @property
     def finished(self) -> bool:
-        return (self.reset_by_me or self.refused or self.reset_by_peer is not None
+        return (self.reset_by_me or self.refused or self.abandoned or self.reset_by_peer is not None
                 or (self.request_ended and self.response_ended))
 
 
@@ -106,6 +113,17 @@ class ServerStream:
     @property
     def finished(self) -> bool:
         return self.reset_by_me or self.reset_by_peer or self.cut or (self.request_ended and self.response_ended)
+
+
+def parse_frames(data: bytes) -> list[Frame]:
+    frames, pos = [], 0
+    while pos < len(data):
+        frame, length = Frame.parse_frame_header(memoryview(data[pos : pos + 9]))
+        frame.parse_body(memoryview(data[pos + 9 : pos + 9 + length]))
+        frames.append(frame)
+        pos += 9 + length
+    assert pos == len(data), "server output must end on a frame boundary"
+    return frames
 
 
 def _pick(ids: list[int], index: int) -> int | None:
@@ -142,6 +160,7 @@ class DrainMachine(RuleBasedStateMachine):
         self.pings_sent: set[bytes] = set()
         self.pings_acked: set[bytes] = set()
         self.closed = False  # the server's owner closed the socket (close_at reached)
+        self.client_left = False  # the client sent its own GOAWAY: the server saw ConnectionTerminated
         self.cut_marked = 0
 
     def live(self) -> bool:
@@ -211,8 +230,10 @@ class DrainMachine(RuleBasedStateMachine):
                 assert not self.drained, "drained twice"
                 assert self.server.is_drained
                 self.drained.append(event)
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                assert self.client_left and event.error_code == ErrorCodes.NO_ERROR, event
             else:
-                assert not isinstance(event, (h2.events.PingAckReceived, h2.events.ConnectionTerminated)), event
+                assert not isinstance(event, h2.events.PingAckReceived), event
 
     def client_events(self, events: list[Any]) -> None:
         for event in events:
@@ -373,6 +394,47 @@ class DrainMachine(RuleBasedStateMachine):
             self.pings_sent.add(opaque)
             self.client.ping(opaque)
 
+    @rule(count=st.integers(0, 3), word=WORDS)
+    def client_goaway_with_new_streams(self, count: int, word: str) -> None:
+        """New HEADERS and the client's own GOAWAY, delivered to the server in one read.
+
+        Streams above a final GOAWAY the client has not read yet are late: the
+        server must refuse them although ``h2`` went CLOSED in that same read.
+        The server's owner then closes the connection (what the asyncio server
+        and hypercorn do on ``ConnectionTerminated``).
+        """
+        self.live()
+        self.flush_server()  # what is queued before this read, so the next output is this read's alone
+        before = set(self.client_streams)
+        for _ in range(count):
+            self.open_stream(False, word, 0)
+        new_ids = set(self.client_streams) - before
+        self.client.close_connection()
+        self.flush_client()
+        wire = bytes(self.to_server_wire)
+        self.to_server_wire.clear()
+        refused_before = self.server.stats.streams_refused
+        self.client_left = True
+        events = self.server.receive_data(wire)  # must not raise
+        self.server_events(events)
+        assert [type(e) for e in events].count(h2.events.ConnectionTerminated) == 1, events
+        out = self.server.data_to_send()
+        frames = parse_frames(out)
+        refused = [f.stream_id for f in frames
+                   if isinstance(f, RstStreamFrame) and f.error_code == ErrorCodes.REFUSED_STREAM]
+        assert self.server.stats.streams_refused - refused_before == len(refused), (refused, frames)
+        final = self.server.last_stream_id
+        for sid, stream in self.client_streams.items():
+            if final is not None and sid > final and sid in new_ids:
+                # Every late stream opened in this read was refused in it.
+                assert sid in refused, (sid, final, refused)
+            if not stream.finished:
+                stream.abandoned = True
+        if refused:
+            self.seen_outcomes.add("late HEADERS refused in the read that carried the client's GOAWAY")
+        self.to_client_wire.clear()  # the client is gone
+        self.closed = True
+
     # -- the server application ---------------------------------------------------------
 
     @rule(index=st.integers(0, 100), word=WORDS, end=st.booleans())
@@ -471,11 +533,12 @@ class DrainMachine(RuleBasedStateMachine):
             seen = self.server_streams.get(sid)
             if final is not None and sid > final:
                 assert seen is None, f"stream {sid} above last-stream-id {final} reached the application"
-                assert stream.refused or stream.reset_by_me, f"stream {sid} above {final} was not refused"
+                assert stream.refused or stream.reset_by_me or stream.abandoned, (
+                    f"stream {sid} above {final} was not refused")
                 continue
             if stream.refused:
                 raise AssertionError(f"stream {sid} at or below {final} was refused")
-            if stream.reset_by_me:
+            if stream.reset_by_me or stream.abandoned:
                 continue
             assert seen is not None, f"stream {sid} was lost: never reached the server, never refused"
             if stream.reset_by_peer is not None:
@@ -484,7 +547,7 @@ class DrainMachine(RuleBasedStateMachine):
                 continue
             assert stream.request_ended and stream.response_ended, f"stream {sid} never completed: {stream}"
             assert stream.response_body == seen.response_body and seen.body == stream.body_sent
-        if self.server.is_draining and (self.closed or not self.open_client_ids()):
+        if self.server.is_draining and not self.client_left and (self.closed or not self.open_client_ids()):
             assert self.server.drain_state is DrainState.DRAINED, "the drain stalled"
         if not self.closed:
             assert self.pings_acked == self.pings_sent
