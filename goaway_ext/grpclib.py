@@ -70,12 +70,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import grpclib.client
+from h2.settings import SettingCodes
+
+from ._extras import missing_extra
+
+try:
+    import grpclib.client
+except ModuleNotFoundError as _exc:
+    raise missing_extra("goaway_ext.grpclib", "grpclib", _exc) from _exc
 import grpclib.protocol
 import grpclib.server
 from grpclib.exceptions import StreamTerminatedError
 from grpclib.protocol import Connection, EventsProcessor, H2Protocol
-from h2.settings import SettingCodes
 
 from .client import ClientConnection
 from .errors import ConnectionDrainingError

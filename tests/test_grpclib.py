@@ -505,3 +505,15 @@ def test_free_port_is_closed_after_wait_closed() -> None:
     port = run(main())
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
         pass
+
+
+def test_import_without_the_extra_names_it() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['grpclib'] = None; import goaway_ext.grpclib"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("ModuleNotFoundError: goaway_ext.grpclib needs grpclib"), last
+    assert "pip install '.[grpclib]'" in last
