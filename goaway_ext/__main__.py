@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 from . import __version__
 
@@ -23,6 +24,13 @@ _COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (the usage itself is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _prog() -> str:
     """The name the user typed: the console script, or ``python -m goaway_ext``."""
     return "goaway-ext" if os.path.basename(sys.argv[0]) == "goaway-ext" else "python -m goaway_ext"
@@ -32,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run one command; returns the process exit status."""
     prog = _prog()
     description = "goaway_ext: graceful HTTP/2 GOAWAY for h2 servers and clients, and the tools to see it work."
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = _Parser(prog=prog, description=description)
     parser.add_argument("--version", action="version", version=f"goaway_ext {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     args_list = sys.argv[1:] if argv is None else argv
     chosen = args_list[0] if args_list else None
     for name, (module_name, help_text) in _COMMANDS.items():

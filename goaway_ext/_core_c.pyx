@@ -1,4 +1,4 @@
-# cython: language_level=3, embedsignature=True
+# cython: language_level=3, embedsignature=True, embedsignature.format=clinic
 """Compiled core: the twin of ``_core_py`` (read that module for the rules).
 
 Every function and class here gives the same results as its pure-Python twin,
@@ -151,7 +151,20 @@ def decode_goaway(payload):
 
 
 cdef class Sampler:
-    """Bernoulli(``chance``) per call, by counting down geometric gaps; see ``_core_py.Sampler``."""
+    """Sampler(chance, *, seed=None)
+--
+
+Decides, request by request, whether this one starts a drain.
+
+    Each call to :meth:`sample` is an independent Bernoulli(``chance``) trial,
+    like kube-apiserver's ``--goaway-chance``. Instead of drawing a uniform
+    number per request, the sampler draws the number of misses before the next
+    hit from the geometric distribution and counts it down: by memorylessness
+    the resulting sequence is the same i.i.d. Bernoulli process, and the hot
+    path is one decrement. Each instance owns its splitmix64 state, so no lock
+    and no state is shared between connections; both cores produce the same
+    sequence for the same seed.
+    """
 
     cdef double _chance
     cdef double _log_miss
@@ -184,6 +197,9 @@ cdef class Sampler:
         """The probability that one call to :meth:`sample` returns True."""
         return self._chance
 
+    def __repr__(self):
+        return f"Sampler(chance={self._chance!r})"
+
     cdef inline unsigned long long _next64(self) noexcept:
         cdef unsigned long long z
         self._state += 0x9E3779B97F4A7C15ULL
@@ -214,7 +230,21 @@ cdef class Sampler:
 
 
 cdef class FrameScanner:
-    """Takes GOAWAY frames out of an inbound HTTP/2 byte stream; see ``_core_py.FrameScanner``."""
+    """FrameScanner(max_frame_size=16384)
+--
+
+Takes GOAWAY frames out of an inbound HTTP/2 byte stream.
+
+    A client hands every chunk it reads to :meth:`feed` and passes the bytes it
+    returns to ``h2``. GOAWAY frames (stream 0, payload of at least 8 bytes) are
+    removed and returned decoded, so ``h2`` never sees them and never moves to
+    CLOSED; everything else, including malformed GOAWAYs, reaches ``h2``
+    unchanged, so ``h2`` keeps raising its own protocol errors. Chunks may split
+    frames anywhere. A chunk from which nothing is removed or held back is
+    returned as the very same ``bytes`` object. A frame longer than
+    ``max_frame_size`` raises ValueError, and so does every later call: past
+    such a header the frame boundaries can no longer be trusted.
+    """
 
     cdef Py_ssize_t _max_frame_size
     cdef Py_ssize_t _pass

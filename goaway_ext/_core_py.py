@@ -175,6 +175,9 @@ class Sampler:
         """The probability that one call to :meth:`sample` returns True."""
         return self._chance
 
+    def __repr__(self) -> str:
+        return f"Sampler(chance={self._chance!r})"
+
     def _next64(self) -> int:
         # splitmix64 (Steele, Lea, Flood 2014): tiny state, passes BigCrush.
         state = (self._state + 0x9E3779B97F4A7C15) & _MASK64

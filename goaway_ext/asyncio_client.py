@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl as _ssl
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
@@ -31,7 +32,7 @@ from .client import ClientConnection
 from .errors import ConnectionDrainingError
 from .events import GoawayReceived, StreamRefused
 
-__all__ = ["H2Client", "H2ClientError", "Response", "StreamingResponse"]
+__all__ = ["H2Client", "H2ClientError", "NotHTTP2Error", "Response", "StreamingResponse"]
 
 _READ_SIZE = 65536
 _CONNECTION_WINDOW = 1 << 24
@@ -59,6 +60,19 @@ class _SilentServerError(H2ClientError):
     so an idempotent request (RFC 9110 §9.2.2) may be sent again; others are
     reported, since the server might have acted on them.
     """
+
+
+class NotHTTP2Error(H2ClientError):
+    """The server answered in HTTP/1.x: it does not speak HTTP/2 on this port (no retry can help).
+
+    ``answered`` is the version it used, for example ``"HTTP/1.1"``, or the
+    first bytes it sent when they are not HTTP at all.
+    """
+
+    def __init__(self, answered: str) -> None:
+        super().__init__(f"the server answered {answered}; this client speaks HTTP/2 only "
+                         "(prior knowledge on http://, ALPN h2 on https://)")
+        self.answered = answered
 
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -250,6 +264,13 @@ class _Connection:
             while True:
                 data = await self.reader.read(_READ_SIZE)
                 if not data:
+                    break
+                if not self.heard_from_server and len(data) >= 4 and data[3] != 0x4:
+                    # An HTTP/2 server's first frame is SETTINGS (type 4, RFC 9113 §3.4); an HTTP/1.x
+                    # server answers our preface with a status line, which h2 would call a huge frame.
+                    answered = data[:8].decode("ascii", "replace") if data.startswith(b"HTTP/1.") else f"{data[:16]!r}"
+                    error = NotHTTP2Error(answered)
+                    self.heard_from_server = True
                     break
                 self.heard_from_server = True
                 self._dispatch(self.h2.receive_data(data))
@@ -505,8 +526,14 @@ class H2Client:
                     ),
                     self.timeout,
                 )
-            except (OSError, asyncio.TimeoutError) as exc:
-                raise H2ClientError(f"cannot connect to {self.host}:{self.port}: {exc!r}") from exc
+            except socket.gaierror as exc:
+                raise H2ClientError(f"cannot connect to {self.host}:{self.port}: cannot resolve {self.host!r} "
+                                    f"({exc.strerror})") from exc
+            except asyncio.TimeoutError as exc:
+                raise H2ClientError(f"cannot connect to {self.host}:{self.port}: no answer within "
+                                    f"{self.timeout:g} s") from exc
+            except OSError as exc:
+                raise H2ClientError(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc!r}") from exc
             conn = _Connection(self, reader, writer)
             self.connections_opened += 1
             self._connections.add(conn)

@@ -23,7 +23,6 @@ import os
 import signal
 import ssl
 import subprocess
-import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 
+from ._cli import CommandError, bind_error, check_readable, configure_logging, fail, flag_message, log_level, ssl_error
 from .events import ConnectionDrained, GoawaySent
 from .policy import MODES, GoawayPolicy
 from .server import ServerConnection
@@ -665,27 +665,42 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _tls_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext:
+    """The server's TLS context with ALPN h2; a bad file or pair raises ``CommandError`` naming its flag."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if certfile is None:
         # A throwaway self-signed certificate, made with the openssl command line.
         with tempfile.TemporaryDirectory() as tmp:
             certfile, keyfile = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
-            subprocess.run(
-                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-                 "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", keyfile, "-out", certfile],
-                check=True, capture_output=True, timeout=60,
-            )
+            try:
+                subprocess.run(
+                    ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                     "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", keyfile,
+                     "-out", certfile],
+                    check=True, capture_output=True, timeout=60,
+                )
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise CommandError(f"--tls without --certfile needs the openssl command to make a self-signed "
+                                   f"certificate, and it failed ({exc}); pass --certfile and --keyfile") from None
             context.load_cert_chain(certfile, keyfile)
     else:
-        context.load_cert_chain(certfile, keyfile)
+        check_readable("--certfile", certfile)
+        if keyfile is not None:
+            check_readable("--keyfile", keyfile)
+        try:
+            context.load_cert_chain(certfile, keyfile)
+        except ssl.SSLError as exc:
+            raise ssl_error(exc, certfile, keyfile) from None
     context.set_alpn_protocols(["h2"])
     return context
 
 
 async def _serve(args: argparse.Namespace, policy: GoawayPolicy, context: ssl.SSLContext | None) -> int:
     server = H2Server(builtin_app, policy=policy, ssl_context=context, name=args.name, plain_h2=args.plain_h2)
-    host, port = await server.start(args.host, args.port)
+    try:
+        host, port = await server.start(args.host, args.port)
+    except OSError as exc:
+        raise bind_error(args.host, args.port, exc) from None
     print(f"listening on {host}:{port}", flush=True)
     log.info("serving %s as %s with %r%s", "https" if context else "h2c", server.name, policy,
              " (plain h2 baseline)" if args.plain_h2 else "")
@@ -709,21 +724,33 @@ def exempt_stats(headers: Sequence[tuple[Any, Any]]) -> bool | None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run ``serve`` until SIGTERM/SIGINT, then drain and exit 0; 2 on a bad option."""
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Run ``serve`` until SIGTERM/SIGINT, then drain and exit 0; 2 and one line on stderr on a bad option."""
     try:
-        policy = GoawayPolicy(
-            args.chance, max_requests=args.max_requests, max_age=args.max_age, jitter=args.jitter,
-            ping_timeout=args.ping_timeout, grace=args.grace, linger=args.linger, mode=args.mode, seed=args.seed,
-            allow_high_chance=args.allow_high_chance, decider=exempt_stats,
-        )
+        configure_logging(log_level(args.log_level))
+        if (args.certfile or args.keyfile) and not args.tls:
+            flag = "--certfile" if args.certfile else "--keyfile"
+            raise CommandError(f"{flag} needs --tls (without --tls the server speaks cleartext h2c and would "
+                               "ignore the certificate)")
+        if args.keyfile and not args.certfile:
+            raise CommandError("--keyfile needs --certfile")
         if not 0 <= args.port <= 65535:
-            raise ValueError(f"--port must be in 0..65535, got {args.port}")
+            raise CommandError(f"--port must be in 0..65535, got {args.port}")
         if args.shutdown_timeout <= 0:
-            raise ValueError(f"--shutdown-timeout must be positive, got {args.shutdown_timeout}")
-    except (TypeError, ValueError) as exc:
-        print(f"serve: error: {exc}", file=sys.stderr)
-        return 2
-    context = _tls_context(args.certfile, args.keyfile) if args.tls else None
-    return asyncio.run(_serve(args, policy, context))
+            raise CommandError(f"--shutdown-timeout must be positive, got {args.shutdown_timeout}")
+        try:
+            policy = GoawayPolicy(
+                args.chance, max_requests=args.max_requests, max_age=args.max_age, jitter=args.jitter,
+                ping_timeout=args.ping_timeout, grace=args.grace, linger=args.linger, mode=args.mode,
+                seed=args.seed, allow_high_chance=args.allow_high_chance, decider=exempt_stats,
+            )
+        except (TypeError, ValueError) as exc:
+            raise CommandError(flag_message(str(exc), _POLICY_FLAGS)) from None
+        context = _tls_context(args.certfile, args.keyfile) if args.tls else None
+        return asyncio.run(_serve(args, policy, context))
+    except CommandError as exc:
+        return fail("serve", exc)
+
+
+# GoawayPolicy arguments that ``serve`` takes as flags of the same name.
+_POLICY_FLAGS = ("chance", "max_requests", "max_age", "jitter", "ping_timeout", "grace", "linger", "mode", "seed",
+                 "allow_high_chance")

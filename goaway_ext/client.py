@@ -35,6 +35,7 @@ pins it on the oldest and newest supported ``h2``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -48,6 +49,9 @@ from h2.settings import SettingCodes
 from ._core import DEFAULT_MAX_FRAME_SIZE, MAX_DEBUG_DATA, FrameScanner, encode_goaway
 from .errors import ConnectionDrainingError
 from .events import GoawayReceived, StreamRefused
+
+# "goaway_ext.client": one DEBUG line per GOAWAY received (never per request).
+log = logging.getLogger(__name__)
 
 __all__ = ["ClientConnection"]
 
@@ -214,6 +218,8 @@ class ClientConnection(h2.connection.H2Connection):
         self._goaway_last_stream_id = last_stream_id
         self._goaway_error_code = error_code
         refused = self._open_outbound_above(last_stream_id)
+        log.debug("GOAWAY(last_stream_id=%d, error_code=%d) received; %d stream(s) above it refused",
+                  last_stream_id, error_code, len(refused))
         if error_code:
             # Keep h2's behaviour: it sees the frame, goes CLOSED, reports
             # ConnectionTerminated. What came before in this read is delivered.

@@ -37,7 +37,9 @@ touch; ``tests/test_contract_httpcore.py`` pins each on the supported httpcore):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import h2.events
@@ -60,6 +62,8 @@ from .client import ClientConnection
 from .errors import ConnectionDrainingError
 from .events import GoawayReceived, StreamRefused
 
+log = logging.getLogger(__name__)  # "goaway_ext.httpx": GOAWAYs received, requests retried
+
 __all__ = [
     "AsyncGracefulHTTP2Connection",
     "GracefulStats",
@@ -76,7 +80,9 @@ _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE
 class GracefulStats:
     """What a transport's HTTP/2 connections went through, for tests and dashboards.
 
-    ``goaways_received`` counts connections that got at least one GOAWAY (a
+    ``requests_retried`` counts requests that went back to the pool for a new
+    connection (refused, or reaching a draining connection), each once however
+    many times it went back. ``goaways_received`` counts connections that got at least one GOAWAY (a
     two-phase shutdown counts once), so over one client
     ``connections_opened == goaways_received + 1`` while the server only
     rebalances (Kubernetes' own invariant).
@@ -86,6 +92,17 @@ class GracefulStats:
     goaways_received: int = 0
     streams_refused: int = 0
     requests_retried: int = 0
+    # Requests already counted in requests_retried: one request may go back to the pool
+    # several times (at chance 1.0 each new connection drains too) and counts once.
+    _retried: weakref.WeakSet[httpcore.Request] = field(
+        default_factory=weakref.WeakSet, init=False, repr=False, compare=False
+    )
+
+    def _count_retry(self, request: httpcore.Request) -> None:
+        if request not in self._retried:
+            self._retried.add(request)
+            self.requests_retried += 1
+            log.debug("retrying %s %s on a new connection", request.method.decode(), request.url.target.decode())
 
 
 class _Refused(h2.events.StreamReset):
@@ -136,6 +153,8 @@ class _Drain:
             if kind is GoawayReceived:
                 if self.goaway is None:
                     self._stats.goaways_received += 1
+                    log.debug("GOAWAY(last_stream_id=%d, error_code=%d) received", event.last_stream_id,
+                              event.error_code)
                 self.goaway = event
             elif kind is StreamRefused:
                 self._stats.streams_refused += 1
@@ -152,7 +171,7 @@ class _Drain:
         whole = stream_id in self._body_done
         if not started or (whole and request.method.upper() in _IDEMPOTENT):
             self._request_count -= 1
-            self._stats.requests_retried += 1
+            self._stats._count_retry(request)
             return httpcore.ConnectionNotAvailable()
         return httpcore.RemoteProtocolError(
             f"stream {stream_id} was refused by the server after part of its body was sent; "
@@ -199,7 +218,7 @@ class AsyncGracefulHTTP2Connection(_Drain, AsyncHTTP2Connection):
             # taken and before any byte of this request was written.
             await self._max_streams_semaphore.release()
             self._request_count -= 1
-            self._stats.requests_retried += 1
+            self._stats._count_retry(request)
             if not self._events:
                 await self.aclose()
             raise httpcore.ConnectionNotAvailable() from None
@@ -271,7 +290,7 @@ class GracefulHTTP2Connection(_Drain, HTTP2Connection):
         except ConnectionDrainingError:
             self._max_streams_semaphore.release()
             self._request_count -= 1
-            self._stats.requests_retried += 1
+            self._stats._count_retry(request)
             if not self._events:
                 self.close()
             raise httpcore.ConnectionNotAvailable() from None

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from .asyncio_client import H2Client, H2ClientError
+from ._cli import fail
+from .asyncio_client import H2Client, H2ClientError, NotHTTP2Error
 
 __all__ = ["LoadResult", "configure_parser", "run_command", "run_load", "run_load_async"]
 
@@ -196,6 +197,8 @@ async def run_load_async(
             begin = time.monotonic()
             try:
                 response = await client.request(method, path, body=body)
+            except NotHTTP2Error as exc:  # every request would fail the same way: stop here
+                raise H2ClientError(f"the server answered {exc.answered}; this load generator speaks HTTP/2") from exc
             except H2ClientError as exc:
                 result.failed += 1
                 errors[str(exc)] += 1
@@ -233,15 +236,20 @@ async def run_load_async(
     return result
 
 
+# What a child process shares with the parent for progress lines: slot -> LoadResult field.
+_PROGRESS_FIELDS = ("requests", "failed", "goaways_received", "connections_opened")
+
+
 def _child(kwargs: dict[str, Any], done: Any, out: Any) -> None:
     def tick(partial: LoadResult) -> None:
-        done.value = partial.requests
+        for slot, name in enumerate(_PROGRESS_FIELDS):
+            done[slot] = getattr(partial, name)
 
     try:
         result = asyncio.run(run_load_async(progress=tick, **kwargs))
         out.put(("ok", result))
     except Exception as exc:  # reported by the parent
-        out.put(("error", f"{type(exc).__name__}: {exc}"))
+        out.put(("error", str(exc) if isinstance(exc, (H2ClientError, ValueError)) else f"{type(exc).__name__}: {exc}"))
 
 
 def run_load(
@@ -281,7 +289,7 @@ def run_load(
     for i in range(processes):
         share_conns = connections // processes + (1 if i < connections % processes else 0)
         share_reqs = None if requests is None else requests // processes + (1 if i < requests % processes else 0)
-        done = ctx.Value("q", 0)
+        done = ctx.Array("q", len(_PROGRESS_FIELDS))
         counters.append(done)
         kwargs = dict(common, url=url, requests=share_reqs, connections=share_conns)
         child = ctx.Process(target=_child, args=(kwargs, done, out), daemon=True)
@@ -300,8 +308,9 @@ def run_load(
                 if time.monotonic() - started > limit:
                     raise TimeoutError("load processes did not finish in time") from None
                 if progress is not None:
-                    partial = LoadResult(requests=sum(c.value for c in counters),
-                                         duration=time.monotonic() - started)
+                    partial = LoadResult(duration=time.monotonic() - started)
+                    for slot, name in enumerate(_PROGRESS_FIELDS):
+                        setattr(partial, name, sum(c[slot] for c in counters))
                     progress(partial)
                 continue
             received += 1
@@ -316,13 +325,15 @@ def run_load(
                 child.terminate()
                 child.join(timeout=5)
     if problems:
-        raise H2ClientError("; ".join(problems))
+        raise H2ClientError("; ".join(dict.fromkeys(problems)))
     return merged
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``load`` command's options (called by ``python -m goaway_ext``)."""
-    parser.description = __doc__.splitlines()[0] if __doc__ else None
+    parser.description = ("An HTTP/2 load generator that follows GOAWAY: C connections, M streams in flight on "
+                          "each, refused streams retried, an h2load-style summary (h2load counts the requests "
+                          "queued on a connection that got GOAWAY as failed; this one does not).")
     parser.add_argument("url", help="http://HOST:PORT/PATH (h2 prior knowledge) or https://... (ALPN h2)")
     parser.add_argument("-n", "--requests", type=int, default=None, help="total requests (default 1000 "
                         "unless --duration is given)")
@@ -340,10 +351,22 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run the ``load`` command; exit status 1 when any request failed."""
+    """Run the ``load`` command; exit status 1 when any request failed, 2 (one line on stderr) on a bad option."""
     requests = args.requests
     if requests is None and args.duration is None:
         requests = 1000
+    for flag, value in (("-n/--requests", requests), ("-c/--clients", args.clients),
+                        ("-m/--max-concurrent-streams", args.max_concurrent_streams),
+                        ("-P/--processes", args.processes)):
+        if value is not None and value < 1:
+            return fail("load", f"{flag} must be at least 1, got {value}")
+    if args.duration is not None and not args.duration > 0:
+        return fail("load", f"-D/--duration must be positive, got {args.duration:g}")
+    if not args.timeout > 0:
+        return fail("load", f"--timeout must be positive, got {args.timeout:g}")
+    if args.processes > args.clients:
+        return fail("load", f"-P/--processes ({args.processes}) cannot exceed -c/--clients ({args.clients}): "
+                            "each process holds at least one connection")
     tty = sys.stderr.isatty()
     last_line = [0.0]
 
@@ -365,10 +388,9 @@ def run_command(args: argparse.Namespace) -> int:
             insecure=args.insecure, progress=None if args.no_progress else show,
         )
     except (ValueError, H2ClientError, TimeoutError) as exc:
-        if tty:
+        if tty and not args.no_progress:
             print(file=sys.stderr)
-        print(f"load: {exc}", file=sys.stderr)
-        return 2
+        return fail("load", f"{args.url}: {exc}" if isinstance(exc, H2ClientError) else exc)
     if tty and not args.no_progress:
         print(file=sys.stderr)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())

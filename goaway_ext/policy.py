@@ -87,8 +87,8 @@ class GoawayPolicy:
     """
 
     __slots__ = (
-        "_chance", "_decider", "_grace", "_jitter", "_linger", "_lock", "_max_age",
-        "_max_requests", "_mode", "_ping_timeout", "_seeds",
+        "_allow_high_chance", "_chance", "_decider", "_grace", "_jitter", "_linger", "_lock", "_max_age",
+        "_max_requests", "_mode", "_ping_timeout", "_seed", "_seeds",
     )
 
     def __init__(
@@ -147,6 +147,8 @@ class GoawayPolicy:
         self._linger = linger_value
         self._mode = mode
         self._decider = decider
+        self._seed = seed
+        self._allow_high_chance = allow_high_chance
         # One generator of per-connection seeds: with ``seed`` set, the n-th
         # connection always gets the same draws.
         self._seeds = random.Random(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
@@ -198,10 +200,14 @@ class GoawayPolicy:
         return self._decider
 
     def __repr__(self) -> str:
+        """Every setting, so a log line of the policy says exactly what a server runs."""
+        decider = self._decider
+        decider_text = "None" if decider is None else getattr(decider, "__qualname__", None) or repr(decider)
         return (
             f"GoawayPolicy(chance={self._chance!r}, max_requests={self._max_requests!r}, "
             f"max_age={self._max_age!r}, jitter={self._jitter!r}, ping_timeout={self._ping_timeout!r}, "
-            f"grace={self._grace!r}, linger={self._linger!r}, mode={self._mode!r}, decider={self._decider!r})"
+            f"grace={self._grace!r}, linger={self._linger!r}, mode={self._mode!r}, decider={decider_text}, "
+            f"seed={self._seed!r}, allow_high_chance={self._allow_high_chance!r})"
         )
 
     def _spread(self, rng: random.Random) -> float:

@@ -27,6 +27,7 @@ we rely on, on the oldest and newest ``h2``.
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -41,6 +42,9 @@ from h2.exceptions import ProtocolError, StreamClosedError
 from ._core import MAX_STREAM_ID, Sampler, encode_goaway, encode_ping, encode_rst_stream
 from .events import ConnectionDrained, GoawaySent
 from .policy import GoawayPolicy
+
+# "goaway_ext.server": one DEBUG line per GOAWAY sent and per drained connection (never per request).
+log = logging.getLogger(__name__)
 
 __all__ = ["DrainState", "ServerConnection", "ConnectionStats", "ServerEvent"]
 
@@ -417,6 +421,7 @@ class ServerConnection(H2Connection):
         self._ping_deadline = now + self._policy.ping_timeout
         self._move(_NOTICE)
         self._queue(GoawaySent(last_stream_id=MAX_STREAM_ID, final=False, reason=self._reason), now)
+        log.debug("drain (%s): GOAWAY(last_stream_id=%d) and PING sent", self._reason, MAX_STREAM_ID)
 
     def _send_final(self, now: float) -> None:
         last = self.highest_inbound_stream_id
@@ -426,6 +431,7 @@ class ServerConnection(H2Connection):
         self._ping_deadline = None
         self._move(_DRAINING)
         self._queue(GoawaySent(last_stream_id=last, final=True, reason=self._reason), now)
+        log.debug("drain (%s): final GOAWAY(last_stream_id=%d) sent", self._reason, last)
         self._progress(now)
 
     def _progress(self, now: float) -> None:
@@ -441,6 +447,7 @@ class ServerConnection(H2Connection):
         self._move(_DRAINED)
         self._drain_duration = now - self._drain_started
         self._close_at = now + linger
+        log.debug("drain (%s): drained in %.3f s, close in %.3f s", self._reason, self._drain_duration, linger)
         self._queue(
             ConnectionDrained(last_stream_id=self._final_id, reason=self._reason, duration=self._drain_duration),
             now,

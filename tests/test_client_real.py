@@ -120,6 +120,32 @@ def test_httpx_async_transport_watches_and_requests_survive(always: Server) -> N
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+def test_httpx_requests_retried_counts_requests_not_turns(always: Server) -> None:
+    # At chance 1.0 every connection drains, so one request may go back to the pool
+    # several times; requests_retried counts each request once.
+    async def main() -> None:
+        transport = AsyncGracefulTransport(http1=False)
+        async with httpx.AsyncClient(transport=transport, base_url=always.url, timeout=15) as client:
+            responses = await asyncio.gather(*(client.get("/") for _ in range(50)))
+        assert [r.status_code for r in responses] == [200] * 50
+        assert 0 <= transport.stats.requests_retried <= 50, transport.stats
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_load_progress_with_processes_shows_goaways(always: Server) -> None:
+    # -P 2: the progress lines come from the parent, which adds up the children's counts.
+    completed = subprocess.run(
+        [sys.executable, "-m", "goaway_ext", "load", always.url + "/", "-D", "3", "-c", "2", "-m", "2", "-P", "2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    progress = [line for line in completed.stderr.splitlines() if line.startswith("progress: ")]
+    assert progress, completed.stderr
+    goaways = [int(line.split(" failed, ")[1].split()[0]) for line in progress]
+    assert goaways[-1] > 0, progress
+
+
 def test_httpx_sync_transport(always: Server) -> None:
     transport = GracefulTransport(http1=False)
     with httpx.Client(transport=transport, base_url=always.url, timeout=15) as client:

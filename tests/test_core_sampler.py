@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from types import ModuleType
 
@@ -114,3 +115,20 @@ def test_bad_seed_is_named(core: ModuleType, seed: object) -> None:
     with pytest.raises(TypeError, match="seed") as info:
         core.Sampler(0.1, seed=seed)
     assert repr(seed) in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["Sampler", "FrameScanner"])
+def test_signature_and_docstring_match_between_cores(both_cores: tuple[ModuleType, ModuleType], name: str) -> None:
+    # inspect.signature works on the compiled classes, and says what the pure twins say.
+    compiled, pure = (getattr(core, name) for core in both_cores)
+
+    def shape(cls: type) -> list[tuple[str, object, object]]:
+        return [(p.name, p.kind, p.default) for p in inspect.signature(cls).parameters.values()]
+
+    assert shape(compiled) == shape(pure)
+    assert compiled.__doc__ and inspect.cleandoc(compiled.__doc__) == inspect.cleandoc(pure.__doc__ or "")
+
+
+def test_sampler_repr(core: ModuleType) -> None:
+    assert repr(core.Sampler(0.001, seed=1)) == "Sampler(chance=0.001)"
+    assert repr(core.Sampler(1)) == "Sampler(chance=1.0)"

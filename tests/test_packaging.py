@@ -104,3 +104,18 @@ def test_import_without_its_extra_names_the_extra(module: str, missing: str, ext
 def test_extra_names_are_the_ones_the_package_declares() -> None:
     extras = set(importlib.metadata.metadata("goaway_ext").get_all("Provides-Extra") or [])
     assert {"httpx", "hypercorn", "plot", "test"} <= extras
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_has_no_restructuredtext_markup(command: str | None) -> None:
+    done = run(sys.executable, "-m", "goaway_ext", *([command] if command else []), "--help")
+    assert done.returncode == 0, done.stderr
+    for markup in ("``", ":func:", ":class:", ":mod:", ":meth:"):
+        assert markup not in done.stdout, (markup, done.stdout)
+
+
+def test_usage_error_is_one_line() -> None:
+    done = run(sys.executable, "-m", "goaway_ext", "serve", "--port", "x")
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["python -m goaway_ext serve: error: argument --port: invalid int value: "
+                                        "'x' (see --help)"]

@@ -92,3 +92,19 @@ def test_per_connection_samplers_are_independent_but_seeded() -> None:
     q = GoawayPolicy(0.01, seed=9)
     c = q.new_budget(0.0).sampler
     assert c is not None and [c.sample() for _ in range(5000)] == seq_a
+
+
+def test_repr_shows_every_setting() -> None:
+    # Every constructor argument appears in the repr, so a startup log line says what runs.
+    import inspect
+
+    def exempt(headers: object) -> None:
+        return None
+
+    policy = GoawayPolicy(0.002, max_requests=5, max_age=60, jitter=0.2, ping_timeout=2, grace=30, linger=0.5,
+                          mode="single", decider=exempt, seed=7)
+    text = repr(policy)
+    for name in inspect.signature(GoawayPolicy).parameters:
+        assert f"{name}=" in text, (name, text)
+    assert "decider=test_repr_shows_every_setting.<locals>.exempt" in text and "seed=7" in text
+    assert " at 0x" not in text

@@ -217,7 +217,7 @@ def test_bad_option_exits_2_with_reason() -> None:
         [sys.executable, "-m", "goaway_ext", "serve", "--port", "0", "--chance", "0.5"],
         capture_output=True, text=True, timeout=30,
     )
-    assert out.returncode == 2 and "allow_high_chance" in out.stderr
+    assert out.returncode == 2 and "--allow-high-chance" in out.stderr
 
 
 # -- a GOAWAY-following h2 client ---------------------------------------------------------

@@ -1,0 +1,236 @@
+"""Errors a person sees: one line naming the flag and the bad value, never a traceback.
+
+Each test runs the real command in a subprocess and checks that stderr is
+exactly one line, that it names the flag and the value, and the exit status.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+OPENSSL = shutil.which("openssl")
+
+
+def run(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "goaway_ext", *argv], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def one_line(done: subprocess.CompletedProcess[str], status: int, *parts: str) -> str:
+    """stderr is one line holding every part; the exit status is ``status``."""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    for part in parts:
+        assert part in lines[0], lines[0]
+    assert done.returncode == status, (done.returncode, done.stderr)
+    return lines[0]
+
+
+def serve(*argv: str) -> subprocess.CompletedProcess[str]:
+    # --port 0: a free port, so a test that passes never leaves a server listening.
+    return run("serve", "--port", "0", *argv, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pem(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two self-signed certificate/key pairs made with the openssl command line."""
+    if OPENSSL is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("openssl is not installed (make test installs it)")
+        pytest.skip("openssl command line is not installed (Debian package openssl)")
+    out = tmp_path_factory.mktemp("pem")
+    files = {}
+    for name in ("a", "b"):
+        cert, key = out / f"{name}-cert.pem", out / f"{name}-key.pem"
+        subprocess.run([OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                        "/CN=localhost", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True,
+                       timeout=60)
+        files[f"{name}_cert"], files[f"{name}_key"] = cert, key
+    files["garbage"] = out / "garbage.pem"
+    files["garbage"].write_text("not a certificate\n")
+    return files
+
+
+# -- serve ----------------------------------------------------------------------------------------
+
+
+def test_serve_port_in_use() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run("serve", "--port", str(port))
+    one_line(done, 2, "serve: error:", f"--port {port}", "already in use")
+
+
+def test_serve_unresolvable_host() -> None:
+    done = serve("--host", "no-such-host.invalid")
+    one_line(done, 2, "--host no-such-host.invalid", "cannot resolve")
+
+
+def test_serve_missing_cert_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pem"
+    one_line(serve("--tls", "--certfile", str(missing)), 2, f"--certfile {missing}", "no such file")
+
+
+def test_serve_missing_key_file(pem: dict[str, Path], tmp_path: Path) -> None:
+    missing = tmp_path / "nokey.pem"
+    done = serve("--tls", "--certfile", str(pem["a_cert"]), "--keyfile", str(missing))
+    one_line(done, 2, f"--keyfile {missing}", "no such file")
+
+
+def test_serve_unreadable_cert_file(tmp_path: Path) -> None:
+    # A directory cannot be read as a file, even by root (a chmod 000 file can be).
+    one_line(serve("--tls", "--certfile", str(tmp_path)), 2, f"--certfile {tmp_path}", "is a directory")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads a chmod 000 file anyway")
+def test_serve_cert_file_without_permission(pem: dict[str, Path], tmp_path: Path) -> None:
+    locked = tmp_path / "locked.pem"
+    locked.write_bytes(pem["a_cert"].read_bytes())
+    locked.chmod(0)
+    one_line(serve("--tls", "--certfile", str(locked)), 2, f"--certfile {locked}", "permission denied")
+
+
+def test_serve_cert_that_is_not_pem(pem: dict[str, Path]) -> None:
+    done = serve("--tls", "--certfile", str(pem["garbage"]), "--keyfile", str(pem["a_key"]))
+    one_line(done, 2, f"--certfile {pem['garbage']}", f"--keyfile {pem['a_key']}", "PEM")
+
+
+def test_serve_key_that_does_not_match(pem: dict[str, Path]) -> None:
+    done = serve("--tls", "--certfile", str(pem["a_cert"]), "--keyfile", str(pem["b_key"]))
+    one_line(done, 2, f"--certfile {pem['a_cert']}", f"--keyfile {pem['b_key']}", "does not belong")
+
+
+def test_serve_certfile_without_tls_is_refused(pem: dict[str, Path]) -> None:
+    done = serve("--certfile", str(pem["a_cert"]), "--keyfile", str(pem["a_key"]))
+    one_line(done, 2, "--certfile needs --tls")
+
+
+def test_serve_bad_log_level() -> None:
+    one_line(serve("--log-level", "LOUD"), 2, "--log-level 'LOUD'", "DEBUG, INFO")
+
+
+def test_serve_high_chance_names_the_flag() -> None:
+    line = one_line(serve("--chance", "0.5"), 2, "--chance 0.5", "--allow-high-chance")
+    assert "allow_high_chance" not in line and "chance=" not in line
+
+
+def test_serve_bad_policy_value_names_the_flag() -> None:
+    one_line(serve("--max-requests", "0"), 2, "--max-requests must be at least 1, got 0")
+
+
+def test_serve_logs_the_effective_policy_in_one_line() -> None:
+    process = subprocess.Popen([sys.executable, "-m", "goaway_ext", "serve", "--port", "0", "--chance", "0.002",
+                                "--max-age", "60", "--seed", "7"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        assert process.stderr is not None
+        line = process.stderr.readline()  # the startup line comes before anything else
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert "goaway_ext.asyncio_server" in line and "GoawayPolicy(chance=0.002," in line, line
+    for setting in ("max_age=60.0", "seed=7", "mode='graceful'", "grace=None", "allow_high_chance=False"):
+        assert setting in line, line
+
+
+# -- load -----------------------------------------------------------------------------------------
+
+
+def test_load_zero_clients() -> None:
+    one_line(run("load", "http://127.0.0.1:1/", "-c", "0"), 2, "load: error:", "-c/--clients must be at least 1, got 0")
+
+
+def test_load_zero_streams() -> None:
+    one_line(run("load", "http://127.0.0.1:1/", "-m", "0"), 2, "--max-concurrent-streams must be at least 1, got 0")
+
+
+def test_load_unresolvable_host() -> None:
+    one_line(run("load", "http://no-such-host.invalid:8080/", "-n", "1"), 2,
+             "http://no-such-host.invalid:8080/", "cannot resolve 'no-such-host.invalid'")
+
+
+def test_load_nothing_listening() -> None:
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    one_line(run("load", f"http://127.0.0.1:{port}/", "-n", "1"), 2, f"cannot connect to 127.0.0.1:{port}")
+
+
+@pytest.fixture
+def http11_server() -> Iterator[int]:
+    """A server that answers the HTTP/2 preface as an HTTP/1.1 server does (nginx: 400 Bad Request)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop = threading.Event()
+
+    def answer() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    # Lingering close, as nginx does: a close with unread input would send RST,
+                    # and the client's kernel may then drop the answer before it is read.
+                    conn.shutdown(socket.SHUT_WR)
+                    while conn.recv(65536):
+                        pass
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+def test_load_against_http11_server(http11_server: int) -> None:
+    done = run("load", f"http://127.0.0.1:{http11_server}/", "-n", "20", "-c", "2", "-m", "2")
+    one_line(done, 2, "the server answered HTTP/1.1; this load generator speaks HTTP/2")
+
+
+def test_load_against_pythons_http_server() -> None:
+    # A real HTTP/1 server: Python's http.server answers the preface with an HTML error page.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert server.stdout is not None
+        server.stdout.readline()  # "Serving HTTP on ..." once bound
+        done = run("load", f"http://127.0.0.1:{port}/", "-n", "5", "-P", "2", "-c", "2")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    one_line(done, 2, "the server answered", "this load generator speaks HTTP/2")
+
+
+# -- demo -----------------------------------------------------------------------------------------
+
+
+def test_demo_bad_option_is_one_line() -> None:
+    one_line(run("demo", "--backends", "1"), 2, "--backends")
