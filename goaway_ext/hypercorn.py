@@ -22,20 +22,26 @@ The hook, and everything it touches in hypercorn
   ``ProtocolWrapper`` looks up for every new HTTP/2 connection (ALPN ``h2``,
   prior knowledge and h2c upgrade alike, asyncio and trio workers alike).
 - :class:`GoawayH2Protocol` subclasses ``hypercorn.protocol.h2.H2Protocol``.
-  For a config that was not enabled it changes nothing. Otherwise it swaps the
-  ``h2`` connection hypercorn made for a :class:`~goaway_ext.ServerConnection`
-  with the same ``h2`` configuration and local settings, wraps the ``send``
-  callable hypercorn gave it, and runs one timer task per connection. It uses
-  the attributes ``connection``, ``config``, ``context`` (``terminated``,
-  ``event_class``), ``task_group.spawn``, ``send`` and ``closed``, and overrides
-  the public methods ``initiate`` and ``handle``; no private method.
+  For a config that was not enabled it changes nothing. Otherwise its
+  constructor sets the attributes hypercorn's sets, with a
+  :class:`~goaway_ext.ServerConnection` (hypercorn's ``h2`` configuration and
+  local settings) as the only ``h2`` connection; once a drain starts it wraps
+  the ``send`` callable hypercorn gave it. Timers: on asyncio, one task per
+  worker waits for ``context.terminated`` and a connection holds a
+  ``loop.call_later`` handle only while a deadline is scheduled; on trio, one
+  timer task per connection. It uses the attributes ``connection``, ``config``,
+  ``context`` (``terminated``, ``event_class``), ``task_group.spawn``, ``send``
+  and ``closed`` (made a property, to learn of the end without overriding
+  ``handle``), and overrides the public method ``initiate``; no private method.
 - hypercorn calls ``close_connection()`` in two places (request budget spent;
   idle during shutdown) and ``reset_stream(id)`` in one (a request after
   shutdown began). The connection class here turns the first into a graceful
   drain and the second into REFUSED_STREAM, which tells the client the request
   was never processed (RFC 9113 §8.7).
 - The command line replaces ``hypercorn.__main__.run`` in its own process only,
-  to put the ``--goaway-*`` options on the config hypercorn's parser built.
+  to put the ``--goaway-*`` options on the config hypercorn's parser built, and
+  runs worker processes with :func:`run` (which starts hypercorn's worker
+  functions ``asyncio_worker``, ``uvloop_worker``, ``trio_worker`` itself).
 
 ``tests/test_hypercorn_contract.py`` pins these on the oldest and newest
 supported hypercorn (``make contract-hypercorn``).
@@ -48,24 +54,36 @@ What changes for a hypercorn server
   unset or larger, and hypercorn's own check starts a drain instead of killing
   the connection: every request it accepted is answered;
 - shutdown sends GOAWAY on every HTTP/2 connection at once; requests in flight
-  finish within hypercorn's ``graceful_timeout``, late ones are refused;
-- one log line per drained connection on hypercorn's error log, process totals
-  in :func:`totals`, and Prometheus metrics when ``prometheus_client`` is
-  importable.
+  finish within hypercorn's ``graceful_timeout``, late ones are refused; with
+  worker processes the parent waits for every worker (:func:`run`);
+- one log line per drained connection on hypercorn's error log and the logger
+  ``goaway_ext.hypercorn``, process totals in :func:`totals`, and Prometheus
+  metrics when ``prometheus_client`` is importable (:mod:`goaway_ext.metrics`).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import difflib
+import importlib.util
+import io
+import logging
+import multiprocessing
+import multiprocessing.connection
+import re
+import signal
 import sys
 import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import h2.connection
+import h2.config
+import h2.settings
 
 from ._extras import missing_extra
 
@@ -77,22 +95,29 @@ from h2.errors import ErrorCodes
 from hypercorn.config import Config
 from hypercorn.events import Closed, RawData, Updated
 from hypercorn.protocol.h2 import H2Protocol
+from priority.priority import PriorityTree  # hypercorn's dependency: its per-connection stream tree
 
-from .events import ConnectionDrained, GoawaySent
+from .metrics import ConnectionMeter, GoawayTotals, connection_opened, totals
 from .policy import MODES, GoawayPolicy
-from .server import ServerConnection, ServerEvent
+from .server import DrainState, ServerConnection
 
 __all__ = [
     "CONFIG_KEYS",
+    "WORKER_EXIT_MARGIN",
     "GoawayH2Protocol",
     "GoawayTotals",
     "enable_goaway",
     "install_protocol",
     "uninstall_protocol",
     "policy_for",
+    "run",
     "totals",
     "main",
 ]
+
+#: Logger of this integration: one line per drained connection (also on hypercorn's
+#: error log) and the effective policy at startup.
+log = logging.getLogger("goaway_ext.hypercorn")
 
 #: hypercorn config keys (TOML, Python config, or attributes) -> ``GoawayPolicy`` argument.
 #: A config carrying any of them is enabled once the hook is installed.
@@ -110,14 +135,35 @@ CONFIG_KEYS: dict[str, str] = {
 }
 
 _STOCK_H2_PROTOCOL = H2Protocol
+_SERVING = DrainState.SERVING
 # Policies given in code, per config object. A weak mapping, not an attribute,
 # so the config still pickles for hypercorn's spawned workers (a policy holds a
 # lock and does not).
 _GIVEN: weakref.WeakKeyDictionary[Config, GoawayPolicy] = weakref.WeakKeyDictionary()
-# The effective policy per config: built once, shared by all its connections,
-# so per-connection seeds come from one generator.
-_EFFECTIVE: weakref.WeakKeyDictionary[Config, tuple[tuple[Any, ...], GoawayPolicy]] = weakref.WeakKeyDictionary()
-_EFFECTIVE_LOCK = threading.Lock()
+_SETUPS: weakref.WeakKeyDictionary[Config, _Setup] = weakref.WeakKeyDictionary()
+_SETUPS_LOCK = threading.Lock()
+
+
+class _Setup:
+    """What every connection of one config shares, computed once per config (not per connection)."""
+
+    __slots__ = ("h2_config", "local_settings", "policy", "shutdown_ping_timeout", "signature")
+
+    def __init__(self, signature: tuple[Any, ...], policy: GoawayPolicy | None, config: Config) -> None:
+        self.signature = signature
+        self.policy = policy
+        # h2 only reads its configuration, so one object serves every connection.
+        self.h2_config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        # hypercorn's local SETTINGS, the values its own H2Protocol puts on each connection.
+        self.local_settings = {
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: config.h2_max_concurrent_streams,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: config.h2_max_header_list_size,
+            h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,
+        }
+        # On shutdown the final GOAWAY must go out before hypercorn cuts the
+        # connections at graceful_timeout: wait for the PING ACK at most half of it.
+        ping = policy.ping_timeout if policy is not None else 0.0
+        self.shutdown_ping_timeout = min(ping, max(0.0, float(config.graceful_timeout)) / 2.0)
 
 
 # -- turning it on ---------------------------------------------------------------------
@@ -144,7 +190,8 @@ def enable_goaway(config: Config, policy: GoawayPolicy | None = None) -> Config:
     ``hypercorn.trio.serve``. ``policy`` defaults to the ``goaway_*`` keys on
     the config (see :data:`CONFIG_KEYS`), else to a policy that only makes
     ``keep_alive_max_requests`` and shutdown graceful. The policy is checked
-    here, so a bad value fails at startup, not on the first connection.
+    here, so a bad value or an unknown ``goaway_*`` key fails at startup, not
+    on the first connection. Set the keys before calling it.
     """
     if not isinstance(config, Config):
         raise TypeError(f"config must be a hypercorn.config.Config, got {config!r}")
@@ -163,6 +210,16 @@ def _has_keys(config: Config) -> bool:
     return any(key in vars(config) or hasattr(type(config), key) for key in CONFIG_KEYS)
 
 
+def _check_keys(config: Config) -> None:
+    # hypercorn keeps keys it does not know, so a misspelt goaway_* key would
+    # silently do nothing: refuse it, naming the closest valid one.
+    for key in vars(config):
+        if key.startswith("goaway_") and key not in CONFIG_KEYS:
+            close = difflib.get_close_matches(key, CONFIG_KEYS, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(CONFIG_KEYS)}"
+            raise ValueError(f"unknown hypercorn config key {key}{hint}")
+
+
 def _options_from_keys(config: Config) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for key, name in CONFIG_KEYS.items():
@@ -172,110 +229,72 @@ def _options_from_keys(config: Config) -> dict[str, Any]:
     return options
 
 
+def _signature(config: Config) -> tuple[Any, ...]:
+    return (id(_GIVEN.get(config)), getattr(config, "keep_alive_max_requests", None),
+            getattr(config, "graceful_timeout", None),
+            tuple(getattr(config, key, None) for key in CONFIG_KEYS))
+
+
+def _key_names(message: str) -> str:
+    """A policy error in the names of the config file: ``goaway_chance``, not ``chance``."""
+    message = message.replace("Pass allow_high_chance=True", "Set goaway_allow_high_chance = true")
+    for key, name in CONFIG_KEYS.items():
+        message = re.sub(rf"(?<![\w-]){name}(?==| must)", key, message)
+    return message
+
+
+def _build_setup(config: Config) -> _Setup:
+    signature = _signature(config)
+    given = _GIVEN.get(config)
+    if given is None and not _has_keys(config):
+        return _Setup(signature, None, config)
+    _check_keys(config)
+    cap = getattr(config, "keep_alive_max_requests", None)
+    cap = cap if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1 else None
+    if given is not None:
+        policy = given
+        if cap is not None and (given.max_requests is None or given.max_requests > cap):
+            policy = GoawayPolicy(
+                given.chance, max_requests=cap, max_age=given.max_age, jitter=given.jitter,
+                ping_timeout=given.ping_timeout, grace=given.grace, linger=given.linger, mode=given.mode,
+                decider=given.decider, allow_high_chance=True,
+            )
+    else:
+        options = _options_from_keys(config)
+        budget = options.get("max_requests")
+        if cap is not None and (budget is None or budget > cap):
+            options["max_requests"] = cap
+        try:
+            policy = GoawayPolicy(**options)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"hypercorn config goaway_*: {_key_names(str(exc))}") from exc
+    return _Setup(signature, policy, config)
+
+
 def policy_for(config: Config) -> GoawayPolicy | None:
     """The policy connections served with ``config`` follow; None if it is not enabled.
 
     ``keep_alive_max_requests`` is mapped onto ``max_requests`` when the policy
     has none or a larger one: the copy keeps every other setting (a ``seed``
     given in code cannot be read back, so that copy draws fresh seeds).
+    Rechecks the config each call; connections reuse the result, so keys
+    changed after serving started apply only once this is called again.
     """
-    given = _GIVEN.get(config)
-    if given is None and not _has_keys(config):
-        return None
-    cap = getattr(config, "keep_alive_max_requests", None)
-    cap = cap if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1 else None
-    signature = (id(given), cap, tuple(getattr(config, key, None) for key in CONFIG_KEYS))
-    with _EFFECTIVE_LOCK:
-        cached = _EFFECTIVE.get(config)
-        if cached is not None and cached[0] == signature:
-            return cached[1]
-        if given is not None:
-            policy = given
-            if cap is not None and (given.max_requests is None or given.max_requests > cap):
-                policy = GoawayPolicy(
-                    given.chance, max_requests=cap, max_age=given.max_age, jitter=given.jitter,
-                    ping_timeout=given.ping_timeout, grace=given.grace, linger=given.linger, mode=given.mode,
-                    decider=given.decider, allow_high_chance=True,
-                )
-        else:
-            options = _options_from_keys(config)
-            budget = options.get("max_requests")
-            if cap is not None and (budget is None or budget > cap):
-                options["max_requests"] = cap
-            try:
-                policy = GoawayPolicy(**options)
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"hypercorn config goaway_*: {exc}") from exc
-        _EFFECTIVE[config] = (signature, policy)
-        return policy
+    with _SETUPS_LOCK:
+        cached = _SETUPS.get(config)
+        if cached is None or cached.signature != _signature(config):
+            cached = _build_setup(config)
+            _SETUPS[config] = cached
+        return cached.policy
 
 
-# -- counters --------------------------------------------------------------------------
-
-
-@dataclass
-class GoawayTotals:
-    """Process-wide counters over every hypercorn connection goaway_ext served.
-
-    What an operator checks to see the rebalancing work: GOAWAYs sent per
-    reason (``chance``, ``max_requests``, ``max_age``, ``decider``,
-    ``shutdown``), streams refused because they came after the final GOAWAY,
-    streams cut by ``grace``, and drains with their total duration.
-    """
-
-    connections: int = 0
-    goaways_sent: dict[str, int] = field(default_factory=dict)
-    streams_refused: int = 0
-    streams_cut: int = 0
-    drains: int = 0
-    drain_seconds: float = 0.0
-
-    def snapshot(self) -> GoawayTotals:
-        """A copy that later connections do not change."""
-        return GoawayTotals(self.connections, dict(self.goaways_sent), self.streams_refused, self.streams_cut,
-                            self.drains, self.drain_seconds)
-
-
-_TOTALS = GoawayTotals()
-
-
-def totals() -> GoawayTotals:
-    """A snapshot of this process's :class:`GoawayTotals`."""
-    return _TOTALS.snapshot()
-
-
-class _Prometheus:
-    """Prometheus metrics, created on first use, only when ``prometheus_client`` imports.
-
-    Optional because most hypercorn deployments do not run it, and a metrics
-    library should not become a dependency of a protocol extension.
-    """
-
-    def __init__(self) -> None:
-        self.ready = False
-        self.goaways: Any = None
-        self.refused: Any = None
-        self.drain: Any = None
-
-    def setup(self) -> bool:
-        if self.ready:
-            return self.goaways is not None
-        self.ready = True
-        try:
-            import prometheus_client  # type: ignore[import-not-found, unused-ignore]
-        except ImportError:
-            return False
-        self.goaways = prometheus_client.Counter(
-            "goaway_ext_goaways_sent", "GOAWAY frames sent by goaway_ext, by drain reason", ["reason"])
-        self.refused = prometheus_client.Counter(
-            "goaway_ext_streams_refused", "Streams refused with REFUSED_STREAM after the final GOAWAY")
-        self.drain = prometheus_client.Histogram(
-            "goaway_ext_drain_seconds", "Seconds from the start of a drain to its last stream's end",
-            buckets=(0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, float("inf")))
-        return True
-
-
-_PROMETHEUS = _Prometheus()
+def _setup_for(config: Config) -> _Setup:
+    """Per connection: the cached setup, built on a config's first connection only."""
+    setup = _SETUPS.get(config)
+    if setup is None:
+        policy_for(config)
+        setup = _SETUPS[config]
+    return setup
 
 
 # -- the connection and the protocol ---------------------------------------------------
@@ -288,48 +307,46 @@ class _HypercornConnection(ServerConnection):
     ``h2`` to CLOSED and lose every response in flight) and rejects requests
     during shutdown with ``reset_stream(id)`` (NO_ERROR). Here the first starts
     a drain and the second refuses the stream, so the client may retry it.
-    It also keeps the goaway_ext events it produced for the protocol to report.
+    A shutdown drain waits for the PING ACK at most ``shutdown_ping_timeout``.
+    It overrides ``ServerConnection._start`` (same package) to learn when a
+    drain begins.
     """
 
-    def __init__(self, *args: Any, terminated: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.reported: list[ServerEvent] = []
-        self.drain_reason = "-"
+    __slots__ = ("_drain_seen", "on_drain", "shutdown_ping_timeout", "terminated")
+
+    def __init__(self, config: h2.config.H2Configuration, *, policy: GoawayPolicy, terminated: Any,
+                 shutdown_ping_timeout: float) -> None:
+        super().__init__(config, policy=policy, clock=time.monotonic)
         self.terminated = terminated  # hypercorn's worker-wide "shutdown began" event
+        self.shutdown_ping_timeout = shutdown_ping_timeout
         self.on_drain: Callable[[], None] | None = None  # called once, when the drain starts
         self._drain_seen = False
 
     def check_drain(self) -> None:
         """Call ``on_drain`` the first time the connection is found draining."""
-        if not self._drain_seen and self.is_draining:
+        if not self._drain_seen and self._state is not _SERVING:
             self._drain_seen = True
             if self.on_drain is not None:
                 self.on_drain()
 
-    def note(self, events: list[ServerEvent]) -> None:
-        """Keep our own events (GoawaySent, ConnectionDrained) for the protocol to report."""
-        for event in events:
-            if event.__class__ is GoawaySent or event.__class__ is ConnectionDrained:
-                self.reported.append(event)
-                self.drain_reason = event.reason
+    def _start(self, reason: str, now: float | None = None) -> None:
+        # ServerConnection's one place where a drain begins, whatever started it
+        # (a request's trigger, max_age, start_drain): hooked here rather than in
+        # receive_data, so serving a request costs nothing extra.
+        ServerConnection._start(self, reason, now)
+        self.check_drain()
 
     def start_drain(self, reason: str = "shutdown") -> None:
-        if not self.is_draining:
-            self.drain_reason = reason
         super().start_drain(reason)
+        if reason == "shutdown" and self._ping_deadline is not None:
+            # Also when a drain for another reason is already waiting for its ACK.
+            self._ping_deadline = min(self._ping_deadline, self._clock() + self.shutdown_ping_timeout)
         self.check_drain()
 
     @property
     def shutting_down(self) -> bool:
         """True once hypercorn's worker began to shut down."""
         return bool(self.terminated.is_set())
-
-    def receive_data(self, data: bytes) -> list[ServerEvent]:  # type: ignore[override]
-        events = super().receive_data(data)
-        if self.is_draining:
-            self.check_drain()
-            self.note(events)
-        return events
 
     def close_connection(self, error_code: int = 0, additional_data: bytes | None = None,
                          last_stream_id: int | None = None) -> None:
@@ -344,25 +361,28 @@ class _HypercornConnection(ServerConnection):
         super().reset_stream(stream_id, error_code)
 
 
-def _copy_h2_setup(stock: h2.connection.H2Connection, policy: GoawayPolicy, terminated: Any) -> _HypercornConnection:
-    """A drain-capable connection configured exactly like the one hypercorn just made."""
-    connection = _HypercornConnection(config=stock.config, policy=policy, clock=time.monotonic,
-                                      terminated=terminated)
-    connection.local_settings = stock.local_settings
-    connection.DEFAULT_MAX_INBOUND_FRAME_SIZE = stock.DEFAULT_MAX_INBOUND_FRAME_SIZE
-    connection.max_inbound_frame_size = stock.max_inbound_frame_size
-    return connection
+class _AsyncioWorker:
+    """One per hypercorn asyncio worker: its live connections and the one task that waits for shutdown.
+
+    Instead of a task per connection, a connection is found here when the
+    worker's ``terminated`` event fires, and its drain deadlines are
+    ``loop.call_later`` handles that exist only while something is scheduled.
+    """
+
+    __slots__ = ("__weakref__", "live", "loop", "watcher")
+
+    def __init__(self, context: Any) -> None:
+        self.live: set[GoawayH2Protocol] = set()
+        self.loop = asyncio.get_running_loop()
+        self.watcher = self.loop.create_task(self._watch(context))
+
+    async def _watch(self, context: Any) -> None:
+        await context.terminated.wait()
+        for protocol in list(self.live):
+            protocol._begin_shutdown()
 
 
-async def _wait_asyncio(events: Sequence[Any], timeout: float | None) -> None:
-    import asyncio
-
-    tasks = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
+_WORKERS: weakref.WeakKeyDictionary[Any, _AsyncioWorker] = weakref.WeakKeyDictionary()
 
 
 async def _wait_trio(events: Sequence[Any], timeout: float | None) -> None:
@@ -386,136 +406,226 @@ class GoawayH2Protocol(H2Protocol):
     and priorities stay hypercorn's; only the ``h2`` connection object, the
     timers a drain needs and the socket close after a drain are added.
     Connections of a config that is not enabled are stock hypercorn.
+
+    Why the constructor sets hypercorn's attributes itself: calling
+    hypercorn's would build an ``h2`` connection only to replace it (a fifth of
+    a connection's cost). ``tests/test_hypercorn_contract.py`` checks that the
+    attributes and ``h2`` settings are exactly those of a stock ``H2Protocol``.
     """
+
+    __slots__ = ("_armed", "_closed", "_draining", "_goaway", "_logged", "_meter", "_send_to_server",
+                 "_shutdown_seen", "_timer", "_wake", "_worker")
 
     def __init__(self, app: Any, config: Config, context: Any, task_group: Any, connection_state: Any,
                  ssl: bool, client: tuple[str, int] | None, server: tuple[str, int] | None,
                  send: Callable[[Any], Awaitable[None]]) -> None:
-        super().__init__(app, config, context, task_group, connection_state, ssl, client, server, send)
-        policy = policy_for(config)
+        setup = _setup_for(config)
+        policy = setup.policy
         self._goaway: _HypercornConnection | None = None
         if policy is None:
+            super().__init__(app, config, context, task_group, connection_state, ssl, client, server, send)
             return
-        self._goaway = _copy_h2_setup(self.connection, policy, context.terminated)
-        self.connection = self._goaway
-        # hypercorn's own send until a drain starts; then ours (see _send_through).
-        self._send_to_server = self.send
-        self._goaway.on_drain = self._on_drain
-        self._wake = context.event_class()
+        # What hypercorn's H2Protocol.__init__ sets, with our connection as the only h2 connection.
+        self.app = app
+        self.client = client
+        self.closed = False
+        self.config = config
+        self.context = context
+        self.task_group = task_group
+        self.connection_state = connection_state
+        connection = _HypercornConnection(setup.h2_config, policy=policy, terminated=context.terminated,
+                                          shutdown_ping_timeout=setup.shutdown_ping_timeout)
+        connection.DEFAULT_MAX_INBOUND_FRAME_SIZE = config.h2_max_inbound_frame_size
+        connection.local_settings = h2.settings.Settings(client=False, initial_values=setup.local_settings)
+        self.connection = connection
+        self.keep_alive_requests = 0
+        self.send = send
+        self.server = server
+        self.ssl = ssl
+        self.streams = {}
+        self.has_data = context.event_class()
+        self.priority = PriorityTree()
+        self.stream_buffers = {}
+        # goaway_ext's state: hypercorn's send until a drain starts, then ours (see _send_through).
+        self._goaway = connection
+        self._send_to_server = send
+        connection.on_drain = self._on_drain
+        self._draining = False
         self._armed: float | None = None
-        self._is_trio = type(context).__module__.startswith("hypercorn.trio")
-        self._counted_refused = 0
-        self._counted_cut = 0
-        self._shutdown_started = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._worker: _AsyncioWorker | None = None
+        self._meter: ConnectionMeter | None = None
+        self._wake: Any = None
+        self._shutdown_seen = False
         self._logged = False
-        _TOTALS.connections += 1
 
     async def initiate(self, headers: list[tuple[bytes, bytes]] | None = None,
                        settings: bytes | None = None) -> None:
-        """Start as hypercorn does, plus this connection's drain timer."""
+        """Start as hypercorn does; register with the worker (asyncio) or start the timer task (trio)."""
         await super().initiate(headers, settings)
-        if self._goaway is not None:
-            self.task_group.spawn(self._run_timer)
-
-    async def handle(self, event: Any) -> None:
-        """hypercorn's handling, then whatever the drain needs now (report, timer, close)."""
-        await super().handle(event)
         if self._goaway is None:
             return
-        if isinstance(event, Closed):
-            if self._goaway.reported:
-                await self._report()
-            self._count_stream_totals()
-            await self._log_drain()
-            await self._wake.set()
+        connection_opened()
+        if type(self.context).__module__.startswith("hypercorn.trio"):
+            # trio has no loop.call_later; its worker keeps one timer task per connection.
+            self._wake = self.context.event_class()
+            self.task_group.spawn(self._run_timer_trio)
             return
-        if self._goaway.is_draining:
-            if self._goaway.reported:
-                await self._report()
-            await self._rearm()
+        worker = _WORKERS.get(self.context)
+        if worker is None:
+            worker = _WORKERS[self.context] = _AsyncioWorker(self.context)
+        self._worker = worker
+        worker.live.add(self)
+        if self.context.terminated.is_set():
+            self._begin_shutdown()
+        else:
+            self._arm()
+
+    @property
+    def closed(self) -> bool:
+        """hypercorn's flag, set once when the connection ends; setting it also ends our part.
+
+        A property rather than an override of ``handle``, so the events of a
+        connection that is not draining pass through no extra coroutine.
+        """
+        return self._closed
+
+    @closed.setter
+    def closed(self, value: bool) -> None:
+        self._closed = value
+        if value and self._goaway is not None:
+            self._on_closed()
 
     # -- internals -------------------------------------------------------------------------
 
     def _on_drain(self) -> None:
+        self._draining = True
+        self._meter = ConnectionMeter()
         self.send = self._send_through
+        if self._worker is not None and not self.closed:
+            self._arm()
+
+    def _begin_shutdown(self) -> None:
+        """The worker began to shut down (asyncio): drain now; the GOAWAY goes out from a task."""
+        connection = self._goaway
+        if connection is None or self.closed or self._shutdown_seen:
+            return
+        self._shutdown_seen = True
+        connection.start_drain("shutdown")
+        self.task_group.spawn(self._tick)
+
+    def _on_closed(self) -> None:
+        connection = self._goaway
+        assert connection is not None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._worker is not None:
+            self._worker.live.discard(self)
+        connection.on_drain = None  # no cycle left between the two
+        if self._draining:
+            self._report()
+            self._log_drain()
+        if self._wake is not None:
+            self.task_group.spawn(self._wake.set)  # ends the trio timer task
 
     async def _send_through(self, event: Any) -> None:
         # While draining, our timer owns the close: hypercorn's idle timer
         # would close right after the last response, before the linger.
+        # Every drain step that matters is followed by something hypercorn
+        # sends (bytes, or an idle update), so this is where timers move.
+        if event.__class__ is not Updated or not event.idle:
+            await self._send_to_server(event)
+        self._report()
+        await self._rearm()
+
+    def _arm(self) -> None:
+        """(asyncio) One ``call_later`` handle for the connection's next deadline, none when nothing is due."""
         connection = self._goaway
-        assert connection is not None
-        if event.__class__ is Updated and event.idle:
+        assert connection is not None and self._worker is not None
+        deadline = connection.next_deadline()
+        if deadline == self._armed and (deadline is None or self._timer is not None):
             return
-        await self._send_to_server(event)
-        if event.__class__ is RawData:
-            await self._rearm()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._armed = deadline
+        if deadline is not None:
+            self._timer = self._worker.loop.call_later(max(0.0, deadline - time.monotonic()), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._armed = None
+        if not self.closed:
+            self.task_group.spawn(self._tick)
+
+    async def _tick(self) -> None:
+        if not await self._step() and not self.closed:
+            self._arm()
 
     async def _rearm(self) -> None:
+        if self._worker is not None:
+            if not self.closed:
+                self._arm()
+            return
         connection = self._goaway
         assert connection is not None
         deadline = connection.next_deadline()
-        if deadline is not None and (self._armed is None or deadline < self._armed):
+        if deadline is not None and (self._armed is None or deadline < self._armed) and self._wake is not None:
             await self._wake.set()
 
-    async def _flush_ours(self) -> None:
+    async def _step(self) -> bool:
+        """Act on whatever deadline passed; True once the connection was closed here."""
         connection = self._goaway
         assert connection is not None
+        connection.handle_timer(time.monotonic())
+        connection.check_drain()
         data = connection.data_to_send()
         if data:
             await self._send_to_server(RawData(data=data))
+        if self._draining:
+            self._report()
+        close_at = connection.close_at
+        if close_at is not None and time.monotonic() >= close_at:
+            if not self.closed:
+                await self._send_to_server(Closed())
+            return True
+        return False
 
-    async def _run_timer(self) -> None:
-        """One task per connection: shutdown, ping timeout, grace, age, linger, close."""
+    async def _run_timer_trio(self) -> None:
+        """trio: one task per connection: shutdown, ping timeout, grace, age, linger, close."""
         connection = self._goaway
         assert connection is not None
         terminated = self.context.terminated
-        wait = _wait_trio if self._is_trio else _wait_asyncio
         while not self.closed:
             deadline = connection.next_deadline()
             self._armed = deadline
             now = time.monotonic()
             if deadline is None or deadline > now:
-                watched = [self._wake] if self._shutdown_started else [self._wake, terminated]
-                await wait(watched, None if deadline is None else deadline - now)
+                watched = [self._wake] if self._shutdown_seen else [self._wake, terminated]
+                await _wait_trio(watched, None if deadline is None else deadline - now)
                 await self._wake.clear()
                 if self.closed:
                     break
-                now = time.monotonic()
-            if not self._shutdown_started and terminated.is_set():
-                self._shutdown_started = True
+            if not self._shutdown_seen and terminated.is_set():
+                self._shutdown_seen = True
                 connection.start_drain("shutdown")
-            connection.note(connection.handle_timer(now))
-            connection.check_drain()
-            await self._flush_ours()
-            if connection.reported:
-                await self._report()
-            close_at = connection.close_at
-            if close_at is not None and time.monotonic() >= close_at:
-                await self._send_to_server(Closed())
+            if await self._step():
                 break
         self._armed = None
 
-    async def _report(self) -> None:
+    def _report(self) -> None:
         connection = self._goaway
         assert connection is not None
-        events, connection.reported = connection.reported, []
-        prometheus = _PROMETHEUS.setup()
-        for event in events:
-            if isinstance(event, GoawaySent):
-                _TOTALS.goaways_sent[event.reason] = _TOTALS.goaways_sent.get(event.reason, 0) + 1
-                if prometheus:
-                    _PROMETHEUS.goaways.labels(reason=event.reason).inc()
-            elif isinstance(event, ConnectionDrained):
-                _TOTALS.drains += 1
-                _TOTALS.drain_seconds += event.duration
-                if prometheus:
-                    _PROMETHEUS.drain.observe(event.duration)
+        if self._meter is None:
+            self._meter = ConnectionMeter()
+        self._meter.update(connection)
 
-    async def _log_drain(self) -> None:
-        """One line per drain on hypercorn's error log, when the connection ends."""
+    def _log_drain(self) -> None:
+        """One line per drain, on hypercorn's error log and logger ``goaway_ext.hypercorn``."""
         connection = self._goaway
         assert connection is not None
-        if self._logged or not connection.is_draining:
+        if self._logged:
             return
         self._logged = True
         stats = connection.stats
@@ -524,33 +634,146 @@ class GoawayH2Protocol(H2Protocol):
             outcome = f"drained in {stats.drain_duration:.3f}s"
         else:
             outcome = f"closed by the peer while draining ({connection.drain_state.value})"
-        await self.config.log.info(
-            f"goaway_ext: drained HTTP/2 connection from {peer}: reason={connection.drain_reason} "
-            f"last_stream_id={connection.last_stream_id} requests={stats.requests_seen} "
-            f"goaways={stats.goaways_sent} refused={stats.streams_refused} cut={stats.streams_cut}: {outcome}"
-        )
+        line = (f"goaway_ext: drained HTTP/2 connection from {peer}: reason={connection.drain_reason} "
+                f"last_stream_id={connection.last_stream_id} requests={stats.requests_seen} "
+                f"goaways={stats.goaways_sent} refused={stats.streams_refused} cut={stats.streams_cut}: {outcome}")
+        log.info(line)
+        self.task_group.spawn(self.config.log.info, line)
 
-    def _count_stream_totals(self) -> None:
-        connection = self._goaway
-        assert connection is not None
-        stats = connection.stats
-        refused = stats.streams_refused - self._counted_refused
-        cut = stats.streams_cut - self._counted_cut
-        self._counted_refused, self._counted_cut = stats.streams_refused, stats.streams_cut
-        _TOTALS.streams_refused += refused
-        _TOTALS.streams_cut += cut
-        if refused and _PROMETHEUS.setup():
-            _PROMETHEUS.refused.inc(refused)
+
+# -- worker processes ------------------------------------------------------------------
+
+#: Seconds the parent waits, past ``graceful_timeout``, for workers to finish their
+#: lifespan shutdown before it kills them.
+WORKER_EXIT_MARGIN = 5.0
+
+_WORKER_FUNCTIONS = {
+    "asyncio": ("hypercorn.asyncio.run", "asyncio_worker"),
+    "uvloop": ("hypercorn.asyncio.run", "uvloop_worker"),
+    "trio": ("hypercorn.trio.run", "trio_worker"),
+}
+
+
+def _worker_main(config: Config, sockets: Any, shutdown_event: Any) -> None:
+    """A spawned worker: the hook installed, SIGTERM turned into hypercorn's graceful shutdown."""
+    from hypercorn.utils import NoAppError
+
+    install_protocol()
+    # A SIGTERM sent to the whole process group (systemd, ``kill -- -PGID``)
+    # reaches the workers too; without this it would kill them mid-request.
+    signal.signal(signal.SIGTERM, lambda *_: shutdown_event.set())
+    module, name = _WORKER_FUNCTIONS[config.worker_class]
+    worker = getattr(importlib.import_module(module), name)
+    try:
+        worker(config=config, sockets=sockets, shutdown_event=shutdown_event)
+    except NoAppError as exc:
+        print(f"python -m goaway_ext.hypercorn: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(config: Config) -> int:
+    """``hypercorn.run.run``, except that shutdown waits for every worker to drain.
+
+    hypercorn's own ``run`` terminates the other workers as soon as one exits,
+    which cuts their requests in flight. Here, on SIGTERM or SIGINT, every
+    worker drains its own connections and the parent waits for all of them,
+    up to ``graceful_timeout`` plus :data:`WORKER_EXIT_MARGIN` (for the
+    application's lifespan shutdown), then kills what is left. A worker
+    that exits with 0 on its own (hypercorn's ``--max-requests``) is replaced;
+    one that fails stops the server the same graceful way. With
+    ``workers = 0`` or ``--reload`` this is hypercorn's ``run`` unchanged.
+    """
+    import hypercorn.run as hypercorn_run
+    from hypercorn.utils import write_pid_file
+
+    if config.workers == 0 or config.use_reloader:
+        install_protocol()
+        return int(hypercorn_run.run(config))
+    if config.worker_class not in _WORKER_FUNCTIONS:
+        raise ValueError(f"No worker of class {config.worker_class} exists")
+    if config.pid_path is not None:
+        write_pid_file(config.pid_path)
+    sockets = config.create_sockets()
+    context = multiprocessing.get_context("spawn")
+    shutdown_event = context.Event()
+    processes: list[Any] = []
+    state = {"stopping": False, "reloading": False}
+
+    def stop(*_: Any) -> None:
+        state["stopping"] = True
+        shutdown_event.set()
+
+    def reload(*_: Any) -> None:
+        state["reloading"] = True
+        shutdown_event.set()
+
+    def populate() -> None:
+        # Workers inherit SIGINT ignored: the parent alone turns it into a shutdown.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        while len(processes) < config.workers:
+            process = context.Process(target=_worker_main, kwargs={
+                "config": config, "sockets": sockets, "shutdown_event": shutdown_event})
+            process.daemon = config.daemon
+            process.start()
+            processes.append(process)
+        signal.signal(signal.SIGINT, stop)
+
+    exitcode = 0
+    signal.signal(signal.SIGTERM, stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, reload)
+    try:
+        populate()
+        while processes:
+            if state["stopping"]:
+                break
+            multiprocessing.connection.wait([process.sentinel for process in processes])
+            for process in [p for p in processes if p.exitcode is not None]:
+                process.join()
+                processes.remove(process)
+                if process.exitcode != 0 and not state["stopping"] and not state["reloading"]:
+                    exitcode = process.exitcode
+                    stop()
+            if state["reloading"] and not state["stopping"]:
+                for process in processes:
+                    process.join()
+                processes.clear()
+                shutdown_event.clear()
+                state["reloading"] = False
+            if not state["stopping"]:
+                populate()
+        # Shutdown: every worker drains; wait for all of them, not just the first.
+        deadline = time.monotonic() + float(config.graceful_timeout) + WORKER_EXIT_MARGIN
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in processes:
+            if process.exitcode is None:
+                print(f"goaway_ext: worker {process.pid} still running {config.graceful_timeout} s + "
+                      f"{WORKER_EXIT_MARGIN} s after shutdown began; killing it", file=sys.stderr)
+                process.kill()
+                process.join()
+            elif process.exitcode != 0 and exitcode == 0:
+                exitcode = process.exitcode
+    finally:
+        for process in processes:
+            if process.exitcode is None:
+                process.kill()
+        for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
+            sock.close()
+    return exitcode
 
 
 # -- command line ----------------------------------------------------------------------
 
+_PROG = "python -m goaway_ext.hypercorn"
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m goaway_ext.hypercorn", allow_abbrev=False, add_help=False,
-        description="hypercorn with graceful GOAWAY: every hypercorn option, plus these --goaway-* ones "
-                    "(also accepted as goaway_* keys in a hypercorn TOML config).",
+        prog=_PROG, allow_abbrev=False, add_help=False,
+        usage=f"{_PROG} [--goaway-... options] [hypercorn options] APPLICATION",
+        description="hypercorn with graceful GOAWAY: every hypercorn option, plus these --goaway-... ones "
+                    "(also accepted as goaway_... keys in a hypercorn TOML config, e.g. goaway_chance = 0.001).",
     )
     group = parser.add_argument_group("goaway_ext")
     group.add_argument("--goaway-chance", type=float, default=None,
@@ -566,7 +789,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="hard deadline in seconds after a drain starts (default: none)")
     group.add_argument("--goaway-jitter", type=float, default=None, help="relative spread of budgets (0.1)")
     group.add_argument("--goaway-ping-timeout", type=float, default=None,
-                       help="seconds to wait for the PING ACK of a graceful drain (5)")
+                       help="seconds to wait for the PING ACK of a graceful drain (5; on shutdown at most "
+                            "half of --graceful-timeout)")
     group.add_argument("--goaway-linger", type=float, default=None,
                        help="seconds the socket stays open once drained (1)")
     group.add_argument("--goaway-seed", type=int, default=None, help="seed for reproducible draws")
@@ -575,13 +799,70 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag_names(message: str, flags: set[str]) -> str:
+    """A policy error in the names the user typed: ``--goaway-chance 0.5``, not ``goaway_chance=0.5``."""
+    renamed = message
+    for key in flags:
+        flag = "--" + key.replace("_", "-")
+        renamed = re.sub(rf"(?<![\w-]){key}(?= must)", flag, renamed)
+        renamed = re.sub(rf"(?<![\w-]){key}=", flag + " ", renamed)
+    if "goaway_chance" in flags:
+        renamed = renamed.replace("Set goaway_allow_high_chance = true", "Pass --goaway-allow-high-chance")
+    if renamed != message:
+        renamed = renamed.replace("hypercorn config goaway_*: ", "")
+    return renamed
+
+
+def _hypercorn_help(hypercorn_main: Any) -> str:
+    """hypercorn's own --help, under our name and without its reStructuredText backquotes."""
+    out = io.StringIO()
+    argv0 = sys.argv[0] if sys.argv else ""
+    sys.argv[:1] = [_PROG]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+            hypercorn_main.main(["--help"])
+    finally:
+        sys.argv[:1] = [argv0]
+    return re.sub(r"`([^`]*)`", r"\1", out.getvalue())
+
+
+def _app_problem(path: str, load: bool) -> str | None:
+    """Why ``APPLICATION`` cannot be loaded: the module is looked up, and only loaded when ``load``.
+
+    With worker processes the parent never imports the application (as in
+    hypercorn); a missing attribute is then reported by the worker, in one line too.
+    """
+    module_name = path.split(":")[-2] if path.count(":") == 2 else path.split(":", 1)[0]
+    module_path = Path(module_name).resolve()
+    import_name = module_path.with_suffix("").name if module_path.is_file() else module_path.name
+    sys.path.insert(0, str(module_path.parent))
+    try:
+        found = importlib.util.find_spec(import_name)
+    except (ImportError, ValueError):
+        found = None
+    finally:
+        sys.path.pop(0)
+    if found is None:
+        return (f"cannot load application {path!r}: no module named {import_name!r} "
+                f"(looked in {module_path.parent} and on sys.path)")
+    if load:
+        from hypercorn.utils import NoAppError, load_application
+
+        try:
+            load_application(path, 0)
+        except NoAppError as exc:
+            return str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m goaway_ext.hypercorn``: hypercorn's command line with ``--goaway-*`` options.
 
     Our options are taken out; the rest goes to hypercorn's own parser, so
     every hypercorn option (``--bind``, ``--workers``, ``--config`` ...)
     works as documented there. Values from the command line win over
-    ``goaway_*`` keys in a ``--config`` TOML file.
+    ``goaway_*`` keys in a ``--config`` TOML file. Workers are run by
+    :func:`run`, so a shutdown waits for every worker's drain.
     """
     import hypercorn.__main__ as hypercorn_main
 
@@ -590,7 +871,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(arg in ("-h", "--help") for arg in args_list):
         parser.print_help()
         print("\nhypercorn's options follow.\n")
-        hypercorn_main.main(["--help"])
+        print(_hypercorn_help(hypercorn_main), end="")
         return 0
     ours, rest = parser.parse_known_args(args_list)
     overrides = {key: value for key, value in vars(ours).items() if value is not None}
@@ -599,28 +880,37 @@ def main(argv: list[str] | None = None) -> int:
     def run_with_goaway(config: Config) -> int:
         for key, value in overrides.items():
             setattr(config, key, value)
+        problem = _app_problem(config.application_path, load=config.workers == 0)
+        if problem is not None:
+            print(f"{_PROG}: {problem}", file=sys.stderr)
+            return 2
         try:
             enable_goaway(config)
         except (TypeError, ValueError) as exc:
-            print(f"python -m goaway_ext.hypercorn: {exc}", file=sys.stderr)
+            print(f"{_PROG}: {_flag_names(str(exc), set(overrides))}", file=sys.stderr)
             return 2
-        return hypercorn_run(config)
+        line = f"goaway_ext: HTTP/2 connections follow {policy_for(config)!r}"
+        log.info(line)
+        # A logger of our own: config.log would be cached on the config, which
+        # then no longer pickles for spawned workers.
+        error_logger = config.logger_class(config).error_logger
+        if error_logger is not None:
+            error_logger.info(line)
+        return run(config)
 
     hypercorn_main.run = run_with_goaway  # type: ignore[attr-defined]
+    sys_argv0 = sys.argv[0] if sys.argv else ""
+    if sys.argv:
+        sys.argv[0] = _PROG  # hypercorn's usage and errors then name this command
     try:
-        return hypercorn_main.main(rest)
+        return int(hypercorn_main.main(rest))
     finally:
         hypercorn_main.run = hypercorn_run  # type: ignore[attr-defined]
+        if sys.argv:
+            sys.argv[0] = sys_argv0
 
 
 if __name__ == "__main__":
     from goaway_ext.hypercorn import main as _main
 
     sys.exit(_main())
-elif __name__ == "__mp_main__":
-    # hypercorn's workers are spawned processes; multiprocessing re-imports the
-    # parent's main module in each under this name. The config they receive
-    # carries the goaway_* keys; the hook has to be installed here too.
-    from goaway_ext.hypercorn import install_protocol as _install
-
-    _install()

@@ -58,7 +58,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             message = await receive()
             body += message.get("body", b"")
             more = message.get("more_body", False)
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    headers = [(b"content-type", b"text/plain"), (b"x-worker-pid", str(os.getpid()).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
     if path == "/slow":
         await anyio.sleep(float(query.get("s", "1")))
         await send({"type": "http.response.body", "body": b"slow done\n"})
@@ -356,7 +357,10 @@ def test_bad_goaway_option_fails_at_startup_with_its_name() -> None:
     result = subprocess.run([sys.executable, "-m", "goaway_ext.hypercorn", APP, "--goaway-chance", "0.5",
                              "--bind", "127.0.0.1:0"], capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert result.returncode == 2
-    assert "chance=0.5 is above 0.02" in result.stderr
+    # One line, in the names typed on the command line.
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("python -m goaway_ext.hypercorn: --goaway-chance 0.5 is above 0.02")
+    assert "Pass --goaway-allow-high-chance" in result.stderr
 
 
 def test_httpx_transport_against_hypercorn_fails_nothing() -> None:
@@ -429,7 +433,7 @@ def serve_in_thread(config: Any) -> Iterator[int]:
     assert not errors, errors
 
 
-def test_enable_goaway_is_one_line_from_code_and_counts() -> None:
+def test_enable_goaway_is_one_line_from_code_and_counts(caplog: pytest.LogCaptureFixture) -> None:
     from hypercorn.config import Config
 
     from goaway_ext import GoawayPolicy
@@ -443,6 +447,7 @@ def test_enable_goaway_is_one_line_from_code_and_counts() -> None:
             await asyncio.sleep(0.3)
             return client
 
+    caplog.set_level("INFO", logger="goaway_ext.hypercorn")
     before = totals()
     config = Config()
     enable_goaway(config, GoawayPolicy(1.0, allow_high_chance=True, mode="single", linger=0.05))
@@ -456,6 +461,8 @@ def test_enable_goaway_is_one_line_from_code_and_counts() -> None:
     assert after.connections - before.connections == 5
     assert after.goaways_sent.get("chance", 0) - before.goaways_sent.get("chance", 0) == 5
     assert after.drains - before.drains == 5
+    drained = [r for r in caplog.records if r.name == "goaway_ext.hypercorn" and "goaway_ext: drained" in r.message]
+    assert len(drained) == 5 and all("reason=chance" in r.message for r in drained)
 
 
 def test_a_config_that_was_not_enabled_stays_stock_hypercorn() -> None:
@@ -541,3 +548,156 @@ def test_prometheus_metrics_when_prometheus_client_is_installed() -> None:
         uninstall_protocol()
     assert sample("goaway_ext_goaways_sent_total", reason="chance") - goaways == 6  # notice + final, x3
     assert sample("goaway_ext_drain_seconds_count") - drains == 3
+
+
+# -- shutdown with several workers, and a client that never ACKs ---------------------------
+
+
+@pytest.mark.parametrize("to", ["parent", "process group"])
+def test_sigterm_with_two_workers_lets_every_slow_request_finish(to: str) -> None:
+    # Stock hypercorn.run.run terminates the other workers as soon as one
+    # exits, so the longest request (3.5 s here) is always cut: whichever worker
+    # holds it, the other one exits first (idle, or its last request is shorter).
+    # "process group": the workers get SIGTERM too (systemd, kill -- -PGID).
+    from goaway_ext.asyncio_client import H2Client
+
+    durations = [2.0, 2.5, 3.0, 3.5]
+
+    async def scenario(server: Server) -> tuple[list[tuple[int, bytes]], set[str]]:
+        started: asyncio.Queue[str] = asyncio.Queue()
+
+        async def one(seconds: float) -> tuple[int, bytes]:
+            async with H2Client("127.0.0.1", server.port, timeout=20.0) as client:
+                async with client.stream("GET", f"/slow?s={seconds}") as response:
+                    await started.put(response.header("x-worker-pid") or "?")
+                    return response.status, await response.read()
+
+        tasks = [asyncio.create_task(one(seconds)) for seconds in durations]
+        pids = {await started.get() for _ in durations}  # every request is in flight
+        server.process.send_signal(signal.SIGTERM)
+        if to == "process group":
+            for pid in pids:
+                os.kill(int(pid), signal.SIGTERM)
+        return list(await asyncio.gather(*tasks)), pids
+
+    with hypercorn_server("--graceful-timeout", "10", workers=2) as server:
+        results, pids = run(scenario(server))
+        assert server.process.wait(timeout=20) == 0
+    assert results == [(200, b"slow done\n")] * len(durations)
+    print("worker pids that served the requests:", pids)
+
+
+def _frames(data: bytes) -> list[Any]:
+    from hyperframe.frame import Frame
+
+    frames, view = [], memoryview(data)
+    while len(view) >= 9:
+        frame, length = Frame.parse_frame_header(view[:9])
+        if len(view) < 9 + length:
+            break
+        frame.parse_body(view[9:9 + length])
+        frames.append(frame)
+        view = view[9 + length:]
+    return frames
+
+
+def test_shutdown_sends_the_final_goaway_to_a_client_that_never_acks_the_ping() -> None:
+    # graceful_timeout 4 s < ping_timeout 5 s: the PING wait of a shutdown drain
+    # is capped at half of graceful_timeout, so the final GOAWAY (last stream 1)
+    # goes out before hypercorn cuts the connection, and the request still ends.
+    import h2.config
+    import h2.connection
+    from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, PingFrame
+
+    with hypercorn_server("--graceful-timeout", "4") as server:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        client.initiate_connection()
+        client.send_headers(1, [(b":method", b"GET"), (b":path", b"/slow?s=2"), (b":scheme", b"http"),
+                                (b":authority", b"test")], end_stream=True)
+        sock.sendall(client.data_to_send())  # and nothing after this: no SETTINGS ACK, no PING ACK
+        received = b""
+        while not any(isinstance(f, HeadersFrame) for f in _frames(received)):
+            chunk = sock.recv(65536)
+            assert chunk, "closed before the response started"
+            received += chunk
+        server.process.send_signal(signal.SIGTERM)
+        while chunk := sock.recv(65536):
+            received += chunk
+        sock.close()
+        assert server.process.wait(timeout=20) == 0
+    frames = _frames(received)
+    assert [f.last_stream_id for f in frames if isinstance(f, GoAwayFrame)] == [2**31 - 1, 1]
+    assert any(isinstance(f, PingFrame) and "ACK" not in f.flags for f in frames)
+    assert b"".join(f.data for f in frames if isinstance(f, DataFrame)) == b"slow done\n"
+    assert any(isinstance(f, DataFrame) and "END_STREAM" in f.flags for f in frames)
+    server.wait_for_log("reason=shutdown")
+
+
+# -- errors a person sees ----------------------------------------------------------------
+
+
+def _wrapper(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "goaway_ext.hypercorn", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_an_unknown_goaway_key_in_the_config_names_it_and_the_closest_valid_one(tmp_path: Path) -> None:
+    config = tmp_path / "hypercorn.toml"
+    config.write_text("goaway_chanse = 0.001\n")
+    result = _wrapper(APP, "--config", str(config), "--bind", "127.0.0.1:0")
+    assert result.returncode == 2
+    assert result.stderr == ("python -m goaway_ext.hypercorn: unknown hypercorn config key goaway_chanse; "
+                             "did you mean goaway_chance?\n")
+
+    from hypercorn.config import Config
+
+    from goaway_ext.hypercorn import enable_goaway, uninstall_protocol
+
+    try:
+        with pytest.raises(ValueError, match="unknown hypercorn config key goaway_max_reqests; did you mean "
+                                             "goaway_max_requests"):
+            enable_goaway(Config.from_mapping({"goaway_max_reqests": 10}))
+    finally:
+        uninstall_protocol()
+
+
+def test_a_bad_value_in_the_config_file_is_named_as_its_key(tmp_path: Path) -> None:
+    config = tmp_path / "hypercorn.toml"
+    config.write_text("goaway_chance = 0.5\n")
+    result = _wrapper(APP, "--config", str(config), "--bind", "127.0.0.1:0")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "goaway_chance=0.5 is above 0.02" in result.stderr
+    assert "Set goaway_allow_high_chance = true" in result.stderr
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("application, problem", [
+    ("no_such_module_here:app", "no module named 'no_such_module_here'"),
+    (f"{HERE}:no_such_app", "application not found"),
+])
+def test_a_missing_app_is_one_line_not_a_traceback(workers: int, application: str, problem: str) -> None:
+    result = _wrapper(application, "--bind", "127.0.0.1:0", "--workers", str(workers))
+    assert result.returncode != 0
+    # With a worker process, the policy line comes first (the worker finds the app missing).
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "connections follow" not in line]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("python -m goaway_ext.hypercorn: ") and problem in lines[0]
+
+
+def test_help_names_the_wrapper_and_has_no_markup() -> None:
+    result = _wrapper("--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: python -m goaway_ext.hypercorn ")
+    assert "usage: python -m goaway_ext.hypercorn [-h]" in result.stdout  # hypercorn's part, under our name
+    assert "hypercorn.py" not in result.stdout and "`" not in result.stdout
+    assert "--goaway-chance" in result.stdout and "--graceful-timeout" in result.stdout
+
+
+def test_startup_logs_the_effective_policy_in_one_line(tmp_path: Path) -> None:
+    with hypercorn_server("--goaway-chance", "0.001", config="keep_alive_max_requests = 50\n",
+                          tmp_path=tmp_path) as server:
+        lines = [line for line in server.log if "goaway_ext: HTTP/2 connections follow" in line]
+    assert len(lines) == 1
+    assert "GoawayPolicy(chance=0.001, max_requests=50," in lines[0] and "mode='graceful'" in lines[0]

@@ -158,3 +158,47 @@ def test_swapped_connection_keeps_hypercorns_h2_settings() -> None:
     assert protocol.connection.config.client_side is False
     assert dict(protocol.connection.local_settings) == dict(stock.connection.local_settings)
     assert protocol.connection.local_settings.max_concurrent_streams == 7
+
+
+def test_our_constructor_sets_every_attribute_hypercorns_sets() -> None:
+    # GoawayH2Protocol.__init__ does not call hypercorn's (that would build an h2
+    # connection only to replace it), so it must set the same attributes, of the
+    # same types, and leave the h2 connection configured the same way.
+    from hypercorn.asyncio.worker_context import WorkerContext
+
+    config = Config()
+    config.h2_max_concurrent_streams = 9
+    config.h2_max_inbound_frame_size = 2**15
+    enable_goaway(config)
+    try:
+        async def send(event: Any) -> None:
+            pass
+
+        args = (None, config, WorkerContext(None), None, None, False, ("127.0.0.1", 1), ("127.0.0.1", 2), send)
+        ours = GoawayH2Protocol(*args)
+        stock = H2Protocol(*args)
+    finally:
+        uninstall_protocol()
+    for name, value in vars(stock).items():
+        assert hasattr(ours, name), name
+        if name != "connection":
+            assert type(getattr(ours, name)) is type(value), name
+    ours_h2, stock_h2 = ours.connection, stock.connection
+    assert dict(ours_h2.local_settings) == dict(stock_h2.local_settings)
+    assert ours_h2.DEFAULT_MAX_INBOUND_FRAME_SIZE == stock_h2.DEFAULT_MAX_INBOUND_FRAME_SIZE == 2**15
+    assert ours_h2.max_inbound_frame_size == stock_h2.max_inbound_frame_size
+    assert ours_h2.config.client_side is False and ours_h2.config.header_encoding is None
+    ours_h2.initiate_connection()
+    stock_h2.initiate_connection()
+    assert ours_h2.data_to_send() == stock_h2.data_to_send()  # the same SETTINGS on the wire
+
+
+def test_a_config_without_goaway_keys_gets_hypercorns_own_constructor() -> None:
+    from hypercorn.asyncio.worker_context import WorkerContext
+
+    async def send(event: Any) -> None:
+        pass
+
+    protocol = GoawayH2Protocol(None, Config(), WorkerContext(None), None, None, False, None, None, send)
+    assert type(protocol.connection) is h2.connection.H2Connection
+    assert protocol.closed is False

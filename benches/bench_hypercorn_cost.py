@@ -1,0 +1,279 @@
+"""What goaway_ext costs a hypercorn worker: instructions per request, per connection, bytes per idle connection.
+
+Baseline: stock hypercorn (the same worker, ``hypercorn.asyncio.serve``, the
+hook not installed). Candidate: the same worker with ``enable_goaway`` at
+chance 0, the configuration whose connections never drain, so every
+instruction it adds is overhead.
+
+- Instructions (deterministic): the server runs under
+  ``valgrind --tool=callgrind`` twice per row, once for a short and once for a
+  long run of the same work; the difference divided by the extra work is the
+  cost per unit, and start-up and shutdown cancel. A client process outside
+  valgrind drives real sockets on 127.0.0.1. Rows: per request (one
+  connection, sequential GETs) and per connection lifecycle (connect, HTTP/2
+  handshake, one GET, client closes).
+- Memory: the server (no valgrind) holds N idle HTTP/2 connections, each past
+  its handshake and one GET; ``tracemalloc`` bytes and RSS are read before and
+  after, per connection.
+
+Usage::
+
+    python benches/bench_hypercorn_cost.py [--quick] [--idle N] [--no-callgrind]
+
+Targets (issue 14): per request <= 1.003x, per lifecycle <= 1.03x, idle
+memory <= +1 KiB per connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+ROOT = HERE.parent.parent
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Five bytes for every request; lifespan is not used."""
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+    await send({"type": "http.response.body", "body": b"hello"})
+
+
+# -- the server side (a subprocess) ----------------------------------------------------
+
+
+def serve(kind: str, fd: int, trace: bool) -> None:
+    """Run one hypercorn asyncio worker on the inherited socket until SIGTERM.
+
+    SIGUSR1 prints ``mem <tracemalloc bytes> <rss bytes>`` (tracemalloc only
+    when ``trace``), which the memory row reads.
+    """
+    import tracemalloc
+
+    if trace:
+        tracemalloc.start()
+    import hypercorn.asyncio
+    from hypercorn.config import Config
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    config = Config()
+    config.bind = [f"fd://{fd}"]
+    config.keep_alive_timeout = 3600.0  # idle connections stay, on both servers
+    config.keep_alive_max_requests = 10**9
+    config.accesslog = None
+    config.errorlog = None
+    config.backlog = 4096
+    if kind == "goaway":
+        from goaway_ext import GoawayPolicy
+        from goaway_ext.hypercorn import enable_goaway
+
+        enable_goaway(config, GoawayPolicy(0.0))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+
+        def report() -> None:
+            traced = tracemalloc.get_traced_memory()[0] if trace else 0
+            with open("/proc/self/statm") as statm:
+                rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            print(f"mem {traced} {rss}", flush=True)
+
+        loop.add_signal_handler(signal.SIGUSR1, report)
+        print("ready", flush=True)
+        await hypercorn.asyncio.serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+
+
+# -- the client side (this process) ----------------------------------------------------
+
+
+def _client_connection() -> Any:
+    import h2.config
+    import h2.connection
+
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    connection.initiate_connection()
+    return connection
+
+
+_GET = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"bench")]
+
+
+def _get(sock: socket.socket, connection: Any) -> None:
+    """One GET on an open connection; returns when its response ended."""
+    import h2.events
+
+    stream_id = connection.get_next_available_stream_id()
+    connection.send_headers(stream_id, _GET, end_stream=True)
+    sock.sendall(connection.data_to_send())
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("server closed the connection")
+        events = connection.receive_data(data)
+        out = connection.data_to_send()
+        if out:
+            sock.sendall(out)
+        for event in events:
+            if isinstance(event, h2.events.StreamEnded) and event.stream_id == stream_id:
+                return
+
+
+def _open(port: int) -> tuple[socket.socket, Any]:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    connection = _client_connection()
+    sock.sendall(connection.data_to_send())
+    return sock, connection
+
+
+def lifecycles(port: int, count: int) -> None:
+    for _ in range(count):
+        sock, connection = _open(port)
+        _get(sock, connection)
+        sock.close()
+
+
+def requests(port: int, count: int) -> None:
+    sock, connection = _open(port)
+    for _ in range(count):
+        _get(sock, connection)
+    sock.close()
+
+
+class Server:
+    """A ``serve`` subprocess on a fresh 127.0.0.1 socket, optionally under a wrapper (valgrind)."""
+
+    def __init__(self, kind: str, wrapper: list[str], trace: bool = False) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4096)
+        self.port = listener.getsockname()[1]
+        env = dict(os.environ, PYTHONHASHSEED="0", PYTHONPATH=os.pathsep.join(filter(None, [
+            os.environ.get("PYTHONPATH"), str(ROOT)])))
+        command = [*wrapper, sys.executable, str(HERE), "_serve", kind, str(listener.fileno())]
+        if trace:
+            command.append("--trace")
+        self.process = subprocess.Popen(command, pass_fds=[listener.fileno()], stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, text=True, env=env)
+        listener.close()
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if line.strip() != "ready":
+            self.process.kill()
+            raise RuntimeError(f"server did not start: {line!r}")
+
+    def memory(self) -> tuple[int, int]:
+        assert self.process.stdout is not None
+        self.process.send_signal(signal.SIGUSR1)
+        line = self.process.stdout.readline().split()
+        return int(line[1]), int(line[2])
+
+    def stop(self, timeout: float = 600.0) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _callgrind_total(path: Path) -> int:
+    for line in path.read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {path}")
+
+
+def instructions(kind: str, work: Any, amount: int) -> int:
+    """Instructions the server executed for a whole run doing ``work(port, amount)``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        server = Server(kind, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"])
+        try:
+            work(server.port, amount)
+        finally:
+            server.stop()
+        return _callgrind_total(out)
+
+
+def per_unit(kind: str, work: Any, short: int, long: int) -> float:
+    return (instructions(kind, work, long) - instructions(kind, work, short)) / (long - short)
+
+
+def idle_memory(kind: str, count: int) -> tuple[float, float]:
+    """(tracemalloc bytes, RSS bytes) per idle HTTP/2 connection held by the server."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    server = Server(kind, [], trace=True)
+    held: list[tuple[socket.socket, Any]] = []
+    try:
+        # Warm up: the first connections load code and fill caches on both servers.
+        for _ in range(20):
+            held.append(_open(server.port))
+            _get(*held[-1])
+        time.sleep(0.2)
+        traced_before, rss_before = server.memory()
+        for _ in range(count):
+            held.append(_open(server.port))
+            _get(*held[-1])
+        time.sleep(0.5)
+        traced_after, rss_after = server.memory()
+    finally:
+        for sock, _ in held:
+            sock.close()
+        server.stop()
+    return (traced_after - traced_before) / count, (rss_after - rss_before) / count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs (less exact)")
+    parser.add_argument("--idle", type=int, default=2000, help="idle connections for the memory row (2000)")
+    parser.add_argument("--no-callgrind", action="store_true", help="only the memory row")
+    args = parser.parse_args()
+
+    print("hypercorn 0.18 asyncio worker: stock vs goaway_ext at chance 0")
+    if not args.no_callgrind:
+        if shutil.which("valgrind") is None:
+            print("  valgrind not installed (apt-get install valgrind): instruction rows skipped")
+        else:
+            rows = [("per request (1 connection, sequential GETs)", requests, 50, 250 if args.quick else 550, 1.003),
+                    ("per connection lifecycle (connect, handshake, 1 GET, close)", lifecycles, 20,
+                     100 if args.quick else 220, 1.03)]
+            for title, work, short, long, target in rows:
+                stock = per_unit("stock", work, short, long)
+                ours = per_unit("goaway", work, short, long)
+                print(f"  {title}: stock {stock / 1e3:,.1f}k instr, goaway_ext {ours / 1e3:,.1f}k instr, "
+                      f"ratio {ours / stock:.4f} (target <= {target})")
+    stock_traced, stock_rss = idle_memory("stock", args.idle)
+    ours_traced, ours_rss = idle_memory("goaway", args.idle)
+    print(f"  idle connection memory ({args.idle} connections): tracemalloc stock {stock_traced / 1024:.2f} KiB, "
+          f"goaway_ext {ours_traced / 1024:.2f} KiB (+{(ours_traced - stock_traced) / 1024:.2f} KiB, target <= +1); "
+          f"RSS stock {stock_rss / 1024:.2f} KiB, goaway_ext {ours_rss / 1024:.2f} KiB "
+          f"(+{(ours_rss - stock_rss) / 1024:.2f} KiB)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 4 and sys.argv[1] == "_serve":
+        serve(sys.argv[2], int(sys.argv[3]), "--trace" in sys.argv[4:])
+    else:
+        main()
