@@ -43,6 +43,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 
+from . import metrics
 from ._cli import CommandError, bind_error, check_readable, configure_logging, fail, flag_message, log_level, ssl_error
 from .events import ConnectionDrained, GoawaySent
 from .policy import MODES, GoawayPolicy
@@ -277,6 +278,7 @@ class _H2Protocol(asyncio.Protocol):
         else:
             self.drainable = ServerConnection(config, policy=self.server.policy, clock=self.loop.time)
             self.conn = self.drainable
+            metrics.connection_opened()  # process totals and Prometheus, shared with hypercorn
             if self.server.is_shutting_down:
                 self.drainable.start_drain("shutdown")
         self.conn.initiate_connection()
@@ -552,6 +554,8 @@ class H2Server:
         if proto in self._protocols:
             self._protocols.discard(proto)
             self._add(self._totals, proto)
+            if proto.drainable is not None:
+                metrics.ConnectionMeter().update(proto.drainable)
 
     @staticmethod
     def _add(totals: dict[str, int], proto: _H2Protocol) -> None:
