@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -126,6 +127,14 @@ def test_builtin_balancer_rebalances_only_with_goaway(builtin_run: tuple[dict[st
     _check_rebalance(document)
     assert "max/min" in stdout and "chance=0.2" in stdout
     assert "restarting b3" in stderr or "b3" in stderr  # progress went to stderr
+    # The progress total is known at the start and never changes during a policy's run.
+    totals: dict[str, set[str]] = {}
+    for line in stderr.splitlines():
+        found = re.match(r"(\S+)\s+\[[#.]+\]\s+[\d.]+/(\d+) s", line)
+        if found:
+            totals.setdefault(found.group(1), set()).add(found.group(2))
+    assert set(totals) == {"none", "chance=0.2"}, stderr
+    assert all(len(seen) == 1 for seen in totals.values()), totals
 
 
 def test_model_agrees_with_builtin_run(builtin_run: tuple[dict[str, Any], str, str]) -> None:
@@ -164,7 +173,7 @@ def test_interrupt_stops_every_process(signum: int) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 128 + signum, stderr  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports
     assert "interrupted" in stderr
     assert [pid for pid in _processes_tagged(tag) if _pid_alive(pid)] == []
 
@@ -267,3 +276,36 @@ def test_missing_matplotlib_is_a_clear_error(
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     assert main(["demo", "--plot", str(tmp_path / "x.png")]) == 2
     assert "pip install 'goaway_ext[plot]'" in capsys.readouterr().err
+
+
+def test_lb_auto_prefers_haproxy_and_says_when_it_falls_back() -> None:
+    from goaway_ext.demo import _resolve_lb
+
+    assert _resolve_lb("auto", True) == ("haproxy", None)
+    lb, note = _resolve_lb("auto", False)
+    assert lb == "builtin" and note is not None and "\n" not in note and "HAProxy is not installed" in note
+    assert _resolve_lb("builtin", True) == ("builtin", None)
+
+
+def _flat_run(counts: list[int], policy: str = "chance=0.01") -> RunResult:
+    run = RunResult(policy=policy, backends=["b1", "b2", "b3"], bucket=0.5, duration=20.0, window=10.0, lb="model")
+    run.counts = [list(counts) for _ in range(40)]
+    run.restart_done = 0.0
+    return run
+
+
+def test_never_is_explained_when_it_is_only_the_noise_floor() -> None:
+    from goaway_ext.demo.simulate import balanced_floor, never_notes
+
+    params = SimulationParameters(backends=3, clients=30, rate=20.0, duration=20.0, window=10.0, seed=1)
+    policy = PolicySpec("chance=0.01", chance=0.01).policy(1)
+    median, high = balanced_floor(params, policy)
+    assert high >= 1.25 and median <= high  # 10 clients per backend: 1.25 is within the noise
+    noise, imbalance = _flat_run([13, 10, 10]), _flat_run([30, 10, 10])  # max/min 1.3 and 3.0
+    assert noise.summary().rebalanced_after is None and imbalance.summary().rebalanced_after is None
+    notes = never_notes([noise, imbalance], params, [policy, policy])
+    assert len(notes) == 1 and "\n" not in notes[0], notes
+    assert notes[0].startswith("'never' for chance=0.01 is noise") and "1.30" in notes[0]
+    # A big fleet has a low floor: the same 1.3 is then a real imbalance, and no note.
+    fleet = SimulationParameters(backends=3, clients=3000, rate=1.0, duration=20.0, window=10.0, seed=1)
+    assert never_notes([noise], fleet, [policy]) == []

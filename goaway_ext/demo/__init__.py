@@ -150,8 +150,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="final window in seconds over which shares are reported (default 10; with --simulate 60)")
     parser.add_argument("--seed", type=_number("--seed", int, 0, 2**63 - 1), default=1,
                         help="seed for client timing and the policies' draws (default 1)")
-    parser.add_argument("--lb", choices=("builtin", "haproxy"), default="builtin",
-                        help="load balancer: the built-in round-robin TCP proxy, or HAProxy (mode tcp, roundrobin)")
+    parser.add_argument("--lb", choices=("auto", "builtin", "haproxy"), default="auto",
+                        help="load balancer: HAProxy (mode tcp, roundrobin), the built-in round-robin TCP proxy, "
+                             "or auto (default): HAProxy when installed, else the built-in proxy")
     parser.add_argument("--chance", type=_chances, default=[0.01],
                         help="per-request GOAWAY probability for the 'chance' policy; a comma-separated list "
                              "runs one policy per value (default 0.01)")
@@ -220,7 +221,7 @@ def _resolve_defaults(args: argparse.Namespace) -> str | None:
     if args.compare is not None and not (sim and args.compare.is_file()):
         return ("--compare needs --simulate and an existing JSON file written by `demo --json`, "
                 f"got {str(args.compare)!r}")
-    if sim and args.lb != "builtin":
+    if sim and args.lb not in ("auto", "builtin"):
         return "--lb has no meaning with --simulate (the model has its own round-robin balancer)"
     return None
 
@@ -242,11 +243,24 @@ def run_command(args: argparse.Namespace) -> int:
     return _run_real(args, specs)
 
 
+def _resolve_lb(lb: str, haproxy_installed: bool) -> tuple[str, str | None]:
+    """``--lb auto``: HAProxy, the balancer users run, unless it is absent; then the built-in proxy and a note."""
+    if lb != "auto":
+        return lb, None
+    if haproxy_installed:
+        return "haproxy", None
+    return "builtin", ("note: HAProxy is not installed (apt-get install haproxy, or run make demo as root); "
+                       "using the built-in round-robin proxy instead")
+
+
 def _run_real(args: argparse.Namespace, specs: list[PolicySpec]) -> int:
     from .haproxy import HAProxyNotInstalled, find_haproxy
     from .processes import BackendStartError, ProcessGroupRegistry
     from .scenario import DemoConfig, run_scenario
 
+    args.lb, note = _resolve_lb(args.lb, find_haproxy() is not None)
+    if note:
+        print(note, file=sys.stderr)
     if args.lb == "haproxy" and find_haproxy() is None:
         print("python -m goaway_ext demo: error: --lb haproxy needs HAProxy, which is not installed "
               "(looked for /usr/sbin/haproxy and haproxy on PATH); install it with `apt-get install haproxy`, "
@@ -266,12 +280,19 @@ def _run_real(args: argparse.Namespace, specs: list[PolicySpec]) -> int:
         f"{config.duration:g} s of load; policies: {', '.join(s.label for s in specs)}"
     )
 
+    terminated = []
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
+
+        def on_sigterm() -> None:
+            terminated.append(signal.SIGTERM)
+            task.cancel()
+
         # SIGTERM ends the demo like Ctrl-C: cancel, let the finally blocks stop every child.
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
         try:
             with tempfile.TemporaryDirectory(prefix="goaway-demo-") as work:
                 for spec in specs:
@@ -286,7 +307,8 @@ def _run_real(args: argparse.Namespace, specs: list[PolicySpec]) -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):
         progress.finish()
         print("interrupted: every backend and balancer process was stopped", file=sys.stderr)
-        status = 130
+        # 128 + the signal number, as a shell reports a process killed by it: 143 for SIGTERM, 130 for Ctrl-C.
+        status = 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except (BackendStartError, HAProxyNotInstalled, OSError) as exc:
         progress.finish()
         print(f"python -m goaway_ext demo: error: {exc}", file=sys.stderr)
@@ -296,6 +318,12 @@ def _run_real(args: argparse.Namespace, specs: list[PolicySpec]) -> int:
     if status:
         return status
     print(format_table([r.summary() for r in results], config.window))
+    from .simulate import SimulationParameters, never_notes
+
+    model = SimulationParameters(backends=config.backends, clients=config.clients, rate=config.rate,
+                                 duration=config.duration, window=config.window, bucket=config.bucket, seed=args.seed)
+    for note in never_notes(results, model, [spec.policy(args.seed) for spec in specs]):
+        print(note)
     print(f"(total {time.monotonic() - started:.0f} s)")
     return _write_outputs(args, results, registry.pids) or _verdict(results)
 

@@ -350,19 +350,37 @@ def write_plot(path: Path, results: list[RunResult], smooth: float = 2.0) -> Non
     figure, axes = plt.subplots(len(results), 1, figsize=(9, 2.6 * len(results) + 0.6), sharex=True, squeeze=False)
     for ax, result in zip(axes[:, 0], results, strict=True):
         times, shares = result.share_series(smooth)
+        many = len(result.backends) > 8
         for name, series in zip(result.backends, shares, strict=True):
-            ax.plot(times, [100 * v for v in series], label=name, linewidth=1.6)
-        ax.axhline(100 / len(result.backends), color="grey", linestyle=":", linewidth=1)
-        for t, name, what in result.events:
-            if what == "stop":
-                ax.axvline(t, color="black", alpha=0.25, linewidth=1)
-                ax.text(t, 3, f"{name} restart ", fontsize=7, va="bottom", ha="right", rotation=90, alpha=0.7)
+            ax.plot(times, [100 * v for v in series], label=name, linewidth=0.9 if many else 1.6,
+                    alpha=0.7 if many else 1.0)
+        fair = 100 / len(result.backends)
+        ax.axhline(fair, color="grey", linestyle=":", linewidth=1)
+        # The y-range follows the data: with 20 backends every share sits near 5%, and a
+        # 0-100% axis would squash all of them into one line at the bottom.
+        peak = 100 * max((max(series) for series in shares if series), default=fair / 100)
+        top = min(100.0, max(2 * fair, 1.1 * peak))
+        stops = [t for t, _, what in result.events if what == "stop"]
+        ups = [t for t, _, what in result.events if what == "up"]
+        label_at = ax.get_xaxis_transform()  # x in data, y in axes fraction
+        if many and stops:
+            # One shaded span for the whole rolling restart instead of a label per backend.
+            ax.axvspan(min(stops), max(ups or stops), color="grey", alpha=0.15, linewidth=0)
+            ax.text(min(stops), 0.97, f" rolling restart of {len(stops)} backends", transform=label_at,
+                    fontsize=7, va="top", ha="left", alpha=0.8)
+        else:
+            for t, name, what in result.events:
+                if what == "stop":
+                    ax.axvline(t, color="black", alpha=0.25, linewidth=1)
+                    ax.text(t, 0.03, f"{name} restart ", transform=label_at, fontsize=7, va="bottom",
+                            ha="right", rotation=90, alpha=0.7)
         summary = result.summary()
         ratio = "inf" if math.isinf(summary.ratio) else f"{summary.ratio:.2f}"
-        ax.set_title(f"{result.policy} ({result.lb} balancer): final max/min {ratio}", fontsize=10)
+        count = f", {len(result.backends)} backends, one line each" if many else ""
+        ax.set_title(f"{result.policy} ({result.lb} balancer{count}): final max/min {ratio}", fontsize=10)
         ax.set_ylabel("share of requests %")
-        ax.set_ylim(0, 100)
-        if len(result.backends) <= 8:
+        ax.set_ylim(0, top)
+        if not many:
             ax.legend(loc="upper right", fontsize=8, ncol=len(result.backends))
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel(f"seconds (share over a sliding {smooth:g} s window)")

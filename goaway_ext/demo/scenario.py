@@ -33,6 +33,7 @@ from .haproxy import HAProxyBalancer
 from .processes import Backend, ProcessGroupRegistry
 from .proxy import RoundRobinProxy
 from .report import ProgressLine, RunResult
+from .simulate import RESTART_DOWNTIME, RESTART_GAP
 
 if TYPE_CHECKING:
     from . import PolicySpec
@@ -44,7 +45,6 @@ WATCH_SECONDS = 4
 #: Bound on any single request or watch chunk: nothing in the demo can hang for ever.
 REQUEST_TIMEOUT = 10.0
 _HOST = "127.0.0.1"
-_RESTART_GAP = 0.5
 #: Between leaving the rotation and SIGTERM: connections the balancer is opening right now arrive.
 _PRE_STOP_DELAY = 0.2
 _STOP_TIMEOUT = 15.0
@@ -223,13 +223,18 @@ async def run_scenario(
         def clock() -> float:
             return loop.time() - start
 
-        expected_total = config.warmup + config.backends * 2.0 + config.duration
+        # Restarts run on the model's schedule (one slot per backend), so the run's length is
+        # known at the start and the progress total never moves. A slow restart only delays
+        # the next slot; the load after the last one still lasts at least ``duration``.
+        slot = RESTART_DOWNTIME + RESTART_GAP
+        expected_total = config.warmup + config.backends * slot + config.duration
         state = {"note": "warm-up", "total": expected_total}
         load = _Load(config, balancer.port, result, clock)
         load.start()
         progress_task = asyncio.create_task(_show_progress(progress, spec.label, result, clock, state))
         await _sleep_until(clock, config.warmup)
         for index, backend in enumerate(backends):
+            await _sleep_until(clock, config.warmup + index * slot)
             state["note"] = f"restarting {backend.name}"
             # Out of the rotation first, then SIGTERM: no new connection lands on a server
             # that is shutting down (Kubernetes removes the endpoint, then the pod stops).
@@ -245,10 +250,8 @@ async def run_scenario(
             await backend.start()
             await balancer.set_enabled(index, True)
             result.events.append((clock(), backend.name, "up"))
-            await asyncio.sleep(_RESTART_GAP)
         result.restart_done = result.events[-1][0]
-        end = result.restart_done + config.duration
-        state["total"] = end
+        end = max(expected_total, result.restart_done + config.duration)
         state["note"] = "after the restart"
         await _sleep_until(clock, end)
         result.duration = end
