@@ -70,6 +70,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from h2.connection import H2Connection
 from h2.settings import SettingCodes
 
 from ._extras import missing_extra
@@ -190,29 +191,47 @@ class GrpcServerStats:
 
 
 class _ServerConnection(ServerConnection):
-    """``ServerConnection`` that tells its grpclib protocol when its deadlines move.
+    """``ServerConnection`` that knows its grpclib protocol; no method of h2's is wrapped.
 
-    Only while draining (or when the policy has an idle timer): a serving
-    connection with only an age deadline needs no wake-ups.
+    A serving connection needs no wake-ups beyond its age deadline, so on the
+    hot path it costs what ``ServerConnection`` costs. Once a drain starts the
+    protocol switches it to :class:`_WatchedServerConnection`.
     """
 
-    __slots__ = ("_owner", "_watch")
+    __slots__ = ("_owner",)
+
+    # While serving, ServerConnection.data_to_send is h2's plus one test of the
+    # drain state; grpclib calls it about 6 times per RPC, so the serving class
+    # calls h2's directly (a frame less each time). The drain starts inside
+    # receive_data and the switch to the watched class comes with its first
+    # event, so at most one write, grpclib's flush right after the read, goes
+    # out before our GOAWAY; the next write carries it, in order.
+    # tests/test_grpclib.py pins what this relies on in ServerConnection.
+    data_to_send = H2Connection.data_to_send
 
     def __init__(self, *args: Any, owner: _ServerProtocol, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._owner = owner
-        self._watch = getattr(self.policy, "max_idle", None) is not None
+
+
+class _WatchedServerConnection(_ServerConnection):
+    """Tells the protocol after every read and write, when its deadlines may have moved.
+
+    Used while draining (the last stream's end sets ``close_at`` inside
+    ``data_to_send``), and from the start in mode ``idle`` or with an idle
+    limit, whose deadlines move with the streams.
+    """
+
+    __slots__ = ()
 
     def receive_data(self, data: bytes) -> list[Any]:  # type: ignore[override]
         events = super().receive_data(data)
-        if self.is_draining or self._watch:
-            self._owner.wake()
+        self._owner.wake()
         return events
 
     def data_to_send(self, amount: int | None = None) -> bytes:
-        data = super().data_to_send(amount)
-        if self.is_draining or self._watch:
-            self._owner.wake()
+        data = ServerConnection.data_to_send(self, amount)  # not the serving class's shortcut
+        self._owner.wake()
         return data
 
 
@@ -242,14 +261,17 @@ class _ServerProtocol(H2Protocol):
         self._goaway_server = server
         self._timer: asyncio.TimerHandle | None = None
         self._armed: float | None = None
-        self._loop = asyncio.get_event_loop()
+        self._loop = asyncio.get_running_loop()
         self._h2: _ServerConnection | None = None
         self._started = False
         self.closed = self._loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         server = self._goaway_server
-        h2_conn = _ServerConnection(self.h2_config, policy=server.goaway_policy, clock=self._loop.time, owner=self)
+        policy = server.goaway_policy
+        watched = policy.mode == "idle" or getattr(policy, "max_idle", None) is not None
+        cls = _WatchedServerConnection if watched else _ServerConnection
+        h2_conn = cls(self.h2_config, policy=policy, clock=self._loop.time, owner=self)
         self._h2 = h2_conn
         _make_h2(self, h2_conn, transport)
         self.processor = EventsProcessor(self.handler, self.connection)
@@ -312,6 +334,9 @@ class _ServerProtocol(H2Protocol):
     def _on_goaway_sent(self, event: GoawaySent) -> None:
         h2_conn = self._h2
         assert h2_conn is not None
+        if h2_conn.__class__ is _ServerConnection:
+            h2_conn.__class__ = _WatchedServerConnection  # same slots: from now on every write may end the drain
+        self.wake()
         if not self._started:
             self._started = True
             goaways = self._goaway_server.goaway_stats.goaways
@@ -319,6 +344,7 @@ class _ServerProtocol(H2Protocol):
 
     def _on_drained(self, event: ConnectionDrained) -> None:
         self._goaway_server.goaway_stats.drained += 1
+        self.wake()
 
     def _count_streams(self) -> None:
         h2_conn = self._h2
@@ -460,7 +486,7 @@ class _ClientProtocol(H2Protocol):
 
     def close_soon(self) -> None:
         """Close this drained connection once the current callbacks have run."""
-        asyncio.get_event_loop().call_soon(self._close_drained)
+        asyncio.get_running_loop().call_soon(self._close_drained)
 
     def _close_drained(self) -> None:
         if not self.processor.streams and not _lost(self):

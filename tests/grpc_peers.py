@@ -18,6 +18,7 @@ SERVICE = "test.Echo"
 UNARY = f"/{SERVICE}/Unary"
 STREAM = f"/{SERVICE}/Stream"
 UPLOAD = f"/{SERVICE}/Upload"
+STREAM_LEN = 20
 
 
 class RawCodec(CodecBase):
@@ -105,3 +106,60 @@ def methods(channel: grpclib.client.Channel) -> tuple[Any, Any, Any]:
         grpclib.client.UnaryStreamMethod(channel, STREAM, bytes, bytes),
         grpclib.client.StreamUnaryMethod(channel, UPLOAD, bytes, bytes),
     )
+
+
+async def mixed_load(channel: grpclib.client.Channel, rpcs: int, concurrency: int,
+                     stream_delay: float = 0.002) -> tuple[int, int, list[str]]:
+    """``rpcs`` RPCs from ``concurrency`` tasks: every 4th a server stream, the rest unary.
+
+    Returns (succeeded, failed, first errors). A stream counts as succeeded only
+    when every message arrived, in order.
+    """
+    unary, stream, _ = methods(channel)
+    ok = failed = 0
+    errors: list[str] = []
+
+    async def worker(worker_id: int) -> None:
+        nonlocal ok, failed
+        for index in range(rpcs // concurrency):
+            try:
+                if index % 4 == 0:
+                    got = await stream(b"%d %f" % (STREAM_LEN, stream_delay))
+                    assert got == [b"%d" % k for k in range(STREAM_LEN)], got
+                else:
+                    payload = b"w%d-%d" % (worker_id, index)
+                    assert await unary(payload) == payload
+                ok += 1
+            except Exception as exc:  # what the stock channel raises on GOAWAY varies
+                failed += 1
+                if len(errors) < 3:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return ok, failed, errors
+
+
+async def grpcio_client_load(port: int, rpcs: int, concurrency: int) -> tuple[int, int]:
+    ok = failed = 0
+    import grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        unary = channel.unary_unary("/test.Echo/Unary")
+        stream = channel.unary_stream("/test.Echo/Stream")
+
+        async def worker(worker_id: int) -> None:
+            nonlocal ok, failed
+            for index in range(rpcs // concurrency):
+                try:
+                    if index % 4 == 0:
+                        got = [message async for message in stream(b"%d 0.001" % STREAM_LEN)]
+                        assert got == [b"%d" % k for k in range(STREAM_LEN)]
+                    else:
+                        payload = b"g%d-%d" % (worker_id, index)
+                        assert await unary(payload) == payload
+                    ok += 1
+                except Exception:
+                    failed += 1
+
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return ok, failed
