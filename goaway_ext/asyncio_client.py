@@ -220,9 +220,16 @@ class _Connection:
         while sent < len(body):
             if stream.error is not None:
                 raise stream.error
+            if stream.ended:
+                # The whole response came before the whole request (a 413, say):
+                # the server does not want the rest (RFC 9113 §8.1).
+                return
             if self.closed:
                 raise H2ClientError("connection lost while sending the request body")
-            window = min(self.h2.local_flow_control_window(stream.stream_id), self.h2.max_outbound_frame_size)
+            try:
+                window = min(self.h2.local_flow_control_window(stream.stream_id), self.h2.max_outbound_frame_size)
+            except h2.exceptions.StreamClosedError:
+                return  # reset after its response: the response stands (or the reset fails the stream)
             if window <= 0:
                 await self._wait_for_change(timeout, "the server's flow-control window")
                 continue
@@ -238,7 +245,12 @@ class _Connection:
                 raise H2ClientError(f"connection lost while sending the request body: {exc}") from exc
         if stream.error is not None:
             raise stream.error
-        self.h2.end_stream(stream.stream_id)
+        if stream.ended:
+            return
+        try:
+            self.h2.end_stream(stream.stream_id)
+        except h2.exceptions.StreamClosedError:
+            return
         self.flush()
 
     def cancel(self, stream: _Stream) -> None:

@@ -35,6 +35,7 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    PingReceived,
     RemoteSettingsChanged,
     RequestReceived,
     StreamEnded,
@@ -178,6 +179,24 @@ class _StreamState:
     body: bytearray = field(default_factory=bytearray)
     task: asyncio.Task[None] | None = None
     reset: bool = False
+    ended: bool = False  # END_STREAM received: the body is complete and the handler runs
+    size: int = 0  # body bytes counted against the connection's max_buffered
+    owed: int = 0  # flow-controlled bytes received but not yet given back as window
+
+
+# h2 remembers this many closed streams per connection (its default is 65,536,
+# about 11 MB once full) so that late frames on them are answered correctly. A
+# reset flood fills that record; 4,096 keeps it under 1 MB and still covers
+# any frame a well-behaved peer sends after a stream it closed.
+_CLOSED_STREAMS_REMEMBERED = 4096
+
+
+class _ServedConnection(ServerConnection):
+    MAX_CLOSED_STREAMS = _CLOSED_STREAMS_REMEMBERED
+
+
+class _PlainConnection(H2Connection):
+    MAX_CLOSED_STREAMS = _CLOSED_STREAMS_REMEMBERED
 
 
 class _H2Protocol(asyncio.Protocol):
@@ -198,6 +217,13 @@ class _H2Protocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._closing = False
+        self._abort_handle: asyncio.TimerHandle | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._idle_since = self.loop.time()
+        self._buffered = 0  # request body bytes held for this connection (incomplete or in a handler)
+        self._held = 0  # of which in bodies whose handler runs (freed when it returns)
+        self._owed = 0  # flow-controlled bytes not yet acknowledged, over all streams
+        self._control = 0  # PING/SETTINGS answers queued since our write buffer was last empty
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self.requests = 0
         self.drains = 0
@@ -209,12 +235,14 @@ class _H2Protocol(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self._arm_watchdog(self.server.handshake_timeout)
         self.server.connection_opened(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
-        if self._timer is not None:
-            self._timer.cancel()
+        for handle in (self._timer, self._watchdog, self._abort_handle):
+            if handle is not None:
+                handle.cancel()
         for state in self._streams.values():
             if state.task is not None and not state.task.done():
                 state.task.cancel()
@@ -227,18 +255,31 @@ class _H2Protocol(asyncio.Protocol):
             self.closed.set_result(None)
 
     def pause_writing(self) -> None:
+        # The peer is not reading what we send: stop reading what it sends, so
+        # that its PINGs, SETTINGS and requests cannot make us queue answers
+        # without bound. Handlers writing wait on _resume.
         self._resume = self.loop.create_future()
+        if self.transport is not None and not self._closing:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         if self._resume is not None and not self._resume.done():
             self._resume.set_result(None)
         self._resume = None
+        if self.transport is not None and not self._closing:
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
         if not self._started:
             data = self._check_preface(data)
             if not data:
                 return
+        if self._control:
+            assert self.transport is not None
+            if not self.transport.get_write_buffer_size():
+                self._control = 0  # the peer read every answer: the count starts over
         try:
             events = self.conn.receive_data(data)
         except ProtocolError as exc:
@@ -247,6 +288,11 @@ class _H2Protocol(asyncio.Protocol):
             self.close()
             return
         self._handle(events)
+        if self._control > self.server.max_control_frames:
+            log.warning("closing %s: %d PING/SETTINGS answers queued that it does not read (max_control_frames=%d)",
+                        self.peer, self._control, self.server.max_control_frames)
+            self.abort()
+            return
         self.flush()
 
     def eof_received(self) -> bool | None:
@@ -272,22 +318,75 @@ class _H2Protocol(asyncio.Protocol):
             return b""
         self._started = True
         self._preface = b""
+        self._idle_since = self.loop.time()
         config = H2Configuration(client_side=False, header_encoding=None)
         if self.server.plain_h2:
-            self.conn = H2Connection(config=config)
+            self.conn = _PlainConnection(config=config)
         else:
-            self.drainable = ServerConnection(config, policy=self.server.policy, clock=self.loop.time)
+            self.drainable = _ServedConnection(config, policy=self.server.policy, clock=self.loop.time)
             self.conn = self.drainable
             metrics.connection_opened()  # process totals and Prometheus, shared with hypercorn
             if self.server.is_shutting_down:
                 self.drainable.start_drain("shutdown")
         self.conn.initiate_connection()
+        # Request bodies get their stream window back only while the connection
+        # buffers less than max_buffered (see _may_acknowledge). The connection
+        # window is made large enough for every stream's window at once, so
+        # that streams held back can never starve the one allowed to proceed.
+        settings = self.conn.local_settings
+        self.conn.increment_flow_control_window(settings.max_concurrent_streams * settings.initial_window_size)
         return buffered
 
     def close(self) -> None:
+        """Close after a short flush: what is queued gets ``flush_timeout`` seconds, then the socket is aborted."""
         if self.transport is not None and not self._closing:
             self._closing = True
             self.transport.close()
+            if self._abort_handle is None:
+                self._abort_handle = self.loop.call_later(self.server.flush_timeout, self.abort)
+
+    def abort(self) -> None:
+        """Drop the connection now, queued bytes included (a peer that does not read gets no more time)."""
+        self._closing = True
+        if self.transport is not None and not self.closed.done():
+            self.transport.abort()
+
+    def _arm_watchdog(self, delay: float | None) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if delay is not None and not self._closing:
+            self._watchdog = self.loop.call_later(delay, self._on_watchdog)
+
+    def _on_watchdog(self) -> None:
+        """Reap a connection that never sent its preface, or that has had no open stream for ``idle_timeout``."""
+        self._watchdog = None
+        if self._closing:
+            return
+        if not self._started:
+            log.info("closing %s: no HTTP/2 preface within %.1f s (handshake_timeout)", self.peer,
+                     self.server.handshake_timeout)
+            self.abort()
+            return
+        timeout = self.server.idle_timeout
+        if timeout is None:
+            return
+        if self._streams:
+            self._arm_watchdog(timeout)
+            return
+        left = self._idle_since + timeout - self.loop.time()
+        if left > 0:
+            self._arm_watchdog(left)
+            return
+        # The hard stop. A policy with max_idle has sent its graceful GOAWAY
+        # already; otherwise the client gets h2's one GOAWAY now, naming the
+        # last stream it opened: with nothing in flight, nothing is lost.
+        log.info("closing %s: no open stream for %.1f s (idle_timeout)", self.peer, timeout)
+        if self.drainable is None or not self.drainable.is_draining:
+            with contextlib.suppress(ProtocolError):
+                self.conn.close_connection()
+        self.flush()
+        self.close()
 
     def flush(self) -> None:
         if self._closing:
@@ -353,17 +452,18 @@ class _H2Protocol(asyncio.Protocol):
             cls = event.__class__
             if cls is RequestReceived:
                 self.requests += 1
-                self._streams[event.stream_id] = _StreamState(event.headers)
+                opened = _StreamState(event.headers)
+                self._streams[event.stream_id] = opened
+                declared = _header(event.headers, b"content-length")
+                if declared.isdigit() and int(declared) > self.server.max_body:
+                    self._too_large(event.stream_id, opened)
             elif cls is DataReceived:
-                state = self._streams.get(event.stream_id)
-                if state is not None:
-                    state.body += event.data
-                    if len(state.body) > self.server.max_body:
-                        self._reset(event.stream_id, ErrorCodes.REFUSED_STREAM)
-                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                self._body(event.stream_id, event.data, event.flow_controlled_length)
             elif cls is StreamEnded:
                 state = self._streams.get(event.stream_id)
                 if state is not None and not state.reset and state.task is None:
+                    state.ended = True
+                    self._held += state.size
                     state.task = self.loop.create_task(self._run(event.stream_id, state))
             elif cls is WindowUpdated:
                 if event.stream_id:
@@ -371,12 +471,19 @@ class _H2Protocol(asyncio.Protocol):
                 else:
                     self._wake_all()
             elif cls is RemoteSettingsChanged:
+                self._control += 1  # h2 answers it with a SETTINGS ACK
                 self._wake_all()
+            elif cls is PingReceived:
+                self._control += 1  # h2 answers it with a PING ACK
             elif cls is StreamReset:
                 state = self._streams.get(event.stream_id)
                 if state is not None:
+                    # Reset by the peer: nobody will read this stream again.
                     state.reset = True
+                    if state.task is not None:
+                        state.task.cancel()
                     self._wake(event.stream_id, error=True)
+                    self._free(event.stream_id, state)
             elif cls is ConnectionTerminated:
                 log.info("peer %s sent GOAWAY (error code %s)", self.peer, event.error_code)
                 self.flush()
@@ -402,6 +509,92 @@ class _H2Protocol(asyncio.Protocol):
         with contextlib.suppress(ProtocolError):
             self.conn.reset_stream(stream_id, code)
         self._wake(stream_id, error=True)
+        if state is not None:
+            self._free(stream_id, state)
+
+    # -- request bodies: buffering and flow control -------------------------------------
+
+    def _body(self, stream_id: int, data: bytes, flow_length: int) -> None:
+        state = self._streams.get(stream_id)
+        if state is None or state.reset or state.ended:
+            # Nobody will read it (a reset or refused stream): the connection
+            # window comes back at once, h2 skips the closed stream's own.
+            self._acknowledge(flow_length, stream_id)
+            return
+        state.body += data
+        state.size += len(data)
+        self._buffered += len(data)
+        if state.size > self.server.max_body:
+            state.owed += flow_length
+            self._owed += flow_length
+            self._too_large(stream_id, state)
+        elif self._may_acknowledge(state):
+            self._acknowledge(flow_length, stream_id)
+        else:
+            state.owed += flow_length
+            self._owed += flow_length
+
+    def _may_acknowledge(self, state: _StreamState) -> bool:
+        """Whether ``state``'s stream may have its window back now (the backpressure rule).
+
+        Under ``max_buffered`` every stream may. Over it, only the oldest
+        incomplete stream, and only when no handler holds a body (else one
+        ending frees room): so a connection never stalls for good, and holds
+        at most max_buffered + max_body + one window per stream.
+        """
+        if self._buffered <= self.server.max_buffered:
+            return True
+        if self._held:
+            return False
+        for other in self._streams.values():
+            if not other.ended and not other.reset:
+                return other is state
+        return False
+
+    def _acknowledge(self, flow_length: int, stream_id: int) -> None:
+        if flow_length:
+            with contextlib.suppress(ProtocolError):
+                self.conn.acknowledge_received_data(flow_length, stream_id)
+
+    def _too_large(self, stream_id: int, state: _StreamState) -> None:
+        """A body over ``max_body``: answer 413 and stop the upload (RST_STREAM NO_ERROR, RFC 9113 §8.1).
+
+        Never REFUSED_STREAM: that tells the client the request was not
+        processed and may be sent again, so a client would upload it again.
+        """
+        log.info("request body over max_body=%d on stream %d from %s: 413", self.server.max_body, stream_id, self.peer)
+        state.reset = True
+        body = b"request body larger than %d bytes\n" % self.server.max_body
+        with contextlib.suppress(ProtocolError):
+            self.conn.send_headers(stream_id, [(b":status", b"413"), self.server.backend_header,
+                                               (b"content-type", b"text/plain"),
+                                               (b"content-length", str(len(body)).encode())])
+            self.conn.send_data(stream_id, body, end_stream=True)
+        self._reset(stream_id, ErrorCodes.NO_ERROR)
+
+    def _free(self, stream_id: int, state: _StreamState) -> None:
+        """Forget a stream that ended or was reset: its entry, its body, its window debt."""
+        if self._streams.get(stream_id) is not state:
+            return
+        del self._streams[stream_id]
+        self._window_waiters.pop(stream_id, None)
+        self._buffered -= state.size
+        if state.ended:
+            self._held -= state.size
+        state.body = bytearray()
+        state.size = 0
+        if not self._streams:
+            self._idle_since = self.loop.time()
+        if state.owed:
+            self._owed -= state.owed
+            owed, state.owed = state.owed, 0
+            self._acknowledge(owed, stream_id)  # the connection window, at least
+        if self._owed:
+            for other_id, other in list(self._streams.items()):
+                if other.owed and self._may_acknowledge(other):
+                    self._owed -= other.owed
+                    owed, other.owed = other.owed, 0
+                    self._acknowledge(owed, other_id)
 
     def _wake(self, stream_id: int, error: bool = False) -> None:
         waiter = self._window_waiters.pop(stream_id, None)
@@ -443,12 +636,14 @@ class _H2Protocol(asyncio.Protocol):
 
     async def _run(self, stream_id: int, state: _StreamState) -> None:
         path, _, query = _header(state.headers, b":path").partition("?")
+        body = bytes(state.body)
+        state.body = bytearray()  # one copy only; still counted in state.size until the handler returns
         request = Request(
             method=_header(state.headers, b":method"),
             path=path,
             query=query,
             headers=state.headers,
-            body=bytes(state.body),
+            body=body,
             stream_id=stream_id,
             server=self.server,
         )
@@ -469,8 +664,9 @@ class _H2Protocol(asyncio.Protocol):
                     self._reset(stream_id, ErrorCodes.INTERNAL_ERROR)
                     self.flush()
         finally:
-            self._streams.pop(stream_id, None)
-            self._window_waiters.pop(stream_id, None)
+            self._free(stream_id, state)
+            if not self._closing:
+                self.flush()  # window given back by _free
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
@@ -488,6 +684,15 @@ class H2Server:
     client behind a balancer can count where its requests went.
     ``plain_h2=True`` uses h2's own ``H2Connection`` instead (no drain; for
     benchmarks against the baseline).
+
+    The limits bound what one hostile or broken peer can cost (README, "Limits"):
+    ``max_body`` bytes per request body (larger: 413); ``max_buffered`` bytes of
+    request bodies per connection before stream windows stop coming back, so a
+    slow handler slows its client; ``max_control_frames`` PING/SETTINGS answers
+    queued to a peer that does not read before it is dropped; a preface within
+    ``handshake_timeout`` seconds; ``idle_timeout`` seconds without an open
+    stream before the connection is closed (None: never); ``flush_timeout``
+    seconds for queued bytes when a connection is closed, then it is aborted.
     """
 
     def __init__(
@@ -498,13 +703,36 @@ class H2Server:
         ssl_context: ssl.SSLContext | None = None,
         name: str | None = None,
         max_body: int = 1 << 20,
+        max_buffered: int = 2 << 20,
+        max_control_frames: int = 1000,
+        handshake_timeout: float = 10.0,
+        idle_timeout: float | None = 300.0,
+        flush_timeout: float = 1.0,
         plain_h2: bool = False,
     ) -> None:
+        for arg, value in (("max_body", max_body), ("max_buffered", max_buffered),
+                           ("max_control_frames", max_control_frames)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        for arg, seconds in (("handshake_timeout", handshake_timeout), ("idle_timeout", idle_timeout),
+                             ("flush_timeout", flush_timeout)):
+            if seconds is None and arg == "idle_timeout":
+                continue
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < 1e9:
+                raise ValueError(f"{arg} must be a positive number of seconds, got {seconds!r}")
         self.handler = handler
         self.policy = policy if policy is not None else GoawayPolicy()
         self.ssl_context = ssl_context
         self.max_body = max_body
+        self.max_buffered = max_buffered
+        self.max_control_frames = max_control_frames
+        self.handshake_timeout = float(handshake_timeout)
+        self.idle_timeout = None if idle_timeout is None else float(idle_timeout)
+        self.flush_timeout = float(flush_timeout)
         self.plain_h2 = plain_h2
+        self._accept_errors = 0
+        self._accept_logged_at: float | None = None
+        self._previous_handler: Any = None
         self._name = name
         self.backend_header = (b"x-backend", (name or "").encode())
         self._server: asyncio.base_events.Server | None = None
@@ -536,13 +764,47 @@ class H2Server:
         if self.ssl_context is not None:
             self.ssl_context.set_alpn_protocols(["h2"])
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _H2Protocol(self), host, port, ssl=self.ssl_context)
+        self._server = await loop.create_server(
+            lambda: _H2Protocol(self), host, port, ssl=self.ssl_context,
+            ssl_handshake_timeout=self.handshake_timeout if self.ssl_context is not None else None,
+        )
+        self._previous_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._exception_handler)
         sockname = self._server.sockets[0].getsockname()
         self.address = (sockname[0], sockname[1])
         if self._name is None:
             self.backend_header = (b"x-backend", f"{host}:{self.address[1]}".encode())
         self.shutdown_event  # noqa: B018  (created on the loop that serves)
         return self.address
+
+    #: At most one log line per this many seconds about failed accepts.
+    ACCEPT_ERROR_LOG_INTERVAL = 10.0
+
+    def _exception_handler(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Rate-limit asyncio's "out of system resource" accept reports (EMFILE and friends).
+
+        asyncio already backs off (it stops accepting for a second, then
+        retries); at the file-descriptor limit it reports every retry, so a
+        full server would log without pause. We log the first one, then one
+        line per ``ACCEPT_ERROR_LOG_INTERVAL`` with the count. Anything else
+        goes to the loop's previous handler.
+        """
+        server = self._server
+        sock = context.get("socket")
+        if (server is not None and sock is not None and "accept" in str(context.get("message", ""))
+                and any(sock.fileno() == s.fileno() for s in server.sockets)):
+            self._accept_errors += 1
+            now = loop.time()
+            if self._accept_logged_at is None or now - self._accept_logged_at >= self.ACCEPT_ERROR_LOG_INTERVAL:
+                self._accept_logged_at = now
+                log.error("cannot accept connections: %s (%d failed accept(s) so far; asyncio retries every "
+                          "second; next report in %.0f s)", context.get("exception"), self._accept_errors,
+                          self.ACCEPT_ERROR_LOG_INTERVAL)
+            return
+        if self._previous_handler is not None:
+            self._previous_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
 
     def connection_opened(self, proto: _H2Protocol) -> None:
         self._protocols.add(proto)
@@ -594,10 +856,45 @@ class H2Server:
             await asyncio.wait([proto.closed for proto in self._protocols], timeout=left,
                                return_when=asyncio.FIRST_COMPLETED)
         for proto in list(self._protocols):
-            if proto.transport is not None:
-                proto.transport.abort()
+            proto.abort()
         if self._server is not None:
             await self._server.wait_closed()
+            if loop.get_exception_handler() == self._exception_handler:
+                loop.set_exception_handler(self._previous_handler)
+
+    async def serve_forever(self, host: str = "127.0.0.1", port: int = 8080, *,
+                            shutdown_timeout: float = 10.0) -> None:
+        """Serve until SIGTERM or SIGINT, then drain every connection (bounded by ``shutdown_timeout``) and return.
+
+        The graceful entry point: a process manager's SIGTERM (or Ctrl-C) ends
+        running watches through ``shutdown_event``, finishes every request in
+        flight, sends each client its GOAWAY, and returns without a traceback.
+        Starts the server first unless :meth:`start` was already awaited.
+        Cancelling the call shuts down the same way.
+        """
+        if self._server is None:
+            await self.start(host, port)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        installed = []
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(signum, stop.set)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+                continue
+            installed.append(signum)
+        try:
+            await stop.wait()
+        finally:
+            for signum in installed:
+                loop.remove_signal_handler(signum)
+            log.info("shutting down: draining %d connection(s)", len(self._protocols))
+            await self.shutdown(shutdown_timeout)
+            log.info("stopped")
+
+    def run(self, host: str = "127.0.0.1", port: int = 8080, *, shutdown_timeout: float = 10.0) -> None:
+        """Blocking form of :meth:`serve_forever`: its own event loop, returns after a clean shutdown."""
+        asyncio.run(self.serve_forever(host, port, shutdown_timeout=shutdown_timeout))
 
 
 # -- the built-in app -------------------------------------------------------------------
@@ -664,6 +961,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--certfile", default=None, help="PEM certificate chain for --tls")
     parser.add_argument("--keyfile", default=None, help="PEM private key for --tls")
     parser.add_argument("--shutdown-timeout", type=float, default=10.0, help="bound on the shutdown drain (default 10)")
+    parser.add_argument("--handshake-timeout", type=float, default=10.0,
+                        help="close connections without an HTTP/2 preface after S seconds (default 10)")
+    parser.add_argument("--idle-timeout", type=float, default=300.0,
+                        help="close connections with no open stream after S seconds (default 300)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     parser.add_argument("--plain-h2", action="store_true", help=argparse.SUPPRESS)  # benchmarks: h2 baseline
 
@@ -700,7 +1001,11 @@ def _tls_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext:
 
 
 async def _serve(args: argparse.Namespace, policy: GoawayPolicy, context: ssl.SSLContext | None) -> int:
-    server = H2Server(builtin_app, policy=policy, ssl_context=context, name=args.name, plain_h2=args.plain_h2)
+    try:
+        server = H2Server(builtin_app, policy=policy, ssl_context=context, name=args.name, plain_h2=args.plain_h2,
+                          handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout)
+    except ValueError as exc:
+        raise CommandError(flag_message(str(exc), ("handshake_timeout", "idle_timeout"))) from None
     try:
         host, port = await server.start(args.host, args.port)
     except OSError as exc:
@@ -708,14 +1013,7 @@ async def _serve(args: argparse.Namespace, policy: GoawayPolicy, context: ssl.SS
     print(f"listening on {host}:{port}", flush=True)
     log.info("serving %s as %s with %r%s", "https" if context else "h2c", server.name, policy,
              " (plain h2 baseline)" if args.plain_h2 else "")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    log.info("shutting down: draining %d connection(s)", len(server._protocols))
-    await server.shutdown(args.shutdown_timeout)
-    log.info("stopped")
+    await server.serve_forever(shutdown_timeout=args.shutdown_timeout)
     return 0
 
 

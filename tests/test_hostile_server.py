@@ -1,0 +1,387 @@
+"""Hostile peers against the asyncio server (``H2Server``) over real sockets: every limit floods.
+
+Issue 12: reset streams are forgotten with everything they held; a peer that
+does not read stops being read and is dropped past ``max_control_frames``;
+request bodies get their window back only while the connection buffers less
+than ``max_buffered``; ``close_at`` closes even a peer that does not read;
+silent sockets are reaped (``handshake_timeout``, ``idle_timeout``); an
+oversized body is answered 413, never REFUSED_STREAM, and ``H2Client`` does
+not send it again. Memory is measured with ``tracemalloc`` (the server runs
+in the test's process), after a warm-up. Every wait is bounded; no test
+asserts a duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import socket
+import tracemalloc
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+from h2.errors import ErrorCodes
+from hyperframe.frame import (
+    DataFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
+from test_hostile import RawClient, parse
+
+from goaway_ext import GoawayPolicy, H2Client, H2Server
+from goaway_ext.asyncio_server import Request, ResponseStream, builtin_app
+
+MB = 1024 * 1024
+POST = [(b":method", b"POST"), (b":path", b"/echo"), (b":scheme", b"http"), (b":authority", b"hostile")]
+
+
+def live_bytes() -> int:
+    gc.collect()
+    return tracemalloc.get_traced_memory()[0]
+
+
+@pytest.fixture
+def traced() -> Iterator[None]:
+    tracemalloc.start()
+    try:
+        yield
+    finally:
+        tracemalloc.stop()
+
+
+def serve(test: Callable[[H2Server], Awaitable[None]], handler: Any = builtin_app, **options: Any) -> None:
+    """Run ``test(server)`` against a started server on 127.0.0.1, then shut it down."""
+
+    async def main() -> None:
+        server = H2Server(handler, **options)
+        await server.start("127.0.0.1", 0)
+        try:
+            await asyncio.wait_for(test(server), 120)
+        finally:
+            await server.shutdown(timeout=2.0)
+
+    asyncio.run(main())
+
+
+class Wire:
+    """A raw client socket: write frames, read frames (or never read at all)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.client = RawClient()
+        self.buffer = b""
+
+    @classmethod
+    async def open(cls, server: H2Server, *, settings: bytes = b"") -> Wire:
+        assert server.address is not None
+        reader, writer = await asyncio.open_connection(*server.address)
+        wire = cls(reader, writer)
+        writer.write(wire.client.preface() + settings)
+        return wire
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def frames(self, until: Callable[[Frame], bool], timeout: float = 30.0) -> list[Frame]:
+        """Read frames until one matches ``until`` (returned last) or EOF (AssertionError)."""
+        seen: list[Frame] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            while len(self.buffer) >= 9 and len(self.buffer) >= 9 + int.from_bytes(self.buffer[:3], "big"):
+                size = 9 + int.from_bytes(self.buffer[:3], "big")
+                (frame,) = parse(self.buffer[:size])
+                self.buffer = self.buffer[size:]
+                seen.append(frame)
+                if until(frame):
+                    return seen
+            chunk = await asyncio.wait_for(self.reader.read(65536), deadline - loop.time())
+            if not chunk:
+                raise AssertionError(f"EOF before the awaited frame; saw {seen[-5:]}")
+            self.buffer += chunk
+
+    async def at_eof(self, timeout: float = 30.0) -> bool:
+        """True once the server closed the connection (within ``timeout``)."""
+        try:
+            while await asyncio.wait_for(self.reader.read(65536), timeout):
+                pass
+        except ConnectionError:
+            return True
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def data(stream_id: int, payload: bytes, end_stream: bool = False) -> bytes:
+    frame = DataFrame(stream_id)
+    frame.data = payload
+    if end_stream:
+        frame.flags.add("END_STREAM")
+    return frame.serialize()
+
+
+def only_protocol(server: H2Server) -> Any:
+    (proto,) = server._protocols
+    return proto
+
+
+async def well_behaved_get(server: H2Server) -> None:
+    assert server.address is not None
+    async with H2Client(*server.address, timeout=30) as client:
+        response = await client.request("GET", "/")
+        assert response.status == 200
+
+
+# -- 1. reset streams are forgotten --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("plain_h2", [False, True], ids=["ServerConnection", "plain-h2"])
+def test_reset_streams_free_their_entry_body_and_task(traced: None, plain_h2: bool) -> None:
+    # Each stream: HEADERS, 16 KiB of body, RST_STREAM; 50 per write. Before
+    # the fix each kept its _streams entry and its body until the connection
+    # closed (60,000 of them: +42 MB).
+    chunk = b"x" * 16384
+
+    async def flood(server: H2Server) -> None:
+        wire = await Wire.open(server)
+        marks: dict[int, int] = {}
+        sent = 0
+        for batch in range(200):
+            out = b""
+            for _ in range(50):
+                stream_id, headers = wire.client.headers(end_stream=False, headers=POST)
+                out += headers + data(stream_id, chunk) + wire.client.reset(stream_id)
+            await wire.send(out)
+            sent += 50
+            if batch in (99, 199):  # 5,000 streams: past the 4,096 closed streams h2 remembers
+                ping = PingFrame(0)
+                ping.opaque_data = mark = b"%08d" % batch
+                await wire.send(ping.serialize())
+                await wire.frames(lambda f, m=mark: isinstance(f, PingFrame) and f.opaque_data == m)
+                proto = only_protocol(server)
+                assert proto._streams == {} and proto._buffered == 0 and proto._owed == 0
+                marks[batch] = live_bytes()
+        growth = marks[199] - marks[99]
+        assert growth < 512 * 1024, f"memory grew by {growth} bytes over 5,000 reset streams"
+        await well_behaved_get(server)
+        wire.close()
+
+    serve(flood, plain_h2=plain_h2)
+
+
+def test_bodies_that_never_finish_are_answered_413_and_freed(traced: None) -> None:
+    # No content-length: the server learns the size as the bytes arrive. Each
+    # stream goes past max_body and never ends its body.
+    chunk = b"y" * 16000
+
+    async def flood(server: H2Server) -> None:
+        wire = await Wire.open(server)
+        before = live_bytes()
+        for _ in range(40):
+            stream_id, headers = wire.client.headers(end_stream=False, headers=POST)
+            await wire.send(headers + b"".join(data(stream_id, chunk) for _ in range(3)))
+            frames = await wire.frames(lambda f, s=stream_id: isinstance(f, RstStreamFrame) and f.stream_id == s)
+            statuses = [f for f in frames if isinstance(f, HeadersFrame) and f.stream_id == stream_id]
+            assert statuses, "no response headers before the reset"
+            reset = frames[-1]
+            assert reset.error_code == ErrorCodes.NO_ERROR  # not REFUSED_STREAM: never "retry me"
+        proto = only_protocol(server)
+        assert proto._streams == {} and proto._buffered == 0
+        growth = live_bytes() - before
+        assert growth < 2 * MB, f"40 oversized bodies left {growth} bytes behind"
+        wire.close()
+
+    serve(flood, max_body=32 * 1024)
+
+
+# -- 6. oversized bodies: 413, not retried ------------------------------------------------------------
+
+
+def test_an_oversized_upload_gets_413_and_h2client_does_not_retry_it() -> None:
+    async def upload(server: H2Server) -> None:
+        assert server.address is not None
+        async with H2Client(*server.address, timeout=30) as client:
+            response = await client.request("POST", "/echo", body=b"z" * (2 * MB))
+            assert response.status == 413
+            assert b"larger than" in response.body
+            assert client.requests_retried == 0 and client.streams_refused == 0
+            assert client.connections_opened == 1
+            # The connection is still good for the next request.
+            ok = await client.request("POST", "/echo", body=b"small")
+            assert (ok.status, ok.body) == (200, b"small")
+        assert server.stats()["requests"] == 2
+
+    serve(upload)
+
+
+# -- 2. a peer that does not read --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ping", "settings"])
+def test_a_control_frame_flood_from_a_peer_that_never_reads_is_closed(kind: str) -> None:
+    async def flood(server: H2Server) -> None:
+        assert server.address is not None
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it never reads
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, server.address)
+        client = RawClient()
+        if kind == "ping":
+            frame: Frame = PingFrame(0)
+        else:
+            frame = SettingsFrame(0)
+            frame.settings = {SettingsFrame.ENABLE_PUSH: 0}
+        batch = client.preface() + frame.serialize() * 1000
+        biggest = 0
+        sent = 0
+        try:
+            for _ in range(1000):  # up to 1,000,000 frames
+                await asyncio.wait_for(loop.sock_sendall(sock, batch), 5)
+                sent += 1000
+                batch = frame.serialize() * 1000
+                for proto in list(server._protocols):
+                    if proto.transport is not None:
+                        biggest = max(biggest, proto.transport.get_write_buffer_size())
+                if not server._protocols:
+                    break
+        except (ConnectionError, asyncio.TimeoutError):
+            pass
+        # Either the server dropped us mid-flood, or it stopped reading and our
+        # send blocked; in both cases it must be gone soon, without our help.
+        for _ in range(300):
+            if not server._protocols:
+                break
+            await asyncio.sleep(0.05)
+        assert not server._protocols, "the connection of a peer that never reads is still open"
+        assert biggest <= 1 * MB, f"write buffer reached {biggest} bytes"
+        assert sent < 1_000_000
+        sock.close()
+        await well_behaved_get(server)
+
+    serve(flood)
+
+
+# -- 4. close_at closes a peer that does not read ----------------------------------------------------
+
+
+def test_close_at_aborts_a_connection_whose_peer_never_reads() -> None:
+    # The peer opens big windows, asks for 4 MiB and never reads: the response
+    # fills every buffer. At grace the stream is cut, and the socket must go
+    # away after flush_timeout, not when (if ever) the peer reads.
+    async def big(request: Request, response: ResponseStream) -> None:
+        await response.send(200, b"w" * (4 * MB))
+
+    async def stuck(server: H2Server) -> None:
+        assert server.address is not None
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, server.address)
+        client = RawClient()
+        settings = SettingsFrame(0)
+        settings.settings = {SettingsFrame.INITIAL_WINDOW_SIZE: 2**31 - 1}
+        window = WindowUpdateFrame(0)
+        window.window_increment = 2**31 - 1 - 65535
+        _, headers = client.headers()
+        await loop.sock_sendall(sock, client.preface() + settings.serialize() + window.serialize() + headers)
+        for _ in range(200):
+            if server._protocols:
+                break
+            await asyncio.sleep(0.05)
+        proto = only_protocol(server)
+        await asyncio.wait_for(asyncio.shield(proto.closed), 30)  # before the fix: until the peer reads
+        assert proto.drainable is not None and proto.drainable.is_drained  # closed at close_at (linger)
+        sock.close()
+
+    serve(stuck, big, policy=GoawayPolicy(1.0, allow_high_chance=True, ping_timeout=0.2, grace=0.5, linger=0.2),
+          flush_timeout=0.5)
+
+
+# -- 5. timeouts ------------------------------------------------------------------------------------
+
+
+def test_silent_and_idle_connections_are_reaped() -> None:
+    async def idle(server: H2Server) -> None:
+        assert server.address is not None
+        silent = [await asyncio.open_connection(*server.address) for _ in range(20)]
+        # One that sends its preface and one request, then stays quiet.
+        wire = await Wire.open(server)
+        stream_id, headers = wire.client.headers()
+        await wire.send(headers)
+        frames = await wire.frames(lambda f: isinstance(f, GoAwayFrame))
+        assert any(isinstance(f, DataFrame) and f.stream_id == stream_id for f in frames)
+        assert frames[-1].last_stream_id == stream_id and frames[-1].error_code == ErrorCodes.NO_ERROR
+        assert await wire.at_eof()
+        for reader, writer in silent:
+            assert await asyncio.wait_for(reader.read(1), 30) == b""  # closed without a byte
+            writer.close()
+        assert not server._protocols
+
+    serve(idle, handshake_timeout=0.5, idle_timeout=0.5)
+
+
+def test_an_open_stream_keeps_an_idle_timeout_away() -> None:
+    async def watch(server: H2Server) -> None:
+        assert server.address is not None
+        async with H2Client(*server.address, timeout=30) as client:
+            async with client.stream("GET", "/watch?seconds=2") as response:
+                events = [chunk async for chunk in response]
+            assert b"".join(events).count(b"event") == 4
+            assert client.goaways_received == 0
+            # Once nothing is open, the connection goes after idle_timeout.
+            for _ in range(300):
+                if not server._protocols:
+                    break
+                await asyncio.sleep(0.05)
+            assert not server._protocols
+
+    serve(watch, idle_timeout=0.5)
+
+
+# -- 3. backpressure on request bodies ----------------------------------------------------------------
+
+
+def test_a_slow_handler_backpressures_its_uploads_and_every_upload_completes() -> None:
+    gate = asyncio.Event()
+    started: list[int] = []
+
+    async def slow(request: Request, response: ResponseStream) -> None:
+        started.append(request.stream_id)
+        await gate.wait()
+        await response.send(200, str(len(request.body)).encode())
+
+    async def uploads(server: H2Server) -> None:
+        assert server.address is not None
+        size = 900 * 1024
+        async with H2Client(*server.address, timeout=60) as client:
+            tasks = [asyncio.ensure_future(client.request("POST", "/slow", body=b"u" * size)) for _ in range(10)]
+            proto = None
+            for _ in range(200):
+                await asyncio.sleep(0.05)
+                if server._protocols and started:
+                    proto = only_protocol(server)
+                    break
+            assert proto is not None
+            for _ in range(20):  # a while with the handlers held: the connection stays within its bound
+                await asyncio.sleep(0.05)
+                assert proto._buffered <= server.max_buffered + server.max_body + 100 * 65535
+            assert len(started) < 10, "every upload was read while the handlers held their bodies"
+            gate.set()
+            responses = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+            assert [(r.status, r.body) for r in responses] == [(200, str(size).encode())] * 10
+            assert client.requests_retried == 0
+
+    serve(uploads, slow, max_buffered=1 * MB, max_body=1 * MB)
