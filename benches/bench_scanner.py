@@ -5,7 +5,9 @@ scanner at least 10x faster. The input is 64 KiB of mixed frames shaped like a
 busy client's inbound traffic (HEADERS, DATA of many sizes, WINDOW_UPDATE,
 PING, SETTINGS and a few GOAWAYs), fed three ways: as one chunk, in 4 KiB
 reads (frame headers split across reads), and with no GOAWAY at all in 16 KiB
-reads (the zero-copy path every ordinary read takes).
+reads (the zero-copy path every ordinary read takes), and one GOAWAY among
+four 16 KiB DATA frames in one chunk (few frames: the copy that removes the
+GOAWAY is the whole cost, so it is written once, never sliced and joined).
 """
 
 from __future__ import annotations
@@ -55,6 +57,13 @@ def mixed_frames(goaways: bool, seed: int = 7) -> bytes:
     return bytes(out)
 
 
+def big_data_with_goaway() -> bytes:
+    """Four 16 KiB DATA frames with a GOAWAY in the middle: few frames, so the copy is the whole cost."""
+    data = frame(0x0, 0, 1, bytes(16375))
+    goaway = frame(0x7, 0, 0, struct.pack(">LL", 2**31 - 1, 0))
+    return data + data + goaway + data + data
+
+
 def chunks(data: bytes, size: int) -> list[bytes]:
     return [data[i : i + size] for i in range(0, len(data), size)]
 
@@ -68,6 +77,10 @@ def main() -> None:
         "64 KiB with GOAWAYs, 4 KiB reads": chunks(mixed_frames(True), 4096),
         "64 KiB without GOAWAY, 16 KiB reads": chunks(mixed_frames(False), 16384),
     }
+    # Copy-bound: both twins must copy ~64 KiB to cut the GOAWAY out of a bytes
+    # object; memcpy, not scanning, is the cost, so no 10x is possible. Shown, not judged.
+    copy_bound = {"one GOAWAY among 16 KiB DATA frames, one 64 KiB chunk": [big_data_with_goaway()]}
+    cases.update(copy_bound)
     worst = float("inf")
     for title, pieces in cases.items():
         candidates = {}
@@ -83,7 +96,11 @@ def main() -> None:
         report(f"scanner: {title} (per 64 KiB)", results, "python FrameScanner", unit="us")
         speedup = results["python FrameScanner"] / results["cython FrameScanner"]
         mb_s = SIZE / results["cython FrameScanner"] / 1e6
-        print(f"  cython: {mb_s:,.0f} MB/s, {speedup:.1f}x the pure twin (target >= {TARGET:.0f}x)")
+        target = "" if title in copy_bound else f" (target >= {TARGET:.0f}x)"
+        print(f"  cython: {mb_s:,.0f} MB/s, {speedup:.1f}x the pure twin{target}")
+        if title in copy_bound:
+            print("  (copy-bound: one 64 KiB memcpy is the floor for both twins; not held to the 10x target)")
+            continue
         worst = min(worst, speedup)
     verdict = "meets" if worst >= TARGET else "MISSES"
     print(f"scanner speedup, worst case: {worst:.1f}x — {verdict} the >= {TARGET:.0f}x target")

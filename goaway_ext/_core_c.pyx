@@ -8,7 +8,9 @@ are sized before any byte is stored, and every read of caller data is bounded
 by its length, whatever that data is.
 """
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE, _PyBytes_Resize
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.math cimport log, log1p
 from libc.string cimport memcpy
 
@@ -133,13 +135,16 @@ def encode_rst_stream(stream_id, error_code):
     return frame
 
 
-cdef tuple _decode(bytes data):
-    cdef const unsigned char* src = <const unsigned char*>PyBytes_AS_STRING(data)
+cdef tuple _decode_at(const unsigned char* src, Py_ssize_t length):
     return (
         <long long>(_get32(src) & 0x7FFFFFFF),
         <long long>_get32(src + 4),
-        PyBytes_FromStringAndSize(<char*>src + 8, PyBytes_GET_SIZE(data) - 8),
+        PyBytes_FromStringAndSize(<char*>src + 8, length - 8),
     )
+
+
+cdef tuple _decode(bytes data):
+    return _decode_at(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
 
 
 def decode_goaway(payload):
@@ -275,7 +280,7 @@ Takes GOAWAY frames out of an inbound HTTP/2 byte stream.
         self._error = f"frame length {length} exceeds max_frame_size {self._max_frame_size}"
         raise ValueError(self._error)
 
-    cdef bint _start_frame(self, const unsigned char* header, list pieces) except -1:
+    cdef bint _start_frame(self, const unsigned char* header) except -1:
         # Returns True when the frame is a GOAWAY to take out, False when it passes.
         cdef Py_ssize_t length = (header[0] << 16) | (header[1] << 8) | header[2]
         if length > self._max_frame_size:
@@ -298,9 +303,14 @@ Takes GOAWAY frames out of an inbound HTTP/2 byte stream.
         cdef Py_ssize_t pos = 0
         cdef Py_ssize_t run = 0
         cdef Py_ssize_t take
-        cdef bint changed = False
-        cdef list pieces = []
         cdef list found = []
+        # The bytes for h2 are written once into ``out``, allocated at the first
+        # change and sized for the worst case (a held header plus the chunk),
+        # then shrunk in place: no slices, no join.
+        cdef bytes out = None
+        cdef unsigned char* dst = NULL
+        cdef Py_ssize_t olen = 0
+        cdef PyObject* raw
         while pos < n:
             if self._pass:
                 take = self._pass if self._pass < n - pos else n - pos
@@ -308,20 +318,28 @@ Takes GOAWAY frames out of an inbound HTTP/2 byte stream.
                 pos += take
                 continue
             if self._goaway_left:
-                changed = True
+                if out is None:
+                    out = PyBytes_FromStringAndSize(NULL, n + 9)
+                    dst = <unsigned char*>PyBytes_AS_STRING(out)
                 take = self._goaway_left if self._goaway_left < n - pos else n - pos
-                self._goaway += chunk[pos:pos + take]
+                if take == self._goaway_left and not len(self._goaway):
+                    found.append(_decode_at(src + pos, take))  # the whole payload is in this chunk
+                else:
+                    self._goaway += chunk[pos:pos + take]
+                    if take == self._goaway_left:
+                        found.append(_decode(bytes(self._goaway)))
+                        self._goaway = bytearray()
                 self._goaway_left -= take
                 pos += take
                 run = pos
-                if not self._goaway_left:
-                    found.append(_decode(bytes(self._goaway)))
-                    self._goaway = bytearray()
                 continue
             if self._header_len or n - pos < 9:
                 # A header split across chunks is held back until it is whole.
-                changed = True
-                pieces.append(chunk[run:pos])
+                if out is None:
+                    out = PyBytes_FromStringAndSize(NULL, n + 9)
+                    dst = <unsigned char*>PyBytes_AS_STRING(out)
+                memcpy(dst + olen, src + run, pos - run)
+                olen += pos - run
                 take = 9 - self._header_len
                 if take > n - pos:
                     take = n - pos
@@ -332,17 +350,29 @@ Takes GOAWAY frames out of an inbound HTTP/2 byte stream.
                 if self._header_len < 9:
                     break
                 self._header_len = 0
-                if not self._start_frame(self._header, pieces):
-                    pieces.append(PyBytes_FromStringAndSize(<char*>self._header, 9))
+                if not self._start_frame(self._header):
+                    memcpy(dst + olen, self._header, 9)
+                    olen += 9
                 continue
-            if self._start_frame(src + pos, pieces):
-                changed = True
-                pieces.append(chunk[run:pos])
+            if self._start_frame(src + pos):
+                if out is None:
+                    out = PyBytes_FromStringAndSize(NULL, n + 9)
+                    dst = <unsigned char*>PyBytes_AS_STRING(out)
+                memcpy(dst + olen, src + run, pos - run)
+                olen += pos - run
                 pos += 9
                 run = pos
             else:
                 pos += 9
-        if not changed:
+        if out is None:
             return chunk, found
-        pieces.append(chunk[run:pos])
-        return b"".join(pieces), found
+        memcpy(dst + olen, src + run, pos - run)
+        olen += pos - run
+        # Hand our one reference to _PyBytes_Resize (it needs the only one).
+        raw = <PyObject*>out
+        Py_INCREF(out)
+        out = None
+        _PyBytes_Resize(&raw, olen)
+        result = <object>raw
+        Py_DECREF(result)
+        return result, found
