@@ -25,7 +25,10 @@ it); ``chance`` and ``max_requests`` work as everywhere in goaway_ext.
 ``close()`` stops accepting connections and drains every connection (GOAWAY,
 RPCs in flight finish, late ones are refused with REFUSED_STREAM);
 ``wait_closed()`` returns once every connection is closed, at the latest
-``grace`` after ``close()`` when the policy has one.
+``grace`` after ``close()`` when the policy has one. Each server counts its
+own connections and drains (``goaway_stats``); the process totals and the
+Prometheus series of :mod:`goaway_ext.metrics` include them, and each drained
+connection logs one line on the ``goaway_ext.grpclib`` logger (INFO).
 
 The channel side
 ----------------
@@ -66,6 +69,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -73,6 +77,7 @@ from typing import Any, cast
 from h2.connection import H2Connection
 from h2.settings import SettingCodes
 
+from . import metrics
 from ._extras import missing_extra
 
 try:
@@ -83,6 +88,7 @@ import grpclib.protocol
 import grpclib.server
 from grpclib.exceptions import StreamTerminatedError
 from grpclib.protocol import Connection, EventsProcessor, H2Protocol
+from h2.events import StreamEnded
 
 from .client import ClientConnection
 from .errors import ConnectionDrainingError
@@ -122,6 +128,8 @@ GRPCLIB_PRIVATE_NAMES: tuple[str, ...] = (
 
 #: Replays of one refused RPC before its ``StreamTerminatedError`` is raised.
 MAX_REPLAYS = 5
+
+_log = logging.getLogger("goaway_ext.grpclib")
 
 
 # -- policy with gRPC's names ----------------------------------------------------------
@@ -264,6 +272,8 @@ class _ServerProtocol(H2Protocol):
         self._loop = asyncio.get_running_loop()
         self._h2: _ServerConnection | None = None
         self._started = False
+        self._meter = metrics.ConnectionMeter()
+        self._peer: str = "-"
         self.closed = self._loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -278,6 +288,10 @@ class _ServerProtocol(H2Protocol):
         self.processor.processors[GoawaySent] = self._on_goaway_sent
         self.processor.processors[ConnectionDrained] = self._on_drained
         server.goaway_stats.connections += 1
+        metrics.connection_opened()  # process totals and Prometheus, shared with the other integrations
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self._peer = f"{peer[0]}:{peer[1]}"
         server._goaway_protocols.add(self)
         if server._goaway_closing:
             self.shutdown()
@@ -289,6 +303,10 @@ class _ServerProtocol(H2Protocol):
             self._timer = None
         self._goaway_server._goaway_protocols.discard(self)
         self._count_streams()
+        if self._h2 is not None:
+            self._meter.update(self._h2)
+            if self._h2.is_draining:
+                self._log_drain(self._h2)
         if not self.closed.done():
             self.closed.set_result(None)
         super().connection_lost(exc)
@@ -337,6 +355,7 @@ class _ServerProtocol(H2Protocol):
         if h2_conn.__class__ is _ServerConnection:
             h2_conn.__class__ = _WatchedServerConnection  # same slots: from now on every write may end the drain
         self.wake()
+        self._meter.update(h2_conn)
         if not self._started:
             self._started = True
             goaways = self._goaway_server.goaway_stats.goaways
@@ -344,7 +363,22 @@ class _ServerProtocol(H2Protocol):
 
     def _on_drained(self, event: ConnectionDrained) -> None:
         self._goaway_server.goaway_stats.drained += 1
+        if self._h2 is not None:
+            self._meter.update(self._h2)
         self.wake()
+
+    def _log_drain(self, h2_conn: ServerConnection) -> None:
+        """One line per drained connection on the ``goaway_ext.grpclib`` logger, when it closes."""
+        stats = h2_conn.stats
+        if stats.drain_duration is not None:
+            outcome = f"drained in {stats.drain_duration:.3f}s"
+        else:
+            outcome = f"closed by the peer while draining ({h2_conn.drain_state.value})"
+        _log.info(
+            "drained gRPC connection from %s: reason=%s last_stream_id=%s requests=%d goaways=%d "
+            "refused=%d cut=%d: %s", self._peer, h2_conn.drain_reason, h2_conn.last_stream_id,
+            stats.requests_seen, stats.goaways_sent, stats.streams_refused, stats.streams_cut, outcome,
+        )
 
     def _count_streams(self) -> None:
         h2_conn = self._h2
@@ -446,19 +480,43 @@ class _ClientProcessor(EventsProcessor):
     def __init__(self, handler: Any, connection: Connection, protocol: _ClientProtocol) -> None:
         super().__init__(handler, connection)
         self._protocol = protocol
+        self._ended: set[int] = set()  # streams whose whole response is buffered
         self.processors[GoawayReceived] = self._on_goaway
         self.processors[StreamRefused] = self._on_refused
+        self.processors[StreamEnded] = self._on_stream_ended
 
     def register(self, stream: grpclib.protocol.Stream) -> Callable[[], None]:
         release = super().register(stream)
         protocol = self._protocol
+        ended = self._ended
 
         def release_stream() -> None:
+            ended.discard(stream.id)
             release()
             if protocol.draining and not self.streams:
                 protocol.close_soon()
 
         return release_stream
+
+    def _on_stream_ended(self, event: StreamEnded) -> None:
+        if event.stream_id in self.streams:
+            self._ended.add(event.stream_id)
+        self.process_stream_ended(event)
+
+    def close(self, reason: str = "Connection closed") -> None:
+        """As grpclib's, but an RPC whose whole response arrived is left to finish reading it.
+
+        A gRPC server closes the connection as soon as the last stream below
+        its GOAWAY ends, often before the client task has read the response
+        that is already in its buffer; grpclib would fail that RPC with
+        "Connection lost".
+        """
+        streams = self.streams
+        self.streams = {stream_id: stream for stream_id, stream in streams.items() if stream_id not in self._ended}
+        try:
+            super().close(reason)
+        finally:
+            self.streams = streams
 
     def _on_goaway(self, event: GoawayReceived) -> None:
         self._protocol.draining = True

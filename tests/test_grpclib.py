@@ -262,8 +262,9 @@ class RefusingServer:
     ``streams`` lists the stream ids seen, per connection.
     """
 
-    def __init__(self, refuse: int) -> None:
+    def __init__(self, refuse: int, close_after_answer: bool = False) -> None:
         self.refuse = refuse
+        self.close_after_answer = close_after_answer
         self.streams: list[int] = []
         self._server: asyncio.AbstractServer | None = None
 
@@ -298,6 +299,10 @@ class RefusingServer:
                         conn.send_headers(event.stream_id, [(":status", "200"), ("content-type", "application/grpc")])
                         conn.send_data(event.stream_id, body)
                         conn.send_headers(event.stream_id, [("grpc-status", "0")], end_stream=True)
+                        if self.close_after_answer:  # as a gRPC server does after its GOAWAY
+                            writer.write(conn.data_to_send())
+                            await writer.drain()
+                            return
                 writer.write(conn.data_to_send())
                 await writer.drain()
         finally:
@@ -521,3 +526,90 @@ def test_serving_shortcut_matches_server_connection() -> None:
     assert first[1] in ("return super().data_to_send(amount)", "return _H2_DATA_TO_SEND(self, amount)"), first
     if "_H2_DATA_TO_SEND" in first[1]:
         assert goaway_ext.server._H2_DATA_TO_SEND is h2.connection.H2Connection.data_to_send
+
+
+def test_client_streams_in_flight_survive_grpcio_recycles() -> None:
+    # Request streams (Upload: 8 messages, 30 ms apart) opened before a
+    # GOAWAY finish on their connection; each is sent once, never replayed.
+    async def main() -> tuple[list[bytes], int]:
+        server, port = await start_grpcio_server(
+            [("grpc.max_connection_age_ms", 100), ("grpc.max_connection_age_grace_ms", 20_000)])
+        try:
+            channel = GoawayChannel("127.0.0.1", port, codec=RawCodec())
+            _, _, upload = methods(channel)
+
+            async def one(index: int) -> bytes:
+                await asyncio.sleep(0.04 * index)
+                async with upload.open() as stream:
+                    for part in range(8):
+                        await stream.send_message(b"%d." % part, end=part == 7)
+                        await asyncio.sleep(0.03)
+                    return bytes(await stream.recv_message())
+
+            results = await asyncio.gather(*(one(k) for k in range(8)))
+            opened = channel.connections_opened
+            channel.close()
+            return results, opened
+        finally:
+            await server.stop(None)
+
+    results, opened = run(main())
+    assert results == [b"0.1.2.3.4.5.6.7."] * 8
+    assert opened >= 2
+
+
+def test_drains_reach_process_metrics_and_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    from goaway_ext import metrics
+
+    before = metrics.totals()
+
+    async def main() -> Any:
+        server = GoawayServer([EchoService()], codec=RawCodec(),
+                              policy=GoawayPolicy(1.0, allow_high_chance=True, linger=0.01))
+        await server.start("127.0.0.1", 0)
+        channel = GoawayChannel("127.0.0.1", port_of(server), codec=RawCodec())
+        unary, _, _ = methods(channel)
+        for index in range(5):
+            assert await unary(b"%d" % index) == b"%d" % index
+        channel.close()
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 10)
+        return server.goaway_stats
+
+    with caplog.at_level("INFO", logger="goaway_ext.grpclib"):
+        stats = run(main())
+    after = metrics.totals()
+    assert stats.connections == 5 and stats.goaways == {"chance": 5}
+    assert after.connections - before.connections == 5
+    assert after.goaways_sent.get("chance", 0) - before.goaways_sent.get("chance", 0) == 10  # 2 frames each
+    assert after.drains - before.drains == stats.drained
+    lines = [r.getMessage() for r in caplog.records if r.name == "goaway_ext.grpclib"]
+    assert len(lines) == 5
+    assert all(line.startswith("drained gRPC connection from 127.0.0.1:") and "reason=chance" in line
+               for line in lines), lines
+
+
+@pytest.mark.parametrize("channel_class", [grpclib.client.Channel, GoawayChannel])
+def test_response_read_after_the_server_closed(channel_class: type) -> None:
+    # The server answers in full and closes the socket at once; the client
+    # task reads the reply only afterwards.
+    async def main() -> Any:
+        server = RefusingServer(0, close_after_answer=True)
+        channel = channel_class("127.0.0.1", await server.start(), codec=RawCodec())
+        unary, _, _ = methods(channel)
+        try:
+            async with unary.open() as stream:
+                await stream.send_message(b"late reader", end=True)
+                await asyncio.sleep(0.3)  # answer and FIN arrive meanwhile
+                return await stream.recv_message()
+        except StreamTerminatedError as exc:
+            return exc
+        finally:
+            channel.close()
+            await server.stop()
+
+    result = run(main(), timeout=30.0)
+    if channel_class is GoawayChannel:
+        assert result == b"late reader"
+    else:  # the "before": grpclib fails the RPC whose answer it already holds
+        assert isinstance(result, StreamTerminatedError) and "Connection lost" in str(result), result

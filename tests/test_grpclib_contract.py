@@ -96,6 +96,16 @@ def test_stream_send_request_takes_the_id_just_before_sending_headers() -> None:
     assert source.index("get_next_available_stream_id()") < source.index("send_headers(")
 
 
+def test_processor_close_terminates_the_streams_in_its_dict() -> None:
+    # _ClientProcessor.close hides streams whose response is complete from
+    # grpclib's close by handing it a smaller ``streams`` dict for the call.
+    source = _source(EventsProcessor.close)
+    assert "for stream in self.streams.values():" in source
+    assert "stream.__terminated__(reason)" in source
+    assert "_streams: _Streams = self.streams" in _source(EventsProcessor.register)
+    assert "stream.__ended__()" in _source(EventsProcessor.process_stream_ended)
+
+
 def test_wrapper_raises_its_error_on_enter() -> None:
     # A replayed RPC clears Wrapper._error; grpclib raises it on every later `with`.
     assert "raise self._error" in _source(grpclib.utils.Wrapper.__enter__)
