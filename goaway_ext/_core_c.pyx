@@ -155,6 +155,19 @@ def decode_goaway(payload):
     return _decode(data)
 
 
+cdef double _check_chance(object chance) except? -1.0:
+    cdef double value
+    if type(chance) is bool or not isinstance(chance, (int, float)):
+        raise TypeError(f"chance must be a real number in [0, 1], got {chance!r}")
+    try:
+        value = float(chance)
+    except OverflowError:
+        value = float("inf")
+    if not (0.0 <= value <= 1.0):
+        raise ValueError(f"chance must be a real number in [0, 1], got {chance!r}")
+    return value
+
+
 cdef class Sampler:
     """Sampler(chance, *, seed=None)
 --
@@ -175,17 +188,10 @@ Decides, request by request, whether this one starts a drain.
     cdef double _log_miss
     cdef unsigned long long _state
     cdef unsigned long long _countdown
+    cdef object __weakref__
 
     def __init__(self, chance, *, seed=None):
-        cdef double value
-        if type(chance) is bool or not isinstance(chance, (int, float)):
-            raise TypeError(f"chance must be a real number in [0, 1], got {chance!r}")
-        try:
-            value = float(chance)
-        except OverflowError:
-            value = float("inf")
-        if not (0.0 <= value <= 1.0):
-            raise ValueError(f"chance must be a real number in [0, 1], got {chance!r}")
+        cdef double value = _check_chance(chance)
         if seed is None:
             state = int.from_bytes(os.urandom(8), "little")
         elif type(seed) is bool or not isinstance(seed, int):
@@ -201,6 +207,14 @@ Decides, request by request, whether this one starts a drain.
     def chance(self):
         """The probability that one call to :meth:`sample` returns True."""
         return self._chance
+
+    @chance.setter
+    def chance(self, chance):
+        # Same as the twin: validate, then draw a fresh gap for the new chance.
+        cdef double value = _check_chance(chance)
+        self._chance = value
+        self._log_miss = log1p(-value) if 0.0 < value < 1.0 else 0.0
+        self._countdown = self._draw_gap()
 
     def __repr__(self):
         return f"Sampler(chance={self._chance!r})"

@@ -70,6 +70,18 @@ def _check_bytes(name: str, value: object) -> bytes:
     return bytes(value)
 
 
+def _check_chance(chance: object) -> float:
+    if type(chance) is bool or not isinstance(chance, (int, float)):
+        raise TypeError(f"chance must be a real number in [0, 1], got {chance!r}")
+    try:
+        value = float(chance)
+    except OverflowError:  # an int too large for a float is far outside [0, 1]
+        value = math.inf
+    if not 0.0 <= value <= 1.0:  # also false for NaN
+        raise ValueError(f"chance must be a real number in [0, 1], got {chance!r}")
+    return value
+
+
 def encode_goaway(last_stream_id: int, error_code: int = 0, debug_data: bytes = b"") -> bytes:
     """Return a whole GOAWAY frame (RFC 9113 §6.8).
 
@@ -148,17 +160,10 @@ class Sampler:
     sequence for the same seed.
     """
 
-    __slots__ = ("_chance", "_countdown", "_log_miss", "_state")
+    __slots__ = ("__weakref__", "_chance", "_countdown", "_log_miss", "_state")
 
     def __init__(self, chance: float, *, seed: int | None = None) -> None:
-        if type(chance) is bool or not isinstance(chance, (int, float)):
-            raise TypeError(f"chance must be a real number in [0, 1], got {chance!r}")
-        try:
-            value = float(chance)
-        except OverflowError:  # an int too large for a float is far outside [0, 1]
-            value = math.inf
-        if not 0.0 <= value <= 1.0:  # also false for NaN
-            raise ValueError(f"chance must be a real number in [0, 1], got {chance!r}")
+        value = _check_chance(chance)
         if seed is None:
             state = int.from_bytes(os.urandom(8), "little")
         elif type(seed) is bool or not isinstance(seed, int):
@@ -174,6 +179,17 @@ class Sampler:
     def chance(self) -> float:
         """The probability that one call to :meth:`sample` returns True."""
         return self._chance
+
+    @chance.setter
+    def chance(self, chance: float) -> None:
+        # A load-aware controller moves the chance of live connections off the
+        # request path. The countdown in flight was drawn for the old chance, so
+        # a new gap is drawn; the Bernoulli process is memoryless, so from here
+        # on every call is a Bernoulli(new chance) trial.
+        value = _check_chance(chance)
+        self._chance = value
+        self._log_miss = math.log1p(-value) if 0.0 < value < 1.0 else 0.0
+        self._countdown = self._draw_gap()
 
     def __repr__(self) -> str:
         return f"Sampler(chance={self._chance!r})"

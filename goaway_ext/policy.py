@@ -23,9 +23,12 @@ import random
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._core import Sampler
+
+if TYPE_CHECKING:
+    from .fairshare import FairShare
 
 __all__ = ["MODES", "MAX_SAFE_CHANCE", "GoawayPolicy", "ConnectionBudget", "Decider"]
 
@@ -61,11 +64,14 @@ class ConnectionBudget:
     ``sampler`` is None when ``chance`` is 0 (no per-request draw at all);
     ``max_requests`` is the jittered request limit, ``age_deadline`` the jittered
     moment (on the connection's clock) its age runs out; None means no limit.
+    ``admit``, set by a fair-share policy, is asked only when the sampler fires:
+    False skips that drain (the server's drain-rate limit).
     """
 
     sampler: Sampler | None
     max_requests: int | None
     age_deadline: float | None
+    admit: Callable[[], bool] | None = None
 
 
 class GoawayPolicy:
@@ -84,11 +90,16 @@ class GoawayPolicy:
     ``"single"`` (one GOAWAY, as Go and kube-apiserver) or ``"idle"`` (wait for
     the connection to be idle, for clients that lose in-flight requests on
     GOAWAY). ``seed`` makes every draw reproducible, connection after connection.
+
+    ``fair_share`` (a :class:`goaway_ext.fairshare.FairShare`) replaces the
+    fixed chance with a load-aware one: the controller moves the chance of
+    every live connection from the fleet view and holds the fallback chance
+    itself, so ``chance`` must stay 0 with it.
     """
 
     __slots__ = (
-        "_allow_high_chance", "_chance", "_decider", "_grace", "_jitter", "_linger", "_lock", "_max_age",
-        "_max_requests", "_mode", "_ping_timeout", "_seed", "_seeds",
+        "_allow_high_chance", "_chance", "_decider", "_fair_share", "_grace", "_jitter", "_linger", "_lock",
+        "_max_age", "_max_requests", "_mode", "_ping_timeout", "_seed", "_seeds",
     )
 
     def __init__(
@@ -105,6 +116,7 @@ class GoawayPolicy:
         decider: Decider | None = None,
         seed: int | None = None,
         allow_high_chance: bool = False,
+        fair_share: FairShare | None = None,
     ) -> None:
         if type(allow_high_chance) is not bool:
             raise TypeError(f"allow_high_chance must be a bool, got {allow_high_chance!r}")
@@ -134,6 +146,17 @@ class GoawayPolicy:
             raise TypeError(f"decider must be callable or None, got {decider!r}")
         if seed is not None and (type(seed) is bool or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
+        if fair_share is not None:
+            from .fairshare import FairShare
+
+            if not isinstance(fair_share, FairShare):
+                raise TypeError(f"fair_share must be a FairShare or None, got {fair_share!r}")
+            if float(chance) != 0.0:
+                raise ValueError(
+                    f"chance must be 0 with fair_share (got {chance!r}): the controller's fallback "
+                    "is the chance used while its fleet view is stale"
+                )
+        self._fair_share = fair_share
         self._chance = float(chance)
         self._max_requests = max_requests
         self._max_age = _real("max_age", max_age, low=0.0, low_open=True, none_ok=True)
@@ -195,6 +218,11 @@ class GoawayPolicy:
         return self._mode
 
     @property
+    def fair_share(self) -> FairShare | None:
+        """The load-aware controller that sets the chance, or None for a fixed chance."""
+        return self._fair_share
+
+    @property
     def decider(self) -> Decider | None:
         """Per-request hook: force (True) or exempt (False) a request."""
         return self._decider
@@ -207,7 +235,7 @@ class GoawayPolicy:
             f"GoawayPolicy(chance={self._chance!r}, max_requests={self._max_requests!r}, "
             f"max_age={self._max_age!r}, jitter={self._jitter!r}, ping_timeout={self._ping_timeout!r}, "
             f"grace={self._grace!r}, linger={self._linger!r}, mode={self._mode!r}, decider={decider_text}, "
-            f"seed={self._seed!r}, allow_high_chance={self._allow_high_chance!r})"
+            f"seed={self._seed!r}, allow_high_chance={self._allow_high_chance!r}, fair_share={self._fair_share!r})"
         )
 
     def _spread(self, rng: random.Random) -> float:
@@ -228,5 +256,11 @@ class GoawayPolicy:
         deadline: float | None = None
         if self._max_age is not None:
             deadline = now + self._max_age * self._spread(rng)
+        fair = self._fair_share
+        if fair is not None:
+            # Always a sampler: the controller may raise the chance later.
+            tracked = Sampler(fair.chance, seed=conn_seed)
+            fair.track(tracked)
+            return ConnectionBudget(tracked, limit, deadline, fair.admit)
         sampler = Sampler(self._chance, seed=conn_seed) if self._chance > 0.0 else None
         return ConnectionBudget(sampler, limit, deadline)

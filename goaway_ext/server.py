@@ -145,7 +145,7 @@ class ServerConnection(H2Connection):
     # which slows down every attribute access inside h2 itself (measured: +5% per
     # request). With slots, h2's own code runs exactly as fast as on H2Connection.
     __slots__ = (
-        "_age_deadline", "_clock", "_close_at", "_decider", "_drain_duration", "_drain_started", "_final_id",
+        "_admit", "_age_deadline", "_clock", "_close_at", "_decider", "_drain_duration", "_drain_started", "_final_id",
         "_goaways_sent", "_grace_deadline", "_mode", "_pending", "_pending_split", "_ping_deadline",
         "_ping_opaque", "_policy", "_queued", "_queued_at", "_reason", "_requests_left", "_requests_seen",
         "_sampler", "_state", "_streams_cut", "_streams_refused",
@@ -175,6 +175,7 @@ class ServerConnection(H2Connection):
         self._clock = clock
         budget = policy.new_budget(clock())
         self._sampler: Sampler | None = budget.sampler
+        self._admit = budget.admit
         self._requests_left = budget.max_requests
         self._age_deadline = budget.age_deadline
         self._decider = policy.decider
@@ -390,7 +391,9 @@ class ServerConnection(H2Connection):
                 return "max_requests"
         sampler = self._sampler
         if sampler is not None and sampler.sample():
-            return "chance"
+            admit = self._admit  # a fair-share drain-rate limit, asked only on a hit
+            if admit is None or admit():
+                return "chance"
         return None
 
     def _move(self, state: DrainState) -> None:

@@ -132,3 +132,52 @@ def test_signature_and_docstring_match_between_cores(both_cores: tuple[ModuleTyp
 def test_sampler_repr(core: ModuleType) -> None:
     assert repr(core.Sampler(0.001, seed=1)) == "Sampler(chance=0.001)"
     assert repr(core.Sampler(1)) == "Sampler(chance=1.0)"
+
+
+def test_setting_chance_changes_the_rate(core: ModuleType) -> None:
+    # A fair-share controller moves a live connection's chance: 0 -> 0.5 -> 0.
+    sampler = core.Sampler(0.0, seed=5)
+    assert not any(sampler.sample() for _ in range(10_000))
+    sampler.chance = 0.5
+    assert sampler.chance == 0.5
+    hits = sum(sampler.sample() for _ in range(10_000))
+    assert 4_700 < hits < 5_300  # 6 standard deviations
+    sampler.chance = 0
+    assert sampler.chance == 0.0
+    assert not any(sampler.sample() for _ in range(10_000))
+    sampler.chance = 1.0
+    assert all(sampler.sample() for _ in range(100))
+
+
+@pytest.mark.parametrize("seed", [0, 3, 2**64 - 1])
+def test_cores_identical_after_chance_changes(both_cores: tuple[ModuleType, ModuleType], seed: int) -> None:
+    c, p = both_cores
+    a, b = c.Sampler(0.01, seed=seed), p.Sampler(0.01, seed=seed)
+    for chance in (0.02, 0.0, 0.3, 1e-6, 1.0, 0.5):
+        assert [a.sample() for _ in range(500)] == [b.sample() for _ in range(500)]
+        a.chance = chance
+        b.chance = chance
+    assert [a.sample() for _ in range(5_000)] == [b.sample() for _ in range(5_000)]
+
+
+@pytest.mark.parametrize(("chance", "error"), [(float("nan"), ValueError), (1.5, ValueError), (True, TypeError),
+                                               (None, TypeError), (10**400, ValueError)])
+def test_bad_chance_set_is_named_and_changes_nothing(core: ModuleType, chance: object, error: type) -> None:
+    sampler = core.Sampler(0.25, seed=1)
+    with pytest.raises(error, match="chance") as info:
+        sampler.chance = chance
+    assert repr(chance)[:30] in str(info.value)
+    assert sampler.chance == 0.25
+
+
+def test_sampler_is_weakly_referenceable(core: ModuleType) -> None:
+    # The controller tracks live connections' samplers without keeping them alive.
+    import gc
+    import weakref
+
+    sampler = core.Sampler(0.1, seed=1)
+    ref = weakref.ref(sampler)
+    assert ref() is sampler
+    del sampler
+    gc.collect()
+    assert ref() is None
