@@ -145,3 +145,75 @@ def test_block_runs_as_written(block: Block, tmp_path: Path) -> None:
     assert marker == "", f"{block.id}: unknown marker {marker!r}"
     done = _run(block.code, tmp_path)
     assert done.returncode == 0, f"{block.id} failed:\n{done.stdout}\n{done.stderr}"
+
+
+def _readme() -> str:
+    return (ROOT / "README.md").read_text()
+
+
+def test_connection_life_table_follows_the_rule() -> None:
+    # README "How to choose chance": every cell is 1 / (chance x requests per second per client).
+    text = _readme()
+    table = text[text.index("<!-- table: connection-life -->"):].split("\n\n", 1)[0].splitlines()[1:]
+    chances = [float(c) for c in table[0].strip("|").split("|")[1:]]
+    rows = [line.strip("|").split("|") for line in table[2:]]
+    assert len(rows) >= 4
+    for row in rows:
+        rate = float(row[0].split()[0])
+        for chance, cell in zip(chances, row[1:], strict=True):
+            assert float(cell) == pytest.approx(1 / (chance * rate)), (rate, chance, cell)
+
+
+@pytest.mark.slow
+def test_chance_advice_matches_the_model() -> None:
+    # README "How to choose chance" quotes `demo --simulate` at its defaults (10,000 clients at 1 req/s).
+    done = subprocess.run([sys.executable, "-m", "goaway_ext", "demo", "--simulate", "--no-baseline",
+                           "--chance", "0.001,0.005,0.01,0.02"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    after = {line.split()[0]: line.split()[4:6] for line in done.stdout.splitlines() if line.startswith("chance=")}
+    assert after["chance=0.02"] == ["100", "s"] and after["chance=0.01"] == ["222", "s"], done.stdout
+    assert after["chance=0.005"][0] == "never" and after["chance=0.001"][0] == "never", done.stdout
+    text = _readme()
+    assert "`chance=0.02` (life 50 s) is back under a 1.25 max/min ratio 100 s after" in text
+    assert "`chance=0.01` (100 s) after 222 s" in text
+
+
+def _slug(heading: str) -> str:
+    # GitHub's anchor for a heading: lowercase, punctuation dropped, spaces to hyphens.
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_inside_the_readme_resolve() -> None:
+    text = _readme()
+    anchors = {_slug(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if target.startswith("#"):
+            assert target[1:] in anchors, target
+        elif not target.startswith(("http://", "https://")):
+            assert (ROOT / target.split("#")[0]).exists(), target
+
+
+@pytest.mark.slow
+def test_quick_start_commands(tmp_path: Path) -> None:
+    # README "Quick start": serve at chance 0.02, then load -n 5000: all succeed, about 100 GOAWAYs.
+    text = _readme()
+    section = text[text.index("## Quick start"):]
+    commands = re.search(r"```\n(.*?)```", section, re.S)
+    assert commands is not None
+    serve_line, load_line = [shlex.split(_with_port(line, _free_port())) for line in commands.group(1).splitlines()]
+    assert serve_line[:4] == ["python", "-m", "goaway_ext", "serve"] and load_line[3] == "load"
+    port = int(serve_line[serve_line.index("--port") + 1])
+    load_line[4] = re.sub(r":\d+/", f":{port}/", load_line[4])
+    server = subprocess.Popen([sys.executable, *serve_line[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        _wait_for_port(port, server)
+        done = subprocess.run([sys.executable, *load_line[1:], "--no-progress"], capture_output=True, text=True,
+                              timeout=300)
+    finally:
+        _stop(server)
+    assert done.returncode == 0, done.stderr
+    assert "5000 total, 5000 succeeded, 0 failed" in done.stdout, done.stdout
+    goaways = int(re.search(r"(\d+) GOAWAYs received", done.stdout).group(1))  # type: ignore[union-attr]
+    assert 50 <= goaways <= 160, done.stdout  # Binomial(5000, 0.02): mean 100, sd 10
+    assert "0 failed" in section and "about 100 GOAWAYs received" in section
