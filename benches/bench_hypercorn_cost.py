@@ -18,7 +18,7 @@ instruction it adds is overhead.
 
 Usage::
 
-    python benches/bench_hypercorn_cost.py [--quick] [--idle N] [--no-callgrind]
+    python benches/bench_hypercorn_cost.py [--quick] [--idle N] [--rows request,lifecycle,memory]
 
 Targets (issue 14): per request <= 1.003x, per lifecycle <= 1.03x, idle
 memory <= +1 KiB per connection.
@@ -55,6 +55,31 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 # -- the server side (a subprocess) ----------------------------------------------------
 
 
+def _install_bare_server_connection() -> None:
+    """The floor: stock hypercorn whose h2 connection is swapped for a bare ``ServerConnection``.
+
+    What ``ServerConnection`` itself costs per request, without the
+    integration around it (no drain can run: nothing drives its timers).
+    """
+    import hypercorn.protocol
+    from h2.config import H2Configuration
+    from hypercorn.protocol.h2 import H2Protocol
+
+    from goaway_ext import GoawayPolicy, ServerConnection
+
+    policy = GoawayPolicy(0.0, max_requests=10**9)
+
+    class Floor(H2Protocol):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            connection = ServerConnection(H2Configuration(client_side=False, header_encoding=None), policy=policy)
+            connection.local_settings = self.connection.local_settings
+            self.connection = connection
+
+    hypercorn.protocol.H2Protocol = Floor  # type: ignore[attr-defined]
+
+
+
 def serve(kind: str, fd: int, trace: bool) -> None:
     """Run one hypercorn asyncio worker on the inherited socket until SIGTERM.
 
@@ -82,6 +107,8 @@ def serve(kind: str, fd: int, trace: bool) -> None:
         from goaway_ext.hypercorn import enable_goaway
 
         enable_goaway(config, GoawayPolicy(0.0))
+    elif kind == "floor":
+        _install_bare_server_connection()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -248,22 +275,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs (less exact)")
     parser.add_argument("--idle", type=int, default=2000, help="idle connections for the memory row (2000)")
-    parser.add_argument("--no-callgrind", action="store_true", help="only the memory row")
+    parser.add_argument("--rows", default="request,lifecycle,memory",
+                        help="which rows, comma-separated (request,lifecycle,memory)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure stock hypercorn with a bare ServerConnection swapped in")
     args = parser.parse_args()
+    wanted = set(args.rows.split(","))
 
     print("hypercorn 0.18 asyncio worker: stock vs goaway_ext at chance 0")
-    if not args.no_callgrind:
+    if wanted & {"request", "lifecycle"}:
         if shutil.which("valgrind") is None:
             print("  valgrind not installed (apt-get install valgrind): instruction rows skipped")
         else:
-            rows = [("per request (1 connection, sequential GETs)", requests, 50, 250 if args.quick else 550, 1.003),
-                    ("per connection lifecycle (connect, handshake, 1 GET, close)", lifecycles, 20,
+            rows = [("request", "per request (1 connection, sequential GETs)", requests, 50,
+                     250 if args.quick else 550, 1.003),
+                    ("lifecycle", "per connection lifecycle (connect, handshake, 1 GET, close)", lifecycles, 20,
                      100 if args.quick else 220, 1.03)]
-            for title, work, short, long, target in rows:
+            for key, title, work, short, long, target in rows:
+                if key not in wanted:
+                    continue
                 stock = per_unit("stock", work, short, long)
                 ours = per_unit("goaway", work, short, long)
                 print(f"  {title}: stock {stock / 1e3:,.1f}k instr, goaway_ext {ours / 1e3:,.1f}k instr, "
                       f"ratio {ours / stock:.4f} (target <= {target})")
+                if args.floor:
+                    floor = per_unit("floor", work, short, long)
+                    print(f"    of which ServerConnection alone (bare swap into stock H2Protocol): "
+                          f"{floor / 1e3:,.1f}k instr, ratio {floor / stock:.4f}")
+    if "memory" not in wanted:
+        return
     stock_traced, stock_rss = idle_memory("stock", args.idle)
     ours_traced, ours_rss = idle_memory("goaway", args.idle)
     print(f"  idle connection memory ({args.idle} connections): tracemalloc stock {stock_traced / 1024:.2f} KiB, "

@@ -31,8 +31,10 @@ The hook, and everything it touches in hypercorn
   ``loop.call_later`` handle only while a deadline is scheduled; on trio, one
   timer task per connection. It uses the attributes ``connection``, ``config``,
   ``context`` (``terminated``, ``event_class``), ``task_group.spawn``, ``send``
-  and ``closed`` (made a property, to learn of the end without overriding
-  ``handle``), and overrides the public method ``initiate``; no private method.
+  and ``closed``, and overrides the public methods ``initiate`` and
+  ``send_task`` (hypercorn's sending task, which ends when the connection
+  does: that is how the end is learnt without a hook on every event); no
+  private method.
 - hypercorn calls ``close_connection()`` in two places (request budget spent;
   idle during shutdown) and ``reset_stream(id)`` in one (a request after
   shutdown began). The connection class here turns the first into a graceful
@@ -80,7 +82,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import h2.config
 import h2.settings
@@ -413,7 +415,7 @@ class GoawayH2Protocol(H2Protocol):
     attributes and ``h2`` settings are exactly those of a stock ``H2Protocol``.
     """
 
-    __slots__ = ("_armed", "_closed", "_draining", "_goaway", "_logged", "_meter", "_send_to_server",
+    __slots__ = ("_armed", "_draining", "_goaway", "_logged", "_meter", "_send_to_server",
                  "_shutdown_seen", "_timer", "_wake", "_worker")
 
     def __init__(self, app: Any, config: Config, context: Any, task_group: Any, connection_state: Any,
@@ -481,20 +483,17 @@ class GoawayH2Protocol(H2Protocol):
         else:
             self._arm()
 
-    @property
-    def closed(self) -> bool:
-        """hypercorn's flag, set once when the connection ends; setting it also ends our part.
+    async def send_task(self) -> None:
+        """hypercorn's sending task; when it ends, the connection has ended, and so does our part.
 
-        A property rather than an override of ``handle``, so the events of a
-        connection that is not draining pass through no extra coroutine.
+        Learning of the end here, rather than by overriding ``handle`` or
+        making ``closed`` a property, costs nothing per event or per request.
         """
-        return self._closed
-
-    @closed.setter
-    def closed(self, value: bool) -> None:
-        self._closed = value
-        if value and self._goaway is not None:
-            self._on_closed()
+        try:
+            await H2Protocol.send_task(self)
+        finally:
+            if self._goaway is not None:
+                self._on_closed()
 
     # -- internals -------------------------------------------------------------------------
 
@@ -527,7 +526,14 @@ class GoawayH2Protocol(H2Protocol):
             self._report()
             self._log_drain()
         if self._wake is not None:
-            self.task_group.spawn(self._wake.set)  # ends the trio timer task
+            self._spawn(self._wake.set)  # ends the trio timer task
+
+    def _spawn(self, func: Callable[..., Awaitable[None]], *args: Any) -> bool:
+        try:
+            self.task_group.spawn(func, *args)
+        except RuntimeError:  # the connection's task group is already closing (worker shutdown)
+            return False
+        return True
 
     async def _send_through(self, event: Any) -> None:
         # While draining, our timer owns the close: hypercorn's idle timer
@@ -638,7 +644,10 @@ class GoawayH2Protocol(H2Protocol):
                 f"last_stream_id={connection.last_stream_id} requests={stats.requests_seen} "
                 f"goaways={stats.goaways_sent} refused={stats.streams_refused} cut={stats.streams_cut}: {outcome}")
         log.info(line)
-        self.task_group.spawn(self.config.log.info, line)
+        if not self._spawn(self.config.log.info, line):
+            error_logger = getattr(self.config.log, "error_logger", None)
+            if error_logger is not None:
+                error_logger.info(line)
 
 
 # -- worker processes ------------------------------------------------------------------
@@ -866,8 +875,16 @@ def main(argv: list[str] | None = None) -> int:
     """
     import hypercorn.__main__ as hypercorn_main
 
+    global _PROG
+    if argv is None and sys.argv and Path(sys.argv[0]).name == "goaway-ext-hypercorn":
+        _PROG = "goaway-ext-hypercorn"  # the console script names itself
     args_list = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
+    if "--version" in args_list:
+        from . import __version__
+
+        print(f"goaway_ext {__version__}")
+        return 0
     if any(arg in ("-h", "--help") for arg in args_list):
         parser.print_help()
         print("\nhypercorn's options follow.\n")
@@ -877,7 +894,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {key: value for key, value in vars(ours).items() if value is not None}
     hypercorn_run = hypercorn_main.run  # type: ignore[attr-defined]
 
+    stock_error = argparse.ArgumentParser.error
+
+    def one_line_error(self: argparse.ArgumentParser, message: str) -> NoReturn:
+        # hypercorn's parser would print its 30-line usage before the error.
+        self.exit(2, f"{_PROG}: {message} (see {_PROG} --help)\n")
+
     def run_with_goaway(config: Config) -> int:
+        argparse.ArgumentParser.error = stock_error  # type: ignore[method-assign]
         for key, value in overrides.items():
             setattr(config, key, value)
         problem = _app_problem(config.application_path, load=config.workers == 0)
@@ -899,12 +923,15 @@ def main(argv: list[str] | None = None) -> int:
         return run(config)
 
     hypercorn_main.run = run_with_goaway  # type: ignore[attr-defined]
+    # Only while hypercorn parses its options; put back before anything else runs.
+    argparse.ArgumentParser.error = one_line_error  # type: ignore[method-assign]
     sys_argv0 = sys.argv[0] if sys.argv else ""
     if sys.argv:
         sys.argv[0] = _PROG  # hypercorn's usage and errors then name this command
     try:
         return int(hypercorn_main.main(rest))
     finally:
+        argparse.ArgumentParser.error = stock_error  # type: ignore[method-assign]
         hypercorn_main.run = hypercorn_run  # type: ignore[attr-defined]
         if sys.argv:
             sys.argv[0] = sys_argv0

@@ -701,3 +701,25 @@ def test_startup_logs_the_effective_policy_in_one_line(tmp_path: Path) -> None:
         lines = [line for line in server.log if "goaway_ext: HTTP/2 connections follow" in line]
     assert len(lines) == 1
     assert "GoawayPolicy(chance=0.001, max_requests=50," in lines[0] and "mode='graceful'" in lines[0]
+
+
+def test_no_application_or_an_unknown_option_is_one_line_not_hypercorns_whole_usage() -> None:
+    for args, needle in [((), "the following arguments are required: application"),
+                         ((APP, "--no-such-option"), "unrecognized arguments: --no-such-option")]:
+        result = _wrapper(*args)
+        assert result.returncode == 2
+        prog = "python -m goaway_ext.hypercorn"
+        assert result.stderr == f"{prog}: {needle} (see {prog} --help)\n"
+
+
+def test_version_and_the_console_script_name_itself() -> None:
+    import goaway_ext
+
+    result = _wrapper("--version")
+    assert (result.returncode, result.stdout) == (0, f"goaway_ext {goaway_ext.__version__}\n")
+    script = Path(sys.executable).parent / "goaway-ext-hypercorn"
+    if not script.exists():
+        pytest.skip(f"console scripts are not installed next to {sys.executable}")
+    usage = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: goaway-ext-hypercorn ")
+    assert "usage: goaway-ext-hypercorn [-h]" in usage.stdout
