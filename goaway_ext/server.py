@@ -64,10 +64,19 @@ class DrainState(enum.Enum):
         to NOTICE in mode ``graceful``, to DRAINING in mode ``single``, to
         IDLE_WAIT in mode ``idle``.
     ``IDLE_WAIT``
-        (mode ``idle``) No GOAWAY yet; keep serving. The moment no stream is
-        open, send one GOAWAY(highest stream id) and go to DRAINING. If
-        ``grace`` passes first, fall back to ``graceful``: NOTICE, with a new
-        ``grace`` window counted from then.
+        (mode ``idle``) No GOAWAY yet; keep serving. When no stream is open,
+        send a PING (one at a time). Its ACK proves the client has read every
+        response sent before it. If no stream was opened since the PING, and
+        none is opened for ``ping_timeout`` after the ACK either, send one
+        GOAWAY(highest stream id) and go to DRAINING: the client has read
+        everything and has stayed idle. Any stream opened in between starts
+        it over at the next idle moment (at most one PING per
+        ``ping_timeout`` while the client stays busy). A client that does not
+        read while idle never answers: it keeps the connection until it
+        closes it itself. Nothing is sent after that GOAWAY (see
+        :meth:`ServerConnection._idle_check`). If ``grace`` passes first,
+        fall back to ``graceful``: NOTICE, with a new ``grace`` window
+        counted from then.
     ``NOTICE``
         GOAWAY(2^31-1) and a PING are out; new streams are still served,
         because the client may have opened them before it read the GOAWAY.
@@ -116,7 +125,8 @@ class ConnectionStats:
     """Counters of one connection, a snapshot (``ServerConnection.stats``).
 
     ``requests_seen`` counts requests handed to the application (refused ones
-    excluded); ``streams_refused`` the late streams reset with REFUSED_STREAM;
+    excluded); ``streams_refused`` the late streams reset with REFUSED_STREAM
+    (in mode ``idle``, after its GOAWAY, refused by the GOAWAY alone);
     ``streams_cut`` the streams reset with CANCEL when ``grace`` ran out;
     ``drain_duration`` seconds from drain start to DRAINED (None before).
     """
@@ -145,10 +155,10 @@ class ServerConnection(H2Connection):
     # which slows down every attribute access inside h2 itself (measured: +5% per
     # request). With slots, h2's own code runs exactly as fast as on H2Connection.
     __slots__ = (
-        "_admit", "_age_deadline", "_clock", "_close_at", "_decider", "_drain_duration", "_drain_started", "_final_id",
-        "_goaways_sent", "_grace_deadline", "_mode", "_pending", "_pending_split", "_ping_deadline",
-        "_ping_opaque", "_policy", "_queued", "_queued_at", "_reason", "_requests_left", "_requests_seen",
-        "_sampler", "_state", "_streams_cut", "_streams_refused",
+        "_acked", "_admit", "_age_deadline", "_clock", "_close_at", "_decider", "_drain_duration", "_drain_started",
+        "_final_id", "_goaways_sent", "_grace_deadline", "_mode", "_pending", "_pending_split", "_ping_deadline",
+        "_ping_opaque", "_ping_prefix", "_pings", "_policy", "_probe_high", "_queued", "_queued_at", "_reason",
+        "_requests_left", "_requests_seen", "_sampler", "_silent", "_state", "_streams_cut", "_streams_refused",
     )
 
     def __init__(
@@ -188,8 +198,13 @@ class ServerConnection(H2Connection):
         self._reason = ""
         self._drain_started: float | None = None
         self._final_id: int | None = None
-        self._ping_opaque: bytes | None = None
+        self._ping_opaque: bytes | None = None  # the drain PING whose ACK we wait for
+        self._ping_prefix = b""  # first 4 opaque bytes of every drain PING of this connection
+        self._pings = 0
+        self._acked = False  # idle mode: the probe was answered while idle; now in the quiet period
+        self._probe_high = 0  # idle mode: highest stream id when the outstanding PING went out
         self._ping_deadline: float | None = None
+        self._silent = False  # mode idle, GOAWAY sent at a proven idle moment: it is the last frame
         self._grace_deadline: float | None = None
         self._close_at: float | None = None
         self._requests_seen = 0
@@ -286,6 +301,10 @@ class ServerConnection(H2Connection):
             return _H2_DATA_TO_SEND(self, amount)
         self._progress(self._clock())
         pending = self._pending
+        if self._silent and not pending:
+            # The idle GOAWAY is out: nothing may follow it (see _idle_check).
+            self.clear_outbound_data_buffer()
+            return b""
         if amount is None:
             if self._pending_split:
                 # A frame of ours was cut by an earlier ``amount``: its rest
@@ -337,7 +356,7 @@ class ServerConnection(H2Connection):
         state = self._state
         if state is _SERVING:
             return self._age_deadline
-        if state is _NOTICE:
+        if state is _NOTICE or state is _IDLE_WAIT:
             ping, grace = self._ping_deadline, self._grace_deadline
             if ping is None or (grace is not None and grace < ping):
                 return grace
@@ -363,6 +382,8 @@ class ServerConnection(H2Connection):
                 assert self._policy.grace is not None
                 self._grace_deadline = now + self._policy.grace
                 self._send_notice(now)
+            elif self._ping_deadline is not None and now >= self._ping_deadline:
+                self._idle_check(now, acked=False)
         elif state is _NOTICE:
             if grace is not None and now >= grace:
                 self._expire(now)
@@ -422,14 +443,69 @@ class ServerConnection(H2Connection):
             self._move(_IDLE_WAIT)
             self._progress(now)
 
+    def _new_ping(self, now: float) -> None:
+        # Each drain PING has its own opaque (same 4-byte prefix, a counter), so
+        # the ACK of an abandoned probe is still recognised as ours and
+        # swallowed, but never taken for the ACK of the current one.
+        if not self._ping_prefix:
+            self._ping_prefix = os.urandom(4)
+        self._pings += 1
+        self._ping_opaque = self._ping_prefix + self._pings.to_bytes(4, "big")
+        self._pending += encode_ping(self._ping_opaque)
+        self._ping_deadline = now + self._policy.ping_timeout
+
+    def _send_probe(self, now: float) -> None:
+        # Mode idle, no stream open: ask the client to prove it read everything.
+        self._probe_high = self.highest_inbound_stream_id
+        self._new_ping(now)
+
+    def _idle_check(self, now: float, acked: bool) -> None:
+        """Mode idle: the probe PING was answered (``acked``), or a deadline passed.
+
+        Why this much care: httpcore (under httpx) fails every request that is
+        waiting to read when it reads a GOAWAY, even one whose response came
+        in the same read, and a request it has just assigned to the connection
+        fails too if another task reads the GOAWAY before that request's
+        HEADERS are written. The ACK arrives after the client read every byte
+        sent before the PING; ``ping_timeout`` of quiet after it means the
+        client is not about to use the connection. A client whose pool
+        expires idle connections sooner than that (httpx: 5 s) closes this
+        one itself and never reads the GOAWAY.
+
+        That GOAWAY is the last frame the connection sends: ``h2``-based
+        clients go CLOSED on a GOAWAY and fail on any frame after it in the
+        same read (a RST_STREAM for a stream that crossed it, a WINDOW_UPDATE,
+        a PING ACK), losing the GOAWAY's own event. Streams above the
+        last-stream-id are still refused, without RST_STREAM: RFC 9113 §6.8
+        lets the sender of a GOAWAY ignore them, and its last-stream-id
+        already tells the client they were not processed.
+        """
+        idle = self.open_inbound_streams == 0 and self.highest_inbound_stream_id == self._probe_high
+        if acked:
+            self._ping_opaque = None
+            if idle:  # every response read; now the quiet period
+                self._acked = True
+                self._ping_deadline = now + self._policy.ping_timeout
+                return
+        elif idle:
+            self._ping_deadline = None
+            if self._acked:
+                self._silent = True
+                self._send_final(now)
+            # else: no ACK yet; the client reads nothing while idle. Its ACK decides, when it comes.
+            return
+        # A stream was opened since the PING: ask again at the next idle moment.
+        self._ping_opaque = None
+        self._ping_deadline = None
+        self._acked = False
+        self._progress(now)
+
     def _send_notice(self, now: float) -> None:
         # RFC 9113 §6.8: GOAWAY(2^31-1) then a PING; the ACK proves the client
         # has read the GOAWAY, so every stream it opened before is here.
-        self._ping_opaque = os.urandom(8)
         self._pending += encode_goaway(MAX_STREAM_ID)
-        self._pending += encode_ping(self._ping_opaque)
+        self._new_ping(now)
         self._goaways_sent += 1
-        self._ping_deadline = now + self._policy.ping_timeout
         self._move(_NOTICE)
         self._queue(GoawaySent(last_stream_id=MAX_STREAM_ID, final=False, reason=self._reason), now)
         log.debug("drain (%s): GOAWAY(last_stream_id=%d) and PING sent", self._reason, MAX_STREAM_ID)
@@ -448,8 +524,8 @@ class ServerConnection(H2Connection):
     def _progress(self, now: float) -> None:
         state = self._state
         if state is _IDLE_WAIT:
-            if self.open_inbound_streams == 0:
-                self._send_final(now)
+            if self._ping_opaque is None and not self._acked and self.open_inbound_streams == 0:
+                self._send_probe(now)
         elif state is _DRAINING and self.open_inbound_streams == 0:
             self._finish(now, self._policy.linger)
 
@@ -499,7 +575,8 @@ class ServerConnection(H2Connection):
             if stream is None or stream.closed:
                 return False
             stream.reset_stream(code)
-            self._pending += encode_rst_stream(stream_id, code)
+            if not self._silent:
+                self._pending += encode_rst_stream(stream_id, code)
         return True
 
     def _receive_draining(self, events: list[ServerEvent], start: int, out: list[ServerEvent]) -> list[ServerEvent]:
@@ -521,10 +598,17 @@ class ServerConnection(H2Connection):
                     continue
                 self._requests_seen += 1
             elif cls is PingAckReceived:
-                if self._ping_opaque is not None and event.ping_data == self._ping_opaque:  # type: ignore[union-attr]
-                    if self._state is _NOTICE:
-                        self._send_final(self._clock())
-                        final = self._final_id
+                data = event.ping_data  # type: ignore[union-attr]
+                if self._ping_prefix and data[:4] == self._ping_prefix:  # ours: the application never sees it
+                    if data == self._ping_opaque:
+                        if self._state is _NOTICE:
+                            self._send_final(self._clock())
+                            final = self._final_id
+                        elif self._state is _IDLE_WAIT:
+                            self._idle_check(self._clock(), acked=True)
+                            final = self._final_id
+                        else:
+                            self._ping_opaque = None
                     out.extend(self._queued)
                     self._queued.clear()
                     continue

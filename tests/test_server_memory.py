@@ -169,12 +169,18 @@ def test_idle_waits_for_no_open_stream() -> None:
     assert p.to_client()[0] == ["HEADERS(1)", "DATA(1)+END"]
     p.respond(second)
     frames, _ = p.to_client()
-    assert frames == ["HEADERS(3)", "DATA(3)+END", "GOAWAY(3)"]
-    assert p.server.is_drained
+    # Idle: a PING first; the GOAWAY only once its ACK proves the client read
+    # everything and ping_timeout (5 s) passed without a new stream (test_idle_mode.py).
+    assert frames == ["HEADERS(3)", "DATA(3)+END", "PING"]
+    assert p.server.last_stream_id is None
+    assert ours(p.to_server()) == []
+    p.clock.now += 5.0
     assert p.server.handle_timer(p.clock.now) == [
         GoawaySent(last_stream_id=3, final=True, reason="chance"),
-        ConnectionDrained(last_stream_id=3, reason="chance", duration=0.0),
+        ConnectionDrained(last_stream_id=3, reason="chance", duration=5.0),
     ]
+    assert p.to_client()[0] == ["GOAWAY(3)"]
+    assert p.server.is_drained
 
 
 def test_idle_falls_back_to_graceful_after_grace() -> None:
