@@ -20,7 +20,7 @@ GRPCLIB_OLDEST := 0.4.7
 GRPCLIB_NEWEST := 0.4.9
 
 .PHONY: help install system-tools test lint typecheck pytest pytest-cython pytest-python \
-        contract contract-hypercorn contract-grpclib wheel wheel-test demo bench fuzz soak asan clean
+        contract contract-hypercorn contract-grpclib wheel wheel-test demo bench bench-tools fuzz soak asan clean
 
 help:
 	@echo "make demo   install, then run the rebalance demonstration"
@@ -162,8 +162,23 @@ test: system-tools install lint typecheck pytest contract contract-hypercorn con
 demo: system-tools install
 	$(PY) -m goaway_ext demo $(DEMO_ARGS)
 
-bench: install
-	@for b in benches/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+# Wall-clock benches first (short runs: confirmation only), then ONE table with
+# every ratio and its target (benches/bench_instructions.py: callgrind
+# instruction counts, bytes per idle connection, the wall-clock ratios). The
+# hypercorn cost script's rows are in that table. BENCH_ARGS=--full: longer runs.
+bench: system-tools bench-tools install
+	@for b in benches/bench_*.py; do \
+	  case $$b in *bench_instructions.py|*bench_hypercorn_cost.py) continue;; esac; \
+	  echo "== $$b"; $(PY) $$b $(if $(filter --full,$(BENCH_ARGS)),,--quick) || exit 1; done
+	@echo "== benches/bench_instructions.py"; $(PY) benches/bench_instructions.py $(filter-out --full,$(BENCH_ARGS))
+
+# valgrind (callgrind) counts the instructions of the benchmark table; only as root and only when missing.
+bench-tools:
+	@command -v valgrind >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian package: valgrind"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; \
+	  else echo "note: valgrind missing (not root): the instruction rows will be skipped"; fi; }
 
 clean:
 	rm -rf build dist wheelhouse .venv-h2-* .venv-httpcore-* .venv-hypercorn-* .venv-grpclib-* goaway_ext/_core_c.c goaway_ext/*.so *.egg-info

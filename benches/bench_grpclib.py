@@ -301,7 +301,10 @@ def main() -> None:
     parser.add_argument("--grpcio-rpcs", type=int, default=2000)
     parser.add_argument("--serve", choices=["stock", "goaway"], help=argparse.SUPPRESS)
     parser.add_argument("--exit-after", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and RPCs (make bench)")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.rpcs = 3, 2000
     if args.serve:
         serve(args.serve, args.chance, args.exit_after)
         return

@@ -249,13 +249,16 @@ class GoawayPolicy:
         """
         with self._lock:
             conn_seed = self._seeds.getrandbits(64)
-        rng = random.Random(conn_seed)
         limit: int | None = None
-        if self._max_requests is not None:
-            limit = max(1, round(self._max_requests * self._spread(rng)))
         deadline: float | None = None
-        if self._max_age is not None:
-            deadline = now + self._max_age * self._spread(rng)
+        if self._max_requests is not None or self._max_age is not None:
+            # A generator only when there is something to jitter: building one
+            # costs more than the rest of the budget (most policies set chance only).
+            rng = random.Random(conn_seed)
+            if self._max_requests is not None:
+                limit = max(1, round(self._max_requests * self._spread(rng)))
+            if self._max_age is not None:
+                deadline = now + self._max_age * self._spread(rng)
         fair = self._fair_share
         if fair is not None:
             # Always a sampler: the controller may raise the chance later.

@@ -1,0 +1,540 @@
+"""Every overhead ratio of goaway_ext in ONE table, each with its target (``make bench``).
+
+Instruction rows are deterministic: the measured process runs under
+``valgrind --tool=callgrind`` twice, once for a short and once for a long run
+of the same work, and the difference divided by the extra work is the cost of
+one unit, so interpreter start-up, imports and shutdown cancel. Wall-clock
+noise on a shared machine (±20% between rounds) does not move them.
+
+- in memory, server side: recorded client bytes (handshake, then one GET per
+  chunk) are replayed into ``ServerConnection`` and into ``H2Connection``; the
+  server answers each request. Chance 0, chance 0.001 (a seed whose first
+  drain lies beyond the run, so the sampler counts down without firing), and
+  chance 0.001 with ``serve``'s ``/stats`` decider.
+- in memory, client + server pair: ``ClientConnection`` + ``ServerConnection``
+  (chance 0.001, no drain) against ``H2Connection`` on both sides.
+- ``serve`` against ``serve --plain-h2`` (same asyncio server, h2's own
+  connection): per request on one connection, and per connection lifecycle
+  (connect, handshake, one GET, close). A Python h2 client outside valgrind
+  drives real sockets on 127.0.0.1.
+- hypercorn + goaway_ext against stock hypercorn: the same two rows, from
+  ``bench_hypercorn_cost.py`` (its server and client).
+- bytes per idle connection: ``tracemalloc`` of one connection object after
+  its handshake and one request (in memory), RSS of ``serve`` holding N idle
+  connections, tracemalloc of the hypercorn worker holding N.
+- wall-clock rows (best of interleaved rounds): ``Sampler.sample()`` against
+  ``random.random() < p``, ``encode_goaway`` against hyperframe, the scanner
+  against its pure twin, ``python -m goaway_ext load`` against h2load on the
+  same ``serve``; and the size of the compiled module.
+
+Usage: python benches/bench_instructions.py [--quick] [--only ROW-PREFIX ...] [--idle N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pickle
+import random
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE.parent))
+
+REQUEST = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"bench")]
+RESPONSE = [(b":status", b"200"), (b"content-type", b"text/plain"), (b"content-length", b"5")]
+CHANCE = 0.001
+
+
+# -- what runs under valgrind ----------------------------------------------------------------
+
+
+def _no_drain_seed(requests: int) -> int:
+    """A policy seed whose first connection draws no drain within ``requests`` requests at CHANCE."""
+    from goaway_ext import _core_py
+
+    for seed in range(1, 10_000):
+        conn_seed = random.Random(seed).getrandbits(64)
+        if _core_py.Sampler(CHANCE, seed=conn_seed)._countdown > requests + 10:
+            return seed
+    raise RuntimeError("no seed found")
+
+
+def _server_factory(variant: str, requests: int) -> Callable[[], Any]:
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+
+    from goaway_ext import GoawayPolicy, ServerConnection
+    from goaway_ext.asyncio_server import exempt_stats
+
+    if variant == "plain":
+        return lambda: H2Connection(H2Configuration(client_side=False, header_encoding=None))
+    seed = _no_drain_seed(requests)
+    policies = {
+        "chance0": GoawayPolicy(0.0),
+        "chance": GoawayPolicy(CHANCE, seed=seed),
+        "decider": GoawayPolicy(CHANCE, seed=seed, decider=exempt_stats),
+    }
+    policy = policies[variant]
+    return lambda: ServerConnection(policy=policy)
+
+
+def run_replay(variant: str, count: int, recording: str) -> None:
+    """Server side only: replay the first ``count`` recorded request chunks."""
+    from h2.events import RequestReceived
+
+    with open(recording, "rb") as file:
+        chunks: list[bytes] = pickle.load(file)
+    server = _server_factory(variant, len(chunks))()
+    server.initiate_connection()
+    server.data_to_send()
+    for chunk in chunks[: 2 + count]:
+        for event in server.receive_data(chunk):
+            if event.__class__ is RequestReceived:
+                server.send_headers(event.stream_id, RESPONSE)
+                server.send_data(event.stream_id, b"hello", end_stream=True)
+        server.data_to_send()
+    if getattr(server, "is_draining", False):
+        raise SystemExit("the server started a drain: the row would measure a drain, not the hot path")
+
+
+def run_pair(variant: str, count: int) -> None:
+    """Client and server in one process, bytes handed across in memory."""
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    from h2.events import DataReceived, RequestReceived
+
+    from goaway_ext import ClientConnection
+
+    config = H2Configuration(client_side=True, header_encoding=None)
+    client = H2Connection(config) if variant == "plain" else ClientConnection(config)
+    server = _server_factory("plain" if variant == "plain" else "chance", count)()
+    client.initiate_connection()
+    server.initiate_connection()
+    for _ in range(2):
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+    for _ in range(count):
+        stream_id = client.get_next_available_stream_id()
+        client.send_headers(stream_id, REQUEST, end_stream=True)
+        for event in server.receive_data(client.data_to_send()):
+            if event.__class__ is RequestReceived:
+                server.send_headers(event.stream_id, RESPONSE)
+                server.send_data(event.stream_id, b"hello", end_stream=True)
+        for event in client.receive_data(server.data_to_send()):
+            if event.__class__ is DataReceived:
+                client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+    if getattr(server, "is_draining", False):
+        raise SystemExit("the server started a drain: the row would measure a drain, not the hot path")
+
+
+def record(path: Path, requests: int) -> None:
+    """Client bytes for the replay: handshake, SETTINGS ACK, then one chunk per GET."""
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    from h2.events import DataReceived, RequestReceived
+
+    client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    server = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+    client.initiate_connection()
+    server.initiate_connection()
+    chunks = []
+    for _ in range(2):
+        chunks.append(client.data_to_send())
+        server.receive_data(chunks[-1])
+        client.receive_data(server.data_to_send())
+    for _ in range(requests):
+        stream_id = client.get_next_available_stream_id()
+        client.send_headers(stream_id, REQUEST, end_stream=True)
+        chunks.append(client.data_to_send())
+        for event in server.receive_data(chunks[-1]):
+            if isinstance(event, RequestReceived):
+                server.send_headers(event.stream_id, RESPONSE)
+                server.send_data(event.stream_id, b"hello", end_stream=True)
+        for event in client.receive_data(server.data_to_send()):
+            if isinstance(event, DataReceived):
+                client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+    path.write_bytes(pickle.dumps(chunks))
+
+
+# -- callgrind plumbing ---------------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONHASHSEED="0",
+                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
+def _total(path: Path) -> int:
+    for line in path.read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {path}")
+
+
+def _callgrind(argv: list[str], tmp: Path) -> int:
+    out = tmp / f"cg-{time.monotonic_ns()}.out"
+    subprocess.run(["valgrind", "--tool=callgrind", "-q", f"--callgrind-out-file={out}",
+                    sys.executable, *argv], check=True, env=_env(), timeout=1800)
+    return _total(out)
+
+
+def in_process_per_unit(mode: str, variant: str, short: int, long: int, tmp: Path, *extra: str) -> float:
+    counts = [_callgrind([str(HERE), "_run", mode, variant, str(n), *extra], tmp) for n in (short, long)]
+    return (counts[1] - counts[0]) / (long - short)
+
+
+class Serve:
+    """``python -m goaway_ext serve`` (chance 0, like the h2load rows) in a subprocess, maybe under valgrind."""
+
+    def __init__(self, plain: bool, wrapper: list[str]) -> None:
+        command = [*wrapper, sys.executable, "-m", "goaway_ext", "serve", "--port", "0", "--chance", "0",
+                   "--log-level", "WARNING", *(["--plain-h2"] if plain else [])]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                        env=_env())
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line.startswith("listening on"):
+            self.process.kill()
+            raise RuntimeError(f"serve did not start: {line!r}")
+        self.port = int(line.strip().rsplit(":", 1)[1])
+
+    def rss(self) -> int:
+        with open(f"/proc/{self.process.pid}/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def serve_per_unit(plain: bool, work: Callable[[int, int], None], short: int, long: int, tmp: Path) -> float:
+    counts = []
+    for amount in (short, long):
+        out = tmp / f"serve-{plain}-{amount}-{time.monotonic_ns()}.out"
+        server = Serve(plain, ["valgrind", "--tool=callgrind", "-q", f"--callgrind-out-file={out}"])
+        try:
+            work(server.port, amount)
+        finally:
+            server.stop()
+        counts.append(_total(out))
+    return (counts[1] - counts[0]) / (long - short)
+
+
+# -- memory ---------------------------------------------------------------------------------
+
+
+def connection_bytes(variant: str, count: int = 500) -> float:
+    """tracemalloc bytes per server connection object, after its handshake and one request."""
+    import gc
+    import tracemalloc
+
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    from h2.events import RequestReceived
+
+    make = _server_factory(variant, 10)
+    client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    client.send_headers(1, REQUEST, end_stream=True)
+    hello = client.data_to_send()
+
+    def one() -> Any:
+        server = make()
+        server.initiate_connection()
+        for event in server.receive_data(hello):
+            if event.__class__ is RequestReceived:
+                server.send_headers(event.stream_id, RESPONSE)
+                server.send_data(event.stream_id, b"hello", end_stream=True)
+        server.data_to_send()
+        return server
+
+    held = [one() for _ in range(20)]
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    held += [one() for _ in range(count)]
+    gc.collect()
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return (after - before) / count
+
+
+def serve_idle_rss(plain: bool, count: int) -> float:
+    import bench_hypercorn_cost as hc
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    server = Serve(plain, [])
+    held: list[tuple[socket.socket, Any]] = []
+    try:
+        for _ in range(20):
+            held.append(hc._open(server.port))
+            hc._get(*held[-1])
+        time.sleep(0.2)
+        before = server.rss()
+        for _ in range(count):
+            held.append(hc._open(server.port))
+            hc._get(*held[-1])
+        time.sleep(0.5)
+        after = server.rss()
+    finally:
+        for sock, _ in held:
+            sock.close()
+        server.stop()
+    return (after - before) / count
+
+
+# -- wall-clock rows ---------------------------------------------------------------------------
+
+
+def wall_core() -> dict[str, float]:
+    """Ratios from the core micro-benchmarks (compiled core; best of interleaved rounds)."""
+    import struct
+
+    from _timing import best_per_call
+    from hyperframe.frame import GoAwayFrame
+
+    from goaway_ext import _core_c, _core_py
+
+    rand = random.random
+    sample = _core_c.Sampler(CHANCE, seed=1).sample
+    encode = _core_c.encode_goaway
+
+    def baseline(n: int) -> None:
+        for _ in range(n):
+            rand() < CHANCE  # noqa: B015
+
+    def empty(n: int) -> None:
+        for _ in range(n):
+            pass
+
+    def sampled(n: int) -> None:
+        for _ in range(n):
+            sample()
+
+    def hyper(n: int) -> None:
+        for _ in range(n):
+            GoAwayFrame(0, last_stream_id=12345, error_code=0).serialize()
+
+    def ours(n: int) -> None:
+        for _ in range(n):
+            encode(12345)
+
+    times = best_per_call({"random": baseline, "empty": empty, "sample": sampled, "hyper": hyper, "encode": ours},
+                          300_000)
+    decision = (times["sample"] - times["empty"]) / (times["random"] - times["empty"])
+
+    import bench_scanner as bs
+
+    worst = float("inf")
+    for pieces in ([bs.mixed_frames(True)], bs.chunks(bs.mixed_frames(True), 4096),
+                   bs.chunks(bs.mixed_frames(False), 16384)):
+        def run(n: int, core: Any, pieces: list[bytes] = pieces) -> None:
+            for _ in range(n):
+                feed = core.FrameScanner().feed
+                for piece in pieces:
+                    feed(piece)
+
+        scan = best_per_call({"c": lambda n, p=pieces: run(n, _core_c, p),
+                              "py": lambda n, p=pieces: run(n, _core_py, p)}, 20)
+        worst = min(worst, scan["py"] / scan["c"])
+    _ = struct
+    return {"decision": decision, "encode": times["hyper"] / times["encode"], "scanner": worst}
+
+
+def load_vs_h2load(rounds: int, requests: int) -> tuple[float, float, float] | None:
+    """(h2load req/s, load req/s, ratio) against one ``serve`` at chance 0, -c 10 -m 10, best of rounds."""
+    from _h2load import h2load_rps
+
+    from goaway_ext.loadgen import run_load
+
+    h2load = shutil.which("h2load")
+    if h2load is None:
+        return None
+    server = Serve(False, [])
+    try:
+        url = f"http://127.0.0.1:{server.port}/"
+        h2load_rps(h2load, server.port, requests // 4)
+        theirs, ours = [], []
+        for _ in range(rounds):
+            theirs.append(h2load_rps(h2load, server.port, requests))
+            result = run_load(url, requests=requests, connections=10, streams=10)
+            if result.failed:
+                raise SystemExit(f"load reported failures: {result.errors}")
+            ours.append(result.requests_per_second)
+    finally:
+        server.stop()
+    return max(theirs), max(ours), max(ours) / max(theirs)
+
+
+def module_size() -> tuple[int, bool] | None:
+    try:
+        from goaway_ext import _core_c
+    except ImportError:
+        return None
+    data = Path(_core_c.__file__ or "").read_bytes()
+    return len(data), b".symtab" not in data and b".debug_info" not in data
+
+
+# -- the table ----------------------------------------------------------------------------------
+
+
+class Table:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, str, str, str]] = []
+
+    def add(self, what: str, base: str, ours: str, ratio: float | None, target: str, ok: bool | None) -> None:
+        verdict = "" if ok is None else ("met" if ok else "MISSED")
+        ratio_text = "-" if ratio is None else f"{ratio:.4f}"
+        self.rows.append((what, base, ours, ratio_text, target, verdict))
+        print(f"  {what}: {base} | {ours} | {ratio_text} | {target} {verdict}", flush=True)
+
+    def print(self) -> None:
+        print()
+        print("| what | baseline | goaway_ext | ratio | target | |")
+        print("|---|---|---|---|---|---|")
+        for row in self.rows:
+            print("| " + " | ".join(row) + " |")
+
+
+def kinstr(value: float) -> str:
+    return f"{value / 1e3:,.1f}k instr"
+
+
+def ensure_valgrind() -> bool:
+    if shutil.which("valgrind"):
+        return True
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        print("installing Debian valgrind", flush=True)
+        subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind",
+                       shell=True, check=False, stdout=subprocess.DEVNULL)
+    return shutil.which("valgrind") is not None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs (less exact)")
+    parser.add_argument("--only", nargs="*", default=None, help="only rows whose group starts with these words")
+    parser.add_argument("--idle", type=int, default=2000, help="idle connections held for the RSS rows")
+    args = parser.parse_args()
+
+    def want(group: str) -> bool:
+        return args.only is None or any(group.startswith(word) for word in args.only)
+
+    table = Table()
+    short, long = (100, 600) if args.quick else (200, 1200)
+    have_valgrind = ensure_valgrind()
+    if not have_valgrind:
+        print("valgrind is not installed (apt-get install valgrind): instruction rows skipped")
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        if have_valgrind and want("memory"):
+            recording = tmp / "client.bin"
+            record(recording, long + 10)
+            base = in_process_per_unit("replay", "plain", short, long, tmp, str(recording))
+            for variant, title, target in (("chance0", "chance 0", None), ("chance", f"chance {CHANCE}", None),
+                                           ("decider", f"chance {CHANCE} + serve's /stats decider", 1.003)):
+                ours = in_process_per_unit("replay", variant, short, long, tmp, str(recording))
+                table.add(f"server per request, in memory, {title}", kinstr(base), kinstr(ours), ours / base,
+                          f"<= {target}" if target else "(no target)", None if target is None else ours / base <= target)
+            base = in_process_per_unit("pair", "plain", short, long, tmp)
+            ours = in_process_per_unit("pair", "ours", short, long, tmp)
+            table.add(f"client + server pair per request, in memory, chance {CHANCE}", kinstr(base), kinstr(ours),
+                      ours / base, "<= 1.004", ours / base <= 1.004)
+        if have_valgrind and want("serve"):
+            import bench_hypercorn_cost as hc
+
+            rows = [("per request (1 connection, sequential GETs)", hc.requests, 50, 250 if args.quick else 550,
+                     1.003),
+                    ("per connection lifecycle (connect, handshake, 1 GET, close)", hc.lifecycles, 20,
+                     100 if args.quick else 220, 1.02)]
+            for title, work, a, b, target in rows:
+                base = serve_per_unit(True, work, a, b, tmp)
+                ours = serve_per_unit(False, work, a, b, tmp)
+                table.add(f"serve vs serve --plain-h2, {title}", kinstr(base), kinstr(ours), ours / base,
+                          f"<= {target}", ours / base <= target)
+        if have_valgrind and want("hypercorn"):
+            import bench_hypercorn_cost as hc
+
+            rows = [("per request (1 connection, sequential GETs)", hc.requests, 50, 250 if args.quick else 550,
+                     1.003),
+                    ("per connection lifecycle (connect, handshake, 1 GET, close)", hc.lifecycles, 20,
+                     100 if args.quick else 220, 1.03)]
+            for title, work, a, b, target in rows:
+                base = hc.per_unit("stock", work, a, b)
+                ours = hc.per_unit("goaway", work, a, b)
+                table.add(f"hypercorn + goaway_ext vs stock, {title}", kinstr(base), kinstr(ours), ours / base,
+                          f"<= {target}", ours / base <= target)
+    if want("idle"):
+        base = connection_bytes("plain")
+        ours = connection_bytes("decider")
+        table.add("bytes per connection object (tracemalloc, after handshake + 1 request)", f"{base / 1024:.2f} KiB",
+                  f"{ours / 1024:.2f} KiB", ours / base, "(no target)", None)
+        base = serve_idle_rss(True, args.idle)
+        ours = serve_idle_rss(False, args.idle)
+        table.add(f"serve, RSS per idle connection ({args.idle} held)", f"{base / 1024:.2f} KiB",
+                  f"{ours / 1024:.2f} KiB (+{(ours - base) / 1024:.2f})", ours / base, "(no target)", None)
+        try:
+            import hypercorn  # noqa: F401
+        except ImportError:
+            print("hypercorn not installed: its memory row skipped")
+        else:
+            import bench_hypercorn_cost as hc
+
+            stock = hc.idle_memory("stock", args.idle)[0]
+            ours = hc.idle_memory("goaway", args.idle)[0]
+            table.add(f"hypercorn, tracemalloc per idle connection ({args.idle} held)", f"{stock / 1024:.2f} KiB",
+                      f"{ours / 1024:.2f} KiB (+{(ours - stock) / 1024:.2f})", ours / stock,
+                      "<= +1 KiB", ours - stock <= 1024)
+    if want("core"):
+        size = module_size()
+        if size is not None:
+            table.add("compiled module size (stripped?)", "824 KB unstripped (before)",
+                      f"{size[0] / 1024:.0f} KB, {'stripped' if size[1] else 'NOT stripped'}", None, "stripped",
+                      size[1])
+            core = wall_core()
+            table.add("Sampler.sample() vs random.random() < p (wall, loop removed)", "1.0", "-",
+                      core["decision"], "<= 0.6", core["decision"] <= 0.6)
+            table.add("encode_goaway: hyperframe time / ours (wall)", "1.0", "-", core["encode"], ">= 20",
+                      core["encode"] >= 20)
+            table.add("scanner: pure twin time / compiled, worst input (wall)", "1.0", "-", core["scanner"],
+                      ">= 10", core["scanner"] >= 10)
+    if want("load"):
+        outcome = load_vs_h2load(2 if args.quick else 3, 5000 if args.quick else 20000)
+        if outcome is None:
+            print("h2load not installed: the load row skipped")
+        else:
+            theirs, ours, ratio = outcome
+            table.add("`load` vs h2load req/s against serve, chance 0, -c 10 -m 10 (wall, best)",
+                      f"{theirs:,.0f} req/s", f"{ours:,.0f} req/s", ratio, ">= 0.9", ratio >= 0.9)
+    table.print()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 5 and sys.argv[1] == "_run":
+        mode, variant, count = sys.argv[2], sys.argv[3], int(sys.argv[4])
+        if mode == "replay":
+            run_replay(variant, count, sys.argv[5])
+        else:
+            run_pair(variant, count)
+    else:
+        asyncio.set_event_loop_policy(None)
+        main()
