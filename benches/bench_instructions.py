@@ -37,7 +37,6 @@ import asyncio
 import os
 import pickle
 import random
-import re
 import resource
 import shutil
 import signal
@@ -453,8 +452,9 @@ def main() -> None:
             for variant, title, target in (("chance0", "chance 0", None), ("chance", f"chance {CHANCE}", None),
                                            ("decider", f"chance {CHANCE} + serve's /stats decider", 1.003)):
                 ours = in_process_per_unit("replay", variant, short, long, tmp, str(recording))
+                verdict = None if target is None else ours / base <= target
                 table.add(f"server per request, in memory, {title}", kinstr(base), kinstr(ours), ours / base,
-                          f"<= {target}" if target else "(no target)", None if target is None else ours / base <= target)
+                          f"<= {target}" if target else "(no target)", verdict)
             base = in_process_per_unit("pair", "plain", short, long, tmp)
             ours = in_process_per_unit("pair", "ours", short, long, tmp)
             table.add(f"client + server pair per request, in memory, chance {CHANCE}", kinstr(base), kinstr(ours),

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import multiprocessing
+import socket
 import ssl
 import sys
 import time
@@ -27,8 +29,15 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import h2.config
+import h2.exceptions
+from h2.errors import ErrorCodes
+from h2.events import ConnectionTerminated, DataReceived, ResponseReceived, StreamEnded, StreamReset, WindowUpdated
+
 from ._cli import fail
-from .asyncio_client import H2Client, H2ClientError, NotHTTP2Error
+from .asyncio_client import H2ClientError
+from .client import ClientConnection
+from .events import GoawayReceived, StreamRefused
 
 __all__ = ["LoadResult", "configure_parser", "run_command", "run_load", "run_load_async"]
 
@@ -151,6 +160,314 @@ def _target(url: str) -> tuple[str, int, str, ssl.SSLContext | None]:
     return parts.hostname, port, path, context
 
 
+# The load generator trusts the server under test: h2's header validation and
+# normalisation (most of its per-request time) are switched off on both sides.
+def _config() -> h2.config.H2Configuration:
+    return h2.config.H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False,
+                                     normalize_outbound_headers=False, validate_inbound_headers=False,
+                                     normalize_inbound_headers=False)
+
+
+_MAX_ATTEMPTS = 5  # as H2Client: a request refused this many times fails
+_READ_WINDOW = 1 << 24
+
+
+class _Run:
+    """One load run in one event loop: the request template, the budget, the counters, the connections.
+
+    Every request of a run is the same request, so a refused one is retried by
+    sending the template again (``retries`` holds the attempt numbers waiting).
+    """
+
+    def __init__(self, host: str, port: int, path: str, context: ssl.SSLContext | None, method: str, body: bytes,
+                 streams: int, timeout: float, budget: _Budget, result: LoadResult) -> None:
+        self.host, self.port, self.context = host, port, context
+        if context is not None:
+            context.set_alpn_protocols(["h2"])
+        self.fields = [(b":method", method.encode("ascii")), (b":scheme", b"https" if context else b"http"),
+                       (b":authority", f"{host}:{port}".encode("idna")), (b":path", path.encode("ascii"))]
+        if body:
+            self.fields.append((b"content-length", str(len(body)).encode("ascii")))
+        self.body = body
+        self.streams = streams
+        self.timeout = timeout
+        self.budget = budget
+        self.result = result
+        self.status: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.retries: list[int] = []
+        self.exhausted = False
+        self.running = False  # set once every first connection is open
+        self.in_flight = 0
+        self.conns: set[_LoadConnection] = set()
+        self.opening = 0
+        self.fatal: BaseException | None = None
+        self.done = asyncio.get_running_loop().create_future()
+        self.connections_opened = 0
+        self.goaways_received = 0
+        self.streams_refused = 0
+        self.requests_retried = 0
+
+    def next_attempt(self) -> int:
+        """The attempt number of the next request to send (a retry first), or 0 when there is none."""
+        if self.retries:
+            self.requests_retried += 1
+            return self.retries.pop()
+        if self.exhausted:
+            return 0
+        if self.budget.take():
+            return 1
+        self.exhausted = True
+        return 0
+
+    def retry(self, attempt: int) -> None:
+        if attempt >= _MAX_ATTEMPTS:
+            self.failed(f"request refused {_MAX_ATTEMPTS} times; giving up")
+            return
+        self.retries.append(attempt + 1)
+        for conn in self.conns:  # a connection with a free slot takes it at once
+            if conn.take_retries():
+                break
+
+    def failed(self, message: str) -> None:
+        self.result.failed += 1
+        self.result.requests += 1
+        self.errors[message] += 1
+
+    def check_done(self) -> None:
+        if self.done.done():
+            return
+        if self.fatal is not None or (self.exhausted and not self.in_flight and not self.retries):
+            self.done.set_result(None)
+
+    def stop(self, error: BaseException) -> None:
+        if self.fatal is None:
+            self.fatal = error
+        self.check_done()
+
+    async def open(self, first: bool = False) -> None:
+        """Open one connection; a failure stops the run at the start and is retried later on."""
+        self.connections_opened += 1
+        self.opening += 1
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                await asyncio.wait_for(loop.create_connection(
+                    lambda: _LoadConnection(self), self.host, self.port, ssl=self.context,
+                    server_hostname=self.host if self.context else None), self.timeout)
+            except socket.gaierror as exc:
+                raise H2ClientError(f"cannot connect to {self.host}:{self.port}: cannot resolve {self.host!r} "
+                                    f"({exc.strerror})") from exc
+            except asyncio.TimeoutError as exc:
+                raise H2ClientError(f"cannot connect to {self.host}:{self.port}: no answer within "
+                                    f"{self.timeout:g} s") from exc
+            except OSError as exc:
+                raise H2ClientError(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc!r}") from exc
+        except H2ClientError as exc:
+            if first:
+                raise
+            self.errors[str(exc)] += 1  # a replacement failed: try again shortly
+            if not self.done.done():
+                loop.call_later(0.1, lambda: loop.create_task(self.open()))
+        finally:
+            self.opening -= 1
+
+    def expire(self, now: float) -> None:
+        for conn in list(self.conns):
+            conn.expire(now - self.timeout)
+
+
+class _LoadConnection(asyncio.Protocol):
+    """One connection of the run: keeps up to ``streams`` requests in flight, one write per read."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.h2 = ClientConnection(_config())
+        self.transport: asyncio.Transport | None = None
+        self.flight: dict[int, tuple[float, int]] = {}  # stream id -> (start, attempt)
+        self.codes: dict[int, bytes] = {}
+        self.bodies: dict[int, memoryview] = {}  # request body bytes not sent yet
+        self.heard = False
+        self.saw_goaway = False
+        self.closed = False
+
+    # -- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.run.conns.add(self)
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(_READ_WINDOW)
+        self.fill()
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        run = self.run
+        if not self.heard:
+            self.heard = True
+            if len(data) >= 4 and data[3] != 0x4:
+                # An HTTP/2 server's first frame is SETTINGS (type 4); an HTTP/1.x server answers with a status line.
+                answered = data[:8].decode("ascii", "replace") if data.startswith(b"HTTP/1.") else f"{data[:16]!r}"
+                run.stop(H2ClientError(f"the server answered {answered}; this load generator speaks HTTP/2"))
+                self.close()
+                return
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self.lose(f"HTTP/2 protocol error: {exc}")
+            return
+        h2c = self.h2
+        flight = self.flight
+        for event in events:
+            kind = event.__class__
+            if kind is DataReceived:
+                if event.flow_controlled_length:
+                    h2c.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif kind is ResponseReceived:
+                for name, value in event.headers:
+                    if name == b":status":
+                        self.codes[event.stream_id] = value
+                        break
+            elif kind is StreamEnded:
+                entry = flight.pop(event.stream_id, None)
+                if entry is not None:
+                    run.in_flight -= 1
+                    result = run.result
+                    result.succeeded += 1
+                    result.requests += 1
+                    run.status[self.codes.pop(event.stream_id, b"0").decode()] += 1
+                    result.latencies.append(time.monotonic() - entry[0])
+                    self.bodies.pop(event.stream_id, None)
+            elif kind is StreamRefused:
+                run.streams_refused += 1
+                entry = flight.pop(event.stream_id, None)
+                if entry is not None:
+                    self.forget(event.stream_id)
+                    run.retry(entry[1])
+            elif kind is StreamReset:
+                if event.error_code != ErrorCodes.REFUSED_STREAM and event.stream_id in flight:
+                    self.forget(event.stream_id)
+                    del flight[event.stream_id]
+                    run.failed(f"stream {event.stream_id} reset by the server ({event.error_code!r})")
+            elif kind is GoawayReceived:
+                if not self.saw_goaway:
+                    self.saw_goaway = True
+                    run.goaways_received += 1
+                    asyncio.get_running_loop().create_task(run.open())  # its replacement, at once
+            elif kind is ConnectionTerminated:
+                self.flush()
+                self.lose(f"the server ended the connection ({event.error_code!r})")
+                return
+            elif kind is WindowUpdated and self.bodies:
+                self.send_bodies()
+        self.fill()
+        self.flush()
+        if self.saw_goaway and not flight:
+            self.close()
+        run.check_done()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.run.conns.discard(self)
+        if self.flight:
+            reason = f"connection error: {exc}" if exc else "the server closed the connection"
+            if not self.heard:
+                reason = f"the connection closed before the server sent anything ({reason})"
+            self.lose(reason)
+        self.run.check_done()
+
+    # -- requests
+
+    def fill(self) -> None:
+        """Start requests until ``streams`` are in flight (none once the server sent GOAWAY)."""
+        if self.closed or self.saw_goaway or not self.run.running:
+            return
+        h2c, run, flight = self.h2, self.run, self.flight
+        limit = min(run.streams, h2c.remote_settings.max_concurrent_streams)
+        fields, body = run.fields, run.body
+        while len(flight) < limit:
+            attempt = run.next_attempt()
+            if not attempt:
+                return
+            stream_id = h2c.get_next_available_stream_id()
+            h2c.send_headers(stream_id, fields, end_stream=not body)
+            flight[stream_id] = (time.monotonic(), attempt)
+            run.in_flight += 1
+            if body:
+                self.bodies[stream_id] = memoryview(body)
+        if self.bodies:
+            self.send_bodies()
+
+    def take_retries(self) -> bool:
+        if self.closed or self.saw_goaway or len(self.flight) >= self.run.streams:
+            return False
+        self.fill()
+        self.flush()
+        return True
+
+    def send_bodies(self) -> None:
+        h2c = self.h2
+        for stream_id, view in list(self.bodies.items()):
+            try:
+                size = min(h2c.local_flow_control_window(stream_id), h2c.max_outbound_frame_size, len(view))
+            except h2.exceptions.StreamClosedError:
+                del self.bodies[stream_id]
+                continue
+            while size > 0:
+                last = size == len(view)
+                h2c.send_data(stream_id, view[:size].tobytes(), end_stream=last)
+                view = view[size:]
+                if last:
+                    break
+                size = min(h2c.local_flow_control_window(stream_id), h2c.max_outbound_frame_size, len(view))
+            if view:
+                self.bodies[stream_id] = view
+            else:
+                del self.bodies[stream_id]
+
+    def forget(self, stream_id: int) -> None:
+        self.codes.pop(stream_id, None)
+        self.bodies.pop(stream_id, None)
+        self.run.in_flight -= 1
+
+    def expire(self, started_before: float) -> None:
+        late = [stream_id for stream_id, (start, _) in self.flight.items() if start < started_before]
+        for stream_id in late:
+            del self.flight[stream_id]
+            self.forget(stream_id)
+            self.run.failed(f"no response on stream {stream_id} within {self.run.timeout:g} s")
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
+        if late:
+            self.fill()
+            self.flush()
+            self.run.check_done()
+
+    # -- the socket
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def lose(self, reason: str) -> None:
+        """Fail every request in flight with ``reason`` and close."""
+        for stream_id in list(self.flight):
+            del self.flight[stream_id]
+            self.forget(stream_id)
+            self.run.failed(reason)
+        self.close()
+        self.run.check_done()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.run.conns.discard(self)
+            if self.transport is not None:
+                self.transport.close()
+
+
 async def run_load_async(
     url: str,
     *,
@@ -164,7 +481,15 @@ async def run_load_async(
     insecure: bool = False,
     progress: Callable[[LoadResult], None] | None = None,
 ) -> LoadResult:
-    """Run the load in the current event loop; see :func:`run_load`."""
+    """Run the load in the current event loop; see :func:`run_load`.
+
+    Each connection is an asyncio protocol around a :class:`~goaway_ext.ClientConnection`
+    (the GOAWAY-following core H2Client uses too), without a task or a future
+    per request: the request's header list is built once, every read is
+    answered with one write, and h2's header validation is off (the server
+    under test is trusted). A GOAWAY opens the replacement connection at
+    once; refused streams are sent again on it.
+    """
     if requests is None and duration is None:
         raise ValueError("give a request count, a duration, or both")
     if requests is not None and requests < 1:
@@ -178,61 +503,55 @@ async def run_load_async(
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     result = LoadResult(connections=connections)
-    clients = [
-        H2Client(host, port, ssl=context, timeout=timeout, eager_reconnect=True) for _ in range(connections)
-    ]
+    budget = _Budget(requests, None)
+    run = _Run(host, port, path, context, method, body, streams, timeout, budget, result)
     started = time.monotonic()
-    budget = _Budget(requests, None if duration is None else started + duration)
-    status: Counter[str] = Counter()
-    errors: Counter[str] = Counter()
 
-    def count_clients() -> None:
-        result.connections_opened = sum(c.connections_opened for c in clients)
-        result.goaways_received = sum(c.goaways_received for c in clients)
-        result.streams_refused = sum(c.streams_refused for c in clients)
-        result.requests_retried = sum(c.requests_retried for c in clients)
-
-    async def worker(client: H2Client) -> None:
-        while budget.take():
-            begin = time.monotonic()
-            try:
-                response = await client.request(method, path, body=body)
-            except NotHTTP2Error as exc:  # every request would fail the same way: stop here
-                raise H2ClientError(f"the server answered {exc.answered}; this load generator speaks HTTP/2") from exc
-            except H2ClientError as exc:
-                result.failed += 1
-                errors[str(exc)] += 1
-            else:
-                result.succeeded += 1
-                status[str(response.status)] += 1
-                result.latencies.append(time.monotonic() - begin)
-            result.requests += 1
+    def count() -> None:
+        result.connections_opened = run.connections_opened
+        result.goaways_received = run.goaways_received
+        result.streams_refused = run.streams_refused
+        result.requests_retried = run.requests_retried
 
     async def reporter() -> None:
         while True:
             await asyncio.sleep(_PROGRESS_EVERY)
-            result.duration = time.monotonic() - started
-            count_clients()
+            now = time.monotonic()
+            run.expire(now)
+            result.duration = now - started
+            count()
             if progress is not None:
                 progress(result)
 
     report = asyncio.get_running_loop().create_task(reporter())
     try:
         # Open the C connections first, so they all exist before the clock starts.
-        opened = await asyncio.gather(*(c.connect() for c in clients), return_exceptions=True)
+        opened = await asyncio.gather(*(run.open(first=True) for _ in range(connections)), return_exceptions=True)
         for outcome in opened:
             if isinstance(outcome, BaseException):
                 raise H2ClientError(f"cannot start: {outcome}") from outcome
+        if run.fatal is not None:
+            raise run.fatal
         started = time.monotonic()
+        run.running = True
         budget.deadline = None if duration is None else started + duration
-        await asyncio.gather(*(worker(c) for c in clients for _ in range(streams)))
+        for conn in list(run.conns):
+            conn.fill()
+            conn.flush()
+        if not run.conns and not run.opening:
+            raise H2ClientError("the server closed every connection before the first request")
+        await run.done
+        if run.fatal is not None:
+            raise run.fatal
         result.duration = time.monotonic() - started
     finally:
         report.cancel()
-        await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
-    count_clients()
-    result.status = dict(status)
-    result.errors = dict(errors)
+        for conn in list(run.conns):
+            conn.close()
+        await asyncio.sleep(0)
+    count()
+    result.status = dict(run.status)
+    result.errors = dict(run.errors)
     return result
 
 
@@ -368,7 +687,7 @@ def run_command(args: argparse.Namespace) -> int:
         return fail("load", f"-P/--processes ({args.processes}) cannot exceed -c/--clients ({args.clients}): "
                             "each process holds at least one connection")
     tty = sys.stderr.isatty()
-    last_line = [0.0]
+    last_line = [time.monotonic()]  # the first line after a second: a quick failure prints only its error
 
     def show(partial: LoadResult) -> None:
         now = time.monotonic()
