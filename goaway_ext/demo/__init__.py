@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..policy import MAX_SAFE_CHANCE, GoawayPolicy
+from .fairsim import FairShareOptions
 from .report import PlotUnavailable, ProgressLine, RunResult, format_table, write_json, write_plot
 
 __all__ = ["configure_parser", "run_command", "PolicySpec", "policies_from_args"]
@@ -50,15 +51,22 @@ class PolicySpec:
         chance: float = 0.0,
         max_requests: int | None = None,
         max_age: float | None = None,
+        fair: FairShareOptions | None = None,
     ) -> None:
         self.label = label
         self.chance = chance
         self.max_requests = max_requests
         self.max_age = max_age
+        #: Fair-share settings; such a policy needs a fleet view (the model builds one per run).
+        self.fair = fair
 
-    def options(self) -> dict[str, float | int | None]:
+    def options(self) -> dict[str, Any]:
         """The policy's settings, as stored in the ``--json`` file (to replay it in the model)."""
-        return {"chance": self.chance, "max_requests": self.max_requests, "max_age": self.max_age}
+        options: dict[str, Any] = {"chance": self.chance, "max_requests": self.max_requests,
+                                   "max_age": self.max_age}
+        if self.fair is not None:
+            options["fair_share"] = self.fair.as_dict()
+        return options
 
     @classmethod
     def from_options(cls, label: str, options: dict[str, Any]) -> PolicySpec:
@@ -82,6 +90,9 @@ class PolicySpec:
 
     def policy(self, seed: int | None) -> GoawayPolicy:
         """The policy object the server builds from :meth:`serve_args` (used by the model)."""
+        if self.fair is not None:
+            raise ValueError(f"{self.label}: a fair-share policy has one controller per backend; "
+                             "build it with goaway_ext.demo.fairsim.SimulatedFleet")
         return GoawayPolicy(
             self.chance, max_requests=self.max_requests, max_age=self.max_age,
             seed=seed, allow_high_chance=True,
@@ -160,6 +171,29 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="also run a policy that drains each connection after about N requests")
     parser.add_argument("--max-age", type=_number("--max-age", float, 0.0, 86400.0, low_open=True), default=None,
                         help="also run a policy that drains each connection after about S seconds")
+    parser.add_argument("--policy", choices=("fair-share",), action="append", default=[],
+                        help="also run the load-aware fair-share policy: each backend sheds only while it holds "
+                             "more than the least-loaded backend (plus --fair-tolerance)")
+    parser.add_argument("--fair-ceiling", type=_number("--fair-ceiling", float, 0.0, 1.0, low_open=True),
+                        default=0.02, help="fair-share: largest per-request chance (default 0.02)")
+    parser.add_argument("--fair-tolerance", type=_number("--fair-tolerance", float, 0.0, 10.0), default=0.10,
+                        help="fair-share: relative excess over the least-loaded backend that is left alone "
+                             "(default 0.10)")
+    parser.add_argument("--fair-max-drain-rate", type=_number("--fair-max-drain-rate", float, 0.0, 1.0,
+                                                              low_open=True), default=0.05,
+                        help="fair-share: largest fraction of a backend's connections drained per second "
+                             "(default 0.05)")
+    parser.add_argument("--fair-signal", choices=("connections", "requests"), default="connections",
+                        help="with --simulate: the load signal of the simulated fleet view (default connections)")
+    parser.add_argument("--scenario", choices=("rolling", "surge"), default="rolling",
+                        help="rolling restart (one backend after another), or surge upgrade (with --simulate: "
+                             "every backend replaced at once, the new ones attached one after another)")
+    parser.add_argument("--balance", choices=("roundrobin", "leastconn"), default="roundrobin",
+                        help="with --simulate: how the model's balancer places new connections (default roundrobin)")
+    parser.add_argument("--heavy-client", type=_number("--heavy-client", float, 0.0, 0.9), default=0.0,
+                        metavar="FRACTION", help="with --simulate: one client sends this fraction of all requests")
+    parser.add_argument("--slow-backends", type=_number("--slow-backends", int, 0, 1000), default=0, metavar="N",
+                        help="with --simulate: the first N backends have half capacity (fair-share is told so)")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the 'none' policy (no GOAWAY)")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE",
@@ -181,6 +215,11 @@ def policies_from_args(args: argparse.Namespace) -> list[PolicySpec]:
         specs.append(PolicySpec(f"max-requests={args.max_requests}", max_requests=args.max_requests))
     if args.max_age is not None:
         specs.append(PolicySpec(f"max-age={args.max_age:g}s", max_age=args.max_age))
+    if "fair-share" in args.policy:
+        fair = FairShareOptions(ceiling=args.fair_ceiling, tolerance=args.fair_tolerance,
+                                max_drain_rate=args.fair_max_drain_rate, signal=args.fair_signal)
+        signal = "" if fair.signal == "connections" else f" signal={fair.signal}"
+        specs.append(PolicySpec(f"fair-share ceiling={fair.ceiling:g}{signal}", fair=fair))
     return specs
 
 
@@ -223,6 +262,15 @@ def _resolve_defaults(args: argparse.Namespace) -> str | None:
                 f"got {str(args.compare)!r}")
     if sim and args.lb not in ("auto", "builtin"):
         return "--lb has no meaning with --simulate (the model has its own round-robin balancer)"
+    if not sim:
+        for option, value, default in (("--balance", args.balance, "roundrobin"), ("--heavy-client",
+                                       args.heavy_client, 0.0), ("--slow-backends", args.slow_backends, 0),
+                                       ("--scenario", args.scenario, "rolling"), ("--policy", args.policy, []),
+                                       ("--fair-signal", args.fair_signal, "connections")):
+            if value != default:
+                return f"{option} is a model option for now: add --simulate (a real run does the rolling restart)"
+    if args.slow_backends > args.backends:
+        return f"--slow-backends ({args.slow_backends}) must not exceed --backends ({args.backends})"
     return None
 
 

@@ -40,6 +40,8 @@ class RunResult:
     ``i`` (``[i * bucket, (i + 1) * bucket)``). ``events`` lists
     ``(time, backend, what)`` for the rolling restart (``"stop"`` and ``"up"``);
     ``restart_done`` is when the last restarted backend was accepting again.
+    ``goaway_counts[i]`` is the number of policy GOAWAYs sent in bucket ``i``
+    (empty when the run could not count them).
     """
 
     policy: str
@@ -61,6 +63,7 @@ class RunResult:
     pids: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    goaway_counts: list[int] = field(default_factory=list)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunResult:
@@ -84,6 +87,7 @@ class RunResult:
             goaways_sent=summary.get("goaways_sent"),
             lb=str(data.get("lb", "builtin")),
             options=dict(data.get("options", {})),
+            goaway_counts=[int(n) for n in data.get("goaway_counts", [])],
         )
 
     def record(self, now: float, backend_index: int) -> None:
@@ -93,6 +97,19 @@ class RunResult:
             self.counts.append([0] * len(self.backends))
         self.counts[index][backend_index] += 1
         self.requests += 1
+
+    def record_goaway(self, now: float) -> None:
+        """Count one GOAWAY the policy sent at time ``now`` (for the plot and the final-window rate)."""
+        index = max(0, int(now / self.bucket))
+        while len(self.goaway_counts) <= index:
+            self.goaway_counts.append(0)
+        self.goaway_counts[index] += 1
+
+    def goaways_between(self, start: float, end: float) -> int:
+        """Policy GOAWAYs sent in the buckets that lie inside ``[start, end)``."""
+        first = max(0, round(start / self.bucket))
+        last = min(len(self.goaway_counts), round(end / self.bucket))
+        return sum(self.goaway_counts[first:last])
 
     def window_counts(self, start: float, end: float) -> list[int]:
         """Requests per backend in the buckets that lie inside ``[start, end)``."""
@@ -324,6 +341,7 @@ def write_json(
             "pids": result.pids,
             "errors": result.errors,
             "options": result.options,
+            "goaway_counts": result.goaway_counts,
             "summary": result.summary().as_json(),
         })
     if extra:
@@ -347,8 +365,22 @@ def write_plot(path: Path, results: list[RunResult], smooth: float = 2.0) -> Non
             "--plot needs matplotlib, which is not installed; install the optional extra: "
             "pip install 'goaway_ext[plot]'"
         ) from None
-    figure, axes = plt.subplots(len(results), 1, figsize=(9, 2.6 * len(results) + 0.6), sharex=True, squeeze=False)
-    for ax, result in zip(axes[:, 0], results, strict=True):
+    # Each policy gets its share panel and, when the run counted them, a thin
+    # GOAWAYs-per-second panel underneath, so "rebalances, then goes quiet" shows at a glance.
+    rates = any(result.goaway_counts for result in results)
+    rows = 2 * len(results) if rates else len(results)
+    ratios = [3, 1] * len(results) if rates else [1] * len(results)
+    figure, axes = plt.subplots(rows, 1, figsize=(9, (3.4 if rates else 2.6) * len(results) + 0.6), sharex=True,
+                                squeeze=False, gridspec_kw={"height_ratios": ratios})
+    share_axes = axes[::2, 0] if rates else axes[:, 0]
+    if rates:
+        for rate_ax, result in zip(axes[1::2, 0], results, strict=True):
+            per_second = [n / result.bucket for n in result.goaway_counts]
+            rate_ax.fill_between([(i + 0.5) * result.bucket for i in range(len(per_second))], per_second,
+                                 step="mid", color="tab:red", alpha=0.6, linewidth=0)
+            rate_ax.set_ylabel("GOAWAYs/s", fontsize=8)
+            rate_ax.grid(alpha=0.3)
+    for ax, result in zip(share_axes, results, strict=True):
         times, shares = result.share_series(smooth)
         many = len(result.backends) > 8
         for name, series in zip(result.backends, shares, strict=True):

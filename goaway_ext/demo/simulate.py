@@ -21,6 +21,14 @@ The model (documented with its assumptions in docs/simulation.md):
   on it moves to the balancer at once (the graceful shutdown GOAWAY), and the
   backend takes connections again from its ``up`` time.
 
+Options beyond the demo: ``balance="leastconn"`` places each new connection
+on the backend with the fewest (as HAProxy's ``balance leastconn``); a
+``heavy`` client sends that fraction of all requests over its one connection;
+the surge scenario (:func:`surge_plan`) replaces every backend at once and
+attaches the new ones one after another. A fair-share policy runs one
+:class:`goaway_ext.fairshare.FairShare` per backend, fed by a simulated fleet
+view (:mod:`goaway_ext.demo.fairsim`) that the model refreshes every second.
+
 Watch streams are not modelled: they keep an old connection open after its
 GOAWAY but carry no new requests, so they do not change where requests go.
 """
@@ -37,7 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..policy import ConnectionBudget, GoawayPolicy
 from .report import BALANCED_RATIO, PlotUnavailable, RunResult, format_columns, write_json, write_plot
@@ -60,6 +68,7 @@ __all__ = [
     "SimulationParameters",
     "rolling_restart_plan",
     "simulate",
+    "surge_plan",
     "run_simulation_command",
     "format_simulation_table",
 ]
@@ -91,6 +100,8 @@ class SimulationParameters:
     window: float
     bucket: float = 0.5
     seed: int = 1
+    balance: str = "roundrobin"
+    heavy: float = 0.0
 
 
 def rolling_restart_plan(backends: int, *, start: float, downtime: float, gap: float) -> list[RestartPlan]:
@@ -103,13 +114,55 @@ def rolling_restart_plan(backends: int, *, start: float, downtime: float, gap: f
     return plan
 
 
-def simulate(params: SimulationParameters, policy: GoawayPolicy, label: str, plan: Sequence[RestartPlan]) -> RunResult:
+def surge_plan(backends: int, *, start: float, attach_gap: float) -> list[RestartPlan]:
+    """Replace every backend at once; the balancer attaches the new ones ``attach_gap`` s apart.
+
+    The first one attached takes every client (the surge upgrade the issue was
+    first reported with). Backend 0 is attached at ``start``; it is stopped a
+    millisecond before, so its old connections leave with the others.
+    """
+    plan = [RestartPlan(0, start - 0.001, start)]
+    plan.extend(RestartPlan(b, start, start + b * attach_gap) for b in range(1, backends))
+    return plan
+
+
+class FleetHook(Protocol):
+    """What the model calls every ``refresh`` seconds: the connections per backend, and which are down."""
+
+    refresh: float
+
+    def tick(self, now: float, connections: Sequence[int], down: Sequence[bool], requests: Sequence[int]) -> None:
+        """Refresh the simulated fleet view and run every backend's controller (``requests``: totals so far)."""
+        ...
+
+
+def simulate(
+    params: SimulationParameters,
+    policy: GoawayPolicy | Sequence[GoawayPolicy],
+    label: str,
+    plan: Sequence[RestartPlan],
+    *,
+    fleet: FleetHook | None = None,
+    clock: list[float] | None = None,
+) -> RunResult:
     """Run the model once and return the same :class:`RunResult` the real demo produces.
 
+    ``policy`` is one policy for every backend, or one per backend (a
+    fair-share policy has a controller per server). ``fleet.tick`` runs every
+    ``fleet.refresh`` seconds of model time; ``clock[0]`` is kept at the model
+    time of the request being decided, for controllers that read a clock.
     ``connections_opened`` counts every connection (the first ones included);
     ``goaways_sent`` counts only the drains the policy started, not those of
     the rolling restart, as the real demo does.
     """
+    if params.balance not in ("roundrobin", "leastconn"):
+        raise ValueError(f"balance must be 'roundrobin' or 'leastconn', got {params.balance!r}")
+    if not 0.0 <= params.heavy < 1.0:
+        raise ValueError(f"heavy must be a fraction in [0, 1), got {params.heavy!r}")
+    policies = [policy] * params.backends if isinstance(policy, GoawayPolicy) else list(policy)
+    if len(policies) != params.backends:
+        raise ValueError(f"need one policy per backend ({params.backends}), got {len(policies)}")
+    model_clock = clock if clock is not None else [0.0]
     rng = random.Random(params.seed)
     names = [f"b{i + 1}" for i in range(params.backends)]
     result = RunResult(
@@ -124,13 +177,30 @@ def simulate(params: SimulationParameters, policy: GoawayPolicy, label: str, pla
 
     down = [False] * params.backends
     pointer = [rng.randrange(params.backends)]
+    conns = [0] * params.backends
+    answered = [0] * params.backends  # requests per backend so far, for a request-rate fleet view
+    leastconn = params.balance == "leastconn"
+    n_backends = params.backends
 
     def place() -> int:
-        for _ in range(params.backends):
-            b = pointer[0]
-            pointer[0] = (b + 1) % params.backends
-            if not down[b]:
-                return b
+        if leastconn:
+            start = pointer[0]
+            best = -1
+            for k in range(n_backends):
+                b = (start + k) % n_backends
+                if not down[b] and (best < 0 or conns[b] < conns[best]):
+                    best = b
+            if best >= 0:
+                pointer[0] = (best + 1) % n_backends
+                conns[best] += 1
+                return best
+        else:
+            for _ in range(n_backends):
+                b = pointer[0]
+                pointer[0] = (b + 1) % n_backends
+                if not down[b]:
+                    conns[b] += 1
+                    return b
         raise RuntimeError("every backend is down at once; the restart plan leaves none up")
 
     backend_of = [0] * clients
@@ -138,8 +208,12 @@ def simulate(params: SimulationParameters, policy: GoawayPolicy, label: str, pla
     served = [0] * clients
     for c in range(clients):
         backend_of[c] = place()
-        budget.append(policy.new_budget(phases[c]))
+        budget.append(policies[backend_of[c]].new_budget(phases[c]))
     result.connections_opened = clients
+    # The heavy client (client 0) sends this many requests per tick instead of one.
+    heavy_requests = round(params.heavy * (clients - 1) / (1.0 - params.heavy)) if params.heavy > 0 else 1
+    next_refresh = 0.0
+    heavy_moves: list[float] = []
 
     events: list[tuple[float, int, str]] = []
     for step in plan:
@@ -157,39 +231,61 @@ def simulate(params: SimulationParameters, policy: GoawayPolicy, label: str, pla
             break
         for c in range(clients):
             now = base + phases[c]
+            if fleet is not None and now >= next_refresh:
+                model_clock[0] = now
+                fleet.tick(now, conns, down, answered)
+                next_refresh = now + fleet.refresh
             while next_event < len(events) and events[next_event][0] <= now:
-                at, b, what = events[next_event]
-                next_event += 1
-                result.events.append((at, names[b], what))
-                if what == "stop":
-                    down[b] = True
+                # Events at the same instant apply together (a surge stops every backend at once):
+                # first every backend changes state, then the connections of stopped ones move.
+                at = events[next_event][0]
+                stopped = set()
+                while next_event < len(events) and events[next_event][0] == at:
+                    _, b, what = events[next_event]
+                    next_event += 1
+                    result.events.append((at, names[b], what))
+                    down[b] = what == "stop"
+                    if down[b]:
+                        stopped.add(b)
+                if stopped:
+                    model_clock[0] = at
                     for other in range(clients):
-                        if backend_of[other] == b:
-                            backend_of[other] = place()
-                            budget[other] = policy.new_budget(at)
+                        old = backend_of[other]
+                        if old in stopped:
+                            conns[old] -= 1
+                            new = backend_of[other] = place()
+                            budget[other] = policies[new].new_budget(at)
                             served[other] = 0
                             result.connections_opened += 1
-                else:
-                    down[b] = False
             if now >= params.duration:
                 continue
-            b = backend_of[c]
-            result.record(now, b)
-            served[c] += 1
-            if _drains(budget[c], served[c], now):
-                result.goaways_sent += 1
-                backend_of[c] = place()
-                budget[c] = policy.new_budget(now)
-                served[c] = 0
-                result.connections_opened += 1
+            for _ in range(heavy_requests if c == 0 else 1):
+                b = backend_of[c]
+                result.record(now, b)
+                answered[b] += 1
+                served[c] += 1
+                model_clock[0] = now
+                if _drains(budget[c], served[c], now):
+                    result.goaways_sent += 1
+                    result.record_goaway(now)
+                    if c == 0 and params.heavy:
+                        heavy_moves.append(now)
+                    conns[b] -= 1
+                    new = backend_of[c] = place()
+                    budget[c] = policies[new].new_budget(now)
+                    served[c] = 0
+                    result.connections_opened += 1
         step_index += 1
     result.goaways_received = result.goaways_sent
+    if params.heavy:
+        result.options["heavy_client_moves"] = len(heavy_moves)
+        result.options["heavy_client_moves_final"] = sum(t >= params.duration - params.window for t in heavy_moves)
     return result
 
 
 def _drains(budget: ConnectionBudget, served: int, now: float) -> bool:
     """The policy's per-request decision, in the order the server checks it."""
-    if budget.sampler is not None and budget.sampler.sample():
+    if budget.sampler is not None and budget.sampler.sample() and (budget.admit is None or budget.admit()):
         return True
     if budget.max_requests is not None and served >= budget.max_requests:
         return True
@@ -239,11 +335,16 @@ def never_notes(results: Sequence[RunResult], params: SimulationParameters,
     return notes
 
 
-def format_simulation_table(results: list[RunResult], params: SimulationParameters) -> str:
-    """One row per policy: final balance, time to rebalance, and what it costs in reconnects."""
+def format_simulation_table(results: list[RunResult], params: SimulationParameters, *,
+                            scenario: str = "rolling") -> str:
+    """One row per policy: final balance, time to rebalance, and what it costs in reconnects.
+
+    The last column is the rate that goes on for ever: GOAWAYs per client per
+    hour over the final window only (a load-aware policy goes quiet there).
+    """
     span = params.duration
     header = ["policy", "min share", "max share", "max/min", f"under {BALANCED_RATIO} after",
-              "GOAWAYs/s (fleet)", "per backend/s", "per client/h"]
+              "GOAWAYs/s (fleet)", "per backend/s", "per client/h", f"per client/h, last {params.window:g} s"]
     rows = []
     for r in results:
         s = r.summary()
@@ -258,9 +359,14 @@ def format_simulation_table(results: list[RunResult], params: SimulationParamete
             f"{sent / span:.2f}",
             f"{sent / span / params.backends:.3f}",
             f"{3600 * sent / span / params.clients:.1f}",
+            f"{3600 * r.goaways_between(span - params.window, span) / params.window / params.clients:.2f}",
         ])
+    what = "surge upgrade" if scenario == "surge" else "rolling restart"
+    extra = "" if params.balance == "roundrobin" else f", {params.balance} balancer"
+    if params.heavy:
+        extra += f", one client sends {100 * params.heavy:g}% of the requests"
     title = (
-        f"Model: {params.clients} clients x {params.rate:g} req/s, {params.backends} backends, rolling restart, "
+        f"Model: {params.clients} clients x {params.rate:g} req/s, {params.backends} backends, {what}{extra}, "
         f"{params.duration:g} s in all; shares over the last {params.window:g} s."
     )
     return title + "\n" + format_columns(header, rows)
@@ -270,20 +376,51 @@ def run_simulation_command(args: argparse.Namespace, specs: Sequence[PolicySpec]
     """``demo --simulate``: run the model once per policy and print its table (or ``--compare``)."""
     if args.compare is not None:
         return _run_compare(args.compare)
+    from .fairsim import SimulatedFleet
+
     restart_start = args.warmup
-    plan = rolling_restart_plan(args.backends, start=restart_start, downtime=RESTART_DOWNTIME, gap=RESTART_GAP)
-    restart_end = plan[-1].up
+    scenario = getattr(args, "scenario", "rolling")
+    if scenario == "surge":
+        plan = surge_plan(args.backends, start=restart_start, attach_gap=RESTART_DOWNTIME + RESTART_GAP)
+    else:
+        plan = rolling_restart_plan(args.backends, start=restart_start, downtime=RESTART_DOWNTIME, gap=RESTART_GAP)
+    restart_end = max(step.up for step in plan)
     params = SimulationParameters(
         backends=args.backends, clients=args.clients, rate=args.rate,
         duration=restart_end + args.duration, window=args.window, seed=args.seed,
+        balance=getattr(args, "balance", "roundrobin"), heavy=getattr(args, "heavy_client", 0.0),
     )
+    slow = getattr(args, "slow_backends", 0)
+    capacities = [0.5] * slow + [1.0] * (args.backends - slow)
+    names = [f"b{i + 1}" for i in range(args.backends)]
     results = []
     started = time.monotonic()
     for spec in specs:
         print(f"simulating {spec.label} ...", file=sys.stderr)
-        results.append(simulate(params, spec.policy(args.seed), spec.label, plan))
-    print(format_simulation_table(results, params))
-    for note in never_notes(results, params, [spec.policy(args.seed) for spec in specs]):
+        if spec.fair is not None:
+            clock = [0.0]
+            fleet = SimulatedFleet(names, clock, spec.fair, capacities=capacities, seed=args.seed)
+            result = simulate(params, fleet.policies, spec.label, plan, fleet=fleet, clock=clock)
+        else:
+            result = simulate(params, spec.policy(args.seed), spec.label, plan)
+        result.options = {**spec.options(), **result.options}
+        results.append(result)
+    print(format_simulation_table(results, params, scenario=scenario))
+    if slow:
+        fair = 100 * 0.5 / sum(capacities)
+        for r in results:
+            shares = r.summary().shares
+            print(f"{r.policy}: half-capacity backends {', '.join(names[:slow])} carry "
+                  f"{', '.join(f'{100 * shares[n]:.2f}%' for n in names[:slow])} of the requests "
+                  f"(their capacity-fair share: {fair:.2f}%)")
+    if params.heavy:
+        for r in results:
+            print(f"{r.policy}: the heavy client ({100 * params.heavy:g}% of all requests) moved "
+                  f"{r.options.get('heavy_client_moves', 0)} times, {r.options.get('heavy_client_moves_final', 0)} "
+                  f"of them in the last {params.window:g} s")
+    # A fair-share policy's noise floor is that of no GOAWAY at all: it is silent once balanced.
+    floors = [spec.policy(args.seed) if spec.fair is None else GoawayPolicy(seed=args.seed) for spec in specs]
+    for note in never_notes(results, params, floors):
         print(note)
     print(f"(model time {params.duration:g} s per policy, computed in {time.monotonic() - started:.1f} s)")
     if args.json is not None:

@@ -1,0 +1,133 @@
+"""The fair-share policy in the model: same FairShare code, simulated fleet view, both scenarios."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from goaway_ext.demo import PolicySpec
+from goaway_ext.demo.fairsim import FairShareOptions, SimulatedFleet
+from goaway_ext.demo.report import RunResult
+from goaway_ext.demo.simulate import (
+    RESTART_DOWNTIME,
+    RESTART_GAP,
+    SimulationParameters,
+    rolling_restart_plan,
+    simulate,
+    surge_plan,
+)
+
+BACKENDS = 8
+CLIENTS = 1600
+
+
+def _plan(scenario: str) -> list:  # type: ignore[type-arg]
+    if scenario == "surge":
+        return surge_plan(BACKENDS, start=5.0, attach_gap=RESTART_DOWNTIME + RESTART_GAP)
+    return rolling_restart_plan(BACKENDS, start=5.0, downtime=RESTART_DOWNTIME, gap=RESTART_GAP)
+
+
+def _params(plan: list, **kwargs: object) -> SimulationParameters:  # type: ignore[type-arg]
+    end = max(step.up for step in plan)
+    return SimulationParameters(backends=BACKENDS, clients=CLIENTS, rate=1.0, duration=end + 120.0, window=20.0,
+                                **kwargs)  # type: ignore[arg-type]
+
+
+def _fair(params: SimulationParameters, plan: list, options: FairShareOptions,  # type: ignore[type-arg]
+          capacities: list[float] | None = None) -> RunResult:
+    clock = [0.0]
+    names = [f"b{i + 1}" for i in range(params.backends)]
+    fleet = SimulatedFleet(names, clock, options, capacities=capacities, seed=params.seed)
+    return simulate(params, fleet.policies, "fair", plan, fleet=fleet, clock=clock)
+
+
+@pytest.mark.parametrize("scenario", ["rolling", "surge"])
+def test_fair_share_rebalances_then_goes_quiet(scenario: str) -> None:
+    plan = _plan(scenario)
+    params = _params(plan)
+    fair = _fair(params, plan, FairShareOptions(ceiling=0.1, max_drain_rate=0.1))
+    fixed = simulate(params, PolicySpec("c", chance=0.02).policy(1), "c", plan)
+    s = fair.summary()
+    assert s.ratio < 1.25 and s.rebalanced_after is not None
+    end = params.duration
+    # Balanced: not one GOAWAY over the final window, while a fixed chance keeps sending.
+    assert fair.goaways_between(end - params.window, end) == 0
+    assert fixed.goaways_between(end - params.window, end) > 100
+    assert (fair.goaways_sent or 0) < (fixed.goaways_sent or 0)
+    assert sum(fair.goaway_counts) == fair.goaways_sent
+
+
+def test_surge_puts_every_client_on_the_first_backend_attached() -> None:
+    plan = _plan("surge")
+    params = _params(plan)
+    none = simulate(params, PolicySpec("none").policy(1), "none", plan)
+    assert none.summary().shares["b1"] == 1.0
+
+
+def test_leastconn_balancer_settles_with_fewer_goaways_than_roundrobin() -> None:
+    plan = _plan("rolling")
+    options = FairShareOptions()
+    rr = _fair(_params(plan), plan, options)
+    lc = _fair(_params(plan, balance="leastconn"), plan, options)
+    assert lc.summary().ratio < 1.25
+    assert (lc.goaways_sent or 0) < (rr.goaways_sent or 0) / 2
+
+
+def test_half_capacity_backend_gets_about_half_the_connections() -> None:
+    plan = _plan("rolling")
+    params = _params(plan)
+    capacities = [0.5] + [1.0] * (BACKENDS - 1)
+    fair = _fair(params, plan, FairShareOptions(ceiling=0.1, max_drain_rate=0.1), capacities)
+    shares = fair.summary().shares
+    others = sum(shares[f"b{i}"] for i in range(2, BACKENDS + 1)) / (BACKENDS - 1)
+    assert 0.4 < shares["b1"] / others < 0.65
+
+
+def test_heavy_client_is_not_chased_around_the_fleet() -> None:
+    # The signal is connections: the heavy client's one connection counts once,
+    # so it moves while the fleet rebalances and then stays. A request-rate
+    # signal makes its server look overloaded wherever it goes: it moves for ever.
+    plan = _plan("rolling")
+    params = _params(plan, heavy=0.2)
+    fair = _fair(params, plan, FairShareOptions(ceiling=0.1, max_drain_rate=0.1))
+    chased = _fair(params, plan, FairShareOptions(ceiling=0.1, max_drain_rate=0.1, signal="requests"))
+    end = params.duration
+    assert fair.options["heavy_client_moves_final"] == 0
+    assert fair.goaways_between(end - params.window, end) == 0
+    assert chased.options["heavy_client_moves_final"] > 0
+    assert chased.goaways_between(end - params.window, end) > 100
+
+
+def test_bad_model_parameters_are_named() -> None:
+    plan = _plan("rolling")
+    with pytest.raises(ValueError, match="balance"):
+        simulate(_params(plan, balance="random"), PolicySpec("none").policy(1), "x", plan)
+    with pytest.raises(ValueError, match="heavy"):
+        simulate(_params(plan, heavy=1.0), PolicySpec("none").policy(1), "x", plan)
+    with pytest.raises(ValueError, match="fair-share"):
+        PolicySpec("f", fair=FairShareOptions()).policy(1)
+    with pytest.raises(ValueError, match="signal"):
+        SimulatedFleet(["a"], [0.0], FairShareOptions(signal="cpu"))
+
+
+def test_simulate_command_runs_fair_share_in_both_scenarios() -> None:
+    for scenario in ("rolling", "surge"):
+        out = subprocess.run(
+            [sys.executable, "-m", "goaway_ext", "demo", "--simulate", "--clients", "800", "--backends", "6",
+             "--duration", "120", "--window", "20", "--warmup", "5", "--no-baseline", "--chance", "0.02",
+             "--policy", "fair-share", "--fair-ceiling", "0.1", "--fair-max-drain-rate", "0.1",
+             "--scenario", scenario, "--balance", "leastconn"],
+            capture_output=True, text=True, timeout=300, check=True,
+        ).stdout
+        assert ("surge upgrade" if scenario == "surge" else "rolling restart") in out
+        assert "leastconn balancer" in out
+        row = next(line for line in out.splitlines() if line.startswith("fair-share ceiling=0.1"))
+        assert row.split()[-1] == "0.00"  # no GOAWAY per client per hour over the final window
+
+
+def test_model_options_are_refused_in_a_real_run() -> None:
+    out = subprocess.run([sys.executable, "-m", "goaway_ext", "demo", "--scenario", "surge"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--scenario is a model option" in out.stderr
