@@ -1,4 +1,4 @@
-"""httpx transports that survive a server's GOAWAY (optional extra ``goaway_ext[httpx]``).
+"""httpx transports that survive a server's GOAWAY (the optional ``httpx`` extra).
 
 ::
 

@@ -26,7 +26,7 @@ def _version(distribution: str) -> str | None:
 
 
 def describe() -> dict[str, str | None]:
-    """The facts ``info`` prints: package, core (and why not compiled), Python, h2 and the extras' versions."""
+    """The facts ``info`` prints: package, core (and why not compiled), Python, h2 and the extras' libraries."""
     return {
         "goaway_ext": __version__,
         "core": CORE,
@@ -36,6 +36,8 @@ def describe() -> dict[str, str | None]:
         "httpx": _version("httpx"),
         "httpcore": _version("httpcore"),
         "hypercorn": _version("hypercorn"),
+        "grpclib": _version("grpclib"),
+        "matplotlib": _version("matplotlib"),
     }
 
 
@@ -59,6 +61,6 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"core: python (pure Python, slower): {facts['core_fallback_reason']}")
     print(f"python: {facts['python']} ({sys.executable})")
     print(f"h2: {facts['h2']}")
-    for extra in ("httpx", "httpcore", "hypercorn"):
+    for extra in ("httpx", "httpcore", "hypercorn", "grpclib", "matplotlib"):
         print(f"{extra}: {facts[extra] or 'not installed'}")
     return 0

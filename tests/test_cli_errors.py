@@ -222,7 +222,8 @@ def test_load_against_pythons_http_server() -> None:
     try:
         assert server.stdout is not None
         server.stdout.readline()  # "Serving HTTP on ..." once bound
-        done = run("load", f"http://127.0.0.1:{port}/", "-n", "5", "-P", "2", "-c", "2")
+        # --no-progress: starting two processes may take longer than the first progress line.
+        done = run("load", f"http://127.0.0.1:{port}/", "-n", "5", "-P", "2", "-c", "2", "--no-progress")
     finally:
         server.terminate()
         server.wait(timeout=10)

@@ -275,7 +275,7 @@ def test_missing_matplotlib_is_a_clear_error(
 ) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     assert main(["demo", "--plot", str(tmp_path / "x.png")]) == 2
-    assert "pip install 'goaway_ext[plot]'" in capsys.readouterr().err
+    assert "install the 'plot' extra (pip install '.[plot]'" in capsys.readouterr().err
 
 
 def test_lb_auto_prefers_haproxy_and_says_when_it_falls_back() -> None:

@@ -199,7 +199,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, metavar="FILE",
                         help="write the raw time series and the summary as JSON")
     parser.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
-                        help="draw share per backend over time (needs the optional extra goaway_ext[plot])")
+                        help="draw share per backend over time (needs the 'plot' extra: matplotlib)")
     parser.add_argument("--simulate", action="store_true",
                         help="no sockets: run the model with many clients and backends, same policy code")
     parser.add_argument("--compare", type=Path, default=None, metavar="FILE.json",
@@ -256,7 +256,8 @@ def _resolve_defaults(args: argparse.Namespace) -> str | None:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            return "--plot needs matplotlib, which is not installed: pip install 'goaway_ext[plot]'"
+            return ("--plot needs matplotlib, which is not installed: install the 'plot' extra "
+                    "(pip install '.[plot]' in a checkout)")
     if args.compare is not None and not (sim and args.compare.is_file()):
         return ("--compare needs --simulate and an existing JSON file written by `demo --json`, "
                 f"got {str(args.compare)!r}")

@@ -362,8 +362,8 @@ def write_plot(path: Path, results: list[RunResult], smooth: float = 2.0) -> Non
         import matplotlib.pyplot as plt
     except ImportError:
         raise PlotUnavailable(
-            "--plot needs matplotlib, which is not installed; install the optional extra: "
-            "pip install 'goaway_ext[plot]'"
+            "--plot needs matplotlib, which is not installed: install the 'plot' extra "
+            "(pip install '.[plot]' in a checkout)"
         ) from None
     # Each policy gets its share panel and, when the run counted them, a thin
     # GOAWAYs-per-second panel underneath, so "rebalances, then goes quiet" shows at a glance.
