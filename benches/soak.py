@@ -11,7 +11,13 @@ Runs, at full size (each can be scaled down from the command line):
   chance 0.02, and against hypercorn with goaway_ext at chance 0.02: 0 failed,
   connections opened == GOAWAYs + clients, server RSS before and after.
 
-Each check rewrites its own row of the generated table in docs/reliability.md.
+- hostile peers against ``serve`` (benches/hostile.py): rapid resets, reset and
+  oversized uploads, never-ending uploads, PING/SETTINGS floods and requests
+  from peers that never read, silent sockets; server RSS growth and a
+  well-behaved client's latencies on another connection throughout.
+
+Each check rewrites its own row of the generated table in docs/reliability.md
+(the hostile peers have their own table, rewritten whole).
 ``--fuzz-report JUNIT.xml`` instead writes the rows of ``make fuzz`` from
 pytest's JUnit XML. Exit status 1 when any check failed.
 """
@@ -189,6 +195,30 @@ def sockets(kind: str, chance: float, requests: int, clients: int, streams: int,
     return {name: (size, res, how + " (`make soak`)", "pass" if ok else "FAIL")}
 
 
+HOSTILE_BEGIN = "<!-- hostile rows: begin -->"
+HOSTILE_END = "<!-- hostile rows: end -->"
+
+
+def hostile_table(scale: float, path: Path = REPORT) -> int:
+    """Run benches/hostile.py at ``scale`` and rewrite the hostile peers table; the number of failed attacks."""
+    import hostile
+
+    rows = hostile.run(scale)
+    stamp = f"{_today()}, core {goaway_ext.CORE}, Python {platform.python_version()}, scale {scale}"
+    lines = ["| attack | size | limit | result | last run |", "|---|---|---|---|---|"]
+    failed = 0
+    for name, (size, limit, result) in rows.items():
+        if "attack failed" in size or "still open 30 s" in result:
+            failed += 1
+            result = f"**FAILED**: {result}"
+        lines.append(f"| {name} | {size} | {limit} | {result} | {stamp} |")
+    text = path.read_text()
+    head, rest = text.split(HOSTILE_BEGIN, 1)
+    _, tail = rest.split(HOSTILE_END, 1)
+    path.write_text(f"{head}{HOSTILE_BEGIN}\n" + "\n".join(lines) + f"\n{HOSTILE_END}{tail}")
+    return failed
+
+
 def fuzz_rows(junit: Path, fuzz_examples: int, stateful_examples: int, stateful_steps: int) -> dict[str, Row]:
     """One row per test case of a ``make fuzz`` run, from pytest's JUnit XML."""
     rows: dict[str, Row] = {}
@@ -216,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--streams", type=int, default=20)
     parser.add_argument("--processes", type=int, default=1, help="load generator processes (default 1)")
-    parser.add_argument("--only", choices=["memory", "flood", "asyncio", "hypercorn"], action="append",
+    parser.add_argument("--hostile-scale", type=float, default=0.5,
+                        help="size of the hostile peers attacks (1.0: 50,000 rapid resets, 1,000,000 PINGs, "
+                             "1,000 silent sockets; default 0.5)")
+    parser.add_argument("--only", choices=["memory", "flood", "asyncio", "hypercorn", "hostile"], action="append",
                         help="run only these checks (repeatable)")
     parser.add_argument("--no-report", action="store_true", help="print only, do not touch docs/reliability.md")
     parser.add_argument("--fuzz-report", type=Path, help="write make fuzz's rows from this JUnit XML and exit")
@@ -228,8 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.fuzz_report is not None:
         rows = fuzz_rows(args.fuzz_report, args.fuzz_examples, args.stateful_examples, args.stateful_steps)
     else:
-        only = set(args.only or ["memory", "flood", "asyncio", "hypercorn"])
+        only = set(args.only or ["memory", "flood", "asyncio", "hypercorn", "hostile"])
         rows = {}
+        if "hostile" in only:
+            if hostile_table(args.hostile_scale):
+                print("FAILED: hostile peers (see docs/reliability.md)", file=sys.stderr)
+                return 1
+            print(f"updated the hostile peers table of {REPORT.relative_to(ROOT)}")
+            only.discard("hostile")
         if "memory" in only:
             rows.update(in_memory(args.requests, args.chance))
         if "flood" in only:

@@ -220,21 +220,24 @@ class _Connection:
         while sent < len(body):
             if stream.error is not None:
                 raise stream.error
-            if stream.ended:
-                # The whole response came before the whole request (a 413, say):
-                # the server does not want the rest (RFC 9113 §8.1).
-                return
             if self.closed:
                 raise H2ClientError("connection lost while sending the request body")
             try:
                 window = min(self.h2.local_flow_control_window(stream.stream_id), self.h2.max_outbound_frame_size)
+                if window <= 0:
+                    if stream.ended:
+                        return  # the response is complete and the server grants no more window
+                    await self._wait_for_change(timeout, "the server's flow-control window")
+                    continue
+                chunk = bytes(view[sent : sent + window])
+                self.h2.send_data(stream.stream_id, chunk)
             except h2.exceptions.StreamClosedError:
-                return  # reset after its response: the response stands (or the reset fails the stream)
-            if window <= 0:
-                await self._wait_for_change(timeout, "the server's flow-control window")
-                continue
-            chunk = bytes(view[sent : sent + window])
-            self.h2.send_data(stream.stream_id, chunk)
+                if stream.error is not None:
+                    raise stream.error from None
+                # The server sent its whole response and then RST_STREAM(NO_ERROR)
+                # (a 413, say): it wants no more of the body, and the response
+                # stands (RFC 9113 §8.1).
+                return
             sent += len(chunk)
             self.flush()
             try:
@@ -245,8 +248,6 @@ class _Connection:
                 raise H2ClientError(f"connection lost while sending the request body: {exc}") from exc
         if stream.error is not None:
             raise stream.error
-        if stream.ended:
-            return
         try:
             self.h2.end_stream(stream.stream_id)
         except h2.exceptions.StreamClosedError:

@@ -55,6 +55,7 @@ __all__ = ["Request", "ResponseStream", "Handler", "H2Server", "builtin_app", "c
 log = logging.getLogger("goaway_ext.asyncio_server")
 
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_READ_SLICE = 8192  # bytes of input handled per turn of the event loop (fairness between connections)
 _HTTP1_METHODS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")
 _HTTP1_REFUSAL = (
     b"HTTP/1.1 505 HTTP Version Not Supported\r\n"
@@ -224,6 +225,9 @@ class _H2Protocol(asyncio.Protocol):
         self._held = 0  # of which in bodies whose handler runs (freed when it returns)
         self._owed = 0  # flow-controlled bytes not yet acknowledged, over all streams
         self._control = 0  # PING/SETTINGS answers queued since our write buffer was last empty
+        self._backlog = b""  # read but not processed yet (see _receive)
+        self._backlog_scheduled = False
+        self._reading_paused = False
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self.requests = 0
         self.drains = 0
@@ -259,19 +263,61 @@ class _H2Protocol(asyncio.Protocol):
         # that its PINGs, SETTINGS and requests cannot make us queue answers
         # without bound. Handlers writing wait on _resume.
         self._resume = self.loop.create_future()
-        if self.transport is not None and not self._closing:
-            self.transport.pause_reading()
+        self._update_reading()
 
     def resume_writing(self) -> None:
         if self._resume is not None and not self._resume.done():
             self._resume.set_result(None)
         self._resume = None
-        if self.transport is not None and not self._closing:
-            self.transport.resume_reading()
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read from the socket only while we write freely and have no unprocessed backlog."""
+        transport = self.transport
+        if transport is None or self._closing:
+            return
+        want = self._resume is None and not self._backlog
+        if want and self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        elif not want and not self._reading_paused:
+            self._reading_paused = True
+            transport.pause_reading()
+        if self._backlog and self._resume is None and not self._backlog_scheduled:
+            self._backlog_scheduled = True
+            self.loop.call_soon(self._process_backlog)
+
+    def _process_backlog(self) -> None:
+        self._backlog_scheduled = False
+        if self._closing or self._resume is not None or not self._backlog:
+            return
+        data, self._backlog = self._backlog, b""
+        self._receive(data)
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
+        if self._backlog:  # reads arriving while a backlog waits (TLS may deliver a little after a pause)
+            self._backlog += data
+            return
+        self._receive(data)
+
+    def _receive(self, data: bytes) -> None:
+        # One read can hold thousands of frames (a reset flood packs ~8,000
+        # streams into 256 KiB). Work through it _READ_SLICE bytes per turn of
+        # the event loop, not reading more meanwhile, so the other connections
+        # are served between slices.
+        if len(data) > _READ_SLICE:
+            self._backlog = data[_READ_SLICE:]
+            data = data[:_READ_SLICE]
+        try:
+            self._process(data)
+        finally:
+            if self._closing:
+                self._backlog = b""
+            self._update_reading()
+
+    def _process(self, data: bytes) -> None:
         if not self._started:
             data = self._check_preface(data)
             if not data:
@@ -703,7 +749,7 @@ class H2Server:
         ssl_context: ssl.SSLContext | None = None,
         name: str | None = None,
         max_body: int = 1 << 20,
-        max_buffered: int = 2 << 20,
+        max_buffered: int = 1 << 20,
         max_control_frames: int = 1000,
         handshake_timeout: float = 10.0,
         idle_timeout: float | None = 300.0,

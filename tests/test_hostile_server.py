@@ -385,3 +385,34 @@ def test_a_slow_handler_backpressures_its_uploads_and_every_upload_completes() -
             assert client.requests_retried == 0
 
     serve(uploads, slow, max_buffered=1 * MB, max_body=1 * MB)
+
+
+def test_a_huge_read_is_worked_through_in_slices_so_other_connections_are_served_meanwhile() -> None:
+    # 40,000 HEADERS+RST_STREAM pairs in one write (about 1.2 MB): the server
+    # handles at most 8 KiB of it per turn of the event loop (a read can be
+    # 256 KiB, ~8,000 streams), so a PING on another connection is answered
+    # while the flood is still being worked through, not after it. (plain_h2: no reset limit cuts the
+    # flood short, so the ordering is what is measured.)
+    async def race(server: H2Server) -> None:
+        flood = await Wire.open(server)
+        other = await Wire.open(server)
+        await other.frames(lambda f: isinstance(f, SettingsFrame) and "ACK" in f.flags)
+        wire = b"".join(headers + flood.client.reset(stream_id)
+                        for stream_id, headers in (flood.client.headers(end_stream=False) for _ in range(40_000)))
+        flood.writer.write(wire)
+        host, port = flood.writer.get_extra_info("sockname")[:2]
+        proto = next(p for p in server._protocols if p.peer == f"{host}:{port}")
+        for _ in range(2000):  # until the server has started on the flood
+            if proto.requests:
+                break
+            await asyncio.sleep(0.001)
+        ping = PingFrame(0)
+        ping.opaque_data = b"fairness"
+        await other.send(ping.serialize())
+        await other.frames(lambda f: isinstance(f, PingFrame) and f.opaque_data == b"fairness")
+        assert 0 < proto.requests < 40_000, proto.requests
+        await flood.writer.drain()
+        flood.close()
+        other.close()
+
+    serve(race, plain_h2=True)
