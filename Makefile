@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
-APT_TOOLS := curl nghttp2-client haproxy
+APT_TOOLS := curl nghttp2-client haproxy openssl
 # Oldest and newest h2 releases we support: the contract tests run on both.
 H2_OLDEST := 4.1.0
 H2_NEWEST := 4.4.1
@@ -38,6 +38,7 @@ system-tools:
 	command -v nghttp >/dev/null || missing="$$missing nghttp2-client"; \
 	command -v h2load >/dev/null || missing="$$missing nghttp2-client"; \
 	{ command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ]; } || missing="$$missing haproxy"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Debian packages:$$missing"; \

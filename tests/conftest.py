@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Generator
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -46,3 +48,58 @@ def both_cores() -> tuple[ModuleType, ModuleType]:
     if "cython" not in _CORES:
         pytest.skip("GOAWAY_EXT_NO_EXTENSIONS=1: the compiled core is switched off on purpose")
     return load_core("cython"), load_core("python")
+
+
+# --- real-peer tools: a skip in CI is a failure -------------------------------
+#
+# The real-peer tests drive Debian tools (make test installs them as root). On a
+# developer's machine a missing tool skips the test and the summary names the
+# tool; under CI=true the same skip turns into a failure, so a CI image that
+# lost a tool cannot quietly drop the tests that need it.
+REAL_PEER_TOOLS = ("curl", "nghttp", "h2load", "haproxy", "openssl")
+
+
+def in_ci() -> bool:
+    """True when the ``CI`` variable says so (GitHub, GitLab and most runners set ``CI=true``)."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def missing_tool_in(reason: str) -> str | None:
+    """The real-peer tool a skip reason says is missing, or None for any other skip."""
+    lowered = reason.lower()
+    if not any(word in lowered for word in ("not installed", "missing", "not found", "is absent")):
+        return None
+    for tool in REAL_PEER_TOOLS:
+        if tool in lowered:
+            return tool
+    return None
+
+
+_skipped_tools: dict[str, int] = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    outcome = yield
+    report = outcome.get_result()
+    if not report.skipped or getattr(report, "wasxfail", None) is not None:
+        return
+    longrepr = report.longrepr
+    reason = str(longrepr[2]) if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    tool = missing_tool_in(reason)
+    if tool is None:
+        return
+    _skipped_tools[tool] = _skipped_tools.get(tool, 0) + 1
+    if in_ci():
+        report.outcome = "failed"
+        report.longrepr = (
+            f"CI=true and the real-peer tool {tool!r} is missing, so this test would have been skipped: "
+            f"{reason}\nmake test installs it (Makefile system-tools); a CI image without it must fail loudly."
+        )
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _skipped_tools:
+        listed = ", ".join(f"{tool} ({count} tests)" for tool, count in sorted(_skipped_tools.items()))
+        verb = "FAILED (CI=true)" if in_ci() else "skipped"
+        terminalreporter.write_line(f"real-peer tests {verb} because a tool is missing: {listed}", red=True)
