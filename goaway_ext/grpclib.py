@@ -50,7 +50,8 @@ What this module touches in grpclib
 Public: ``H2Protocol`` (subclassed; attributes ``handler``, ``config``,
 ``h2_config``, ``connection``, ``processor``), ``Connection``,
 ``EventsProcessor`` (subclassed: ``register``, ``streams``, ``processors``,
-``close``, ``handler``, ``connection``), ``protocol.Stream`` (``headers``,
+``close``, ``process_stream_ended``, ``handler``, ``connection``; ``close``
+spares the RPCs whose whole response is buffered), ``protocol.Stream`` (``headers``,
 ``wrapper``, ``__terminated__``), ``Server.close``/``wait_closed``,
 ``Channel.request``/``close``, ``client.Stream`` (subclassed).
 Private, listed in :data:`GRPCLIB_PRIVATE_NAMES` and pinned by
