@@ -996,6 +996,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-high-chance", action="store_true", help="accept --chance above 0.02 (tests, demos)")
     parser.add_argument("--max-requests", type=int, default=None, help="drain after about N requests per connection")
     parser.add_argument("--max-age", type=float, default=None, help="drain connections older than about S seconds")
+    parser.add_argument("--max-idle", type=float, default=None,
+                        help="drain connections without an open stream for about S seconds")
     parser.add_argument("--jitter", type=float, default=0.1, help="spread of --max-requests/--max-age (default 0.1)")
     parser.add_argument("--mode", choices=MODES, default="graceful", help="drain mode (default graceful)")
     parser.add_argument("--grace", type=float, default=None, help="hard deadline in seconds after a drain starts")
@@ -1087,7 +1089,8 @@ def run_command(args: argparse.Namespace) -> int:
             raise CommandError(f"--shutdown-timeout must be positive, got {args.shutdown_timeout}")
         try:
             policy = GoawayPolicy(
-                args.chance, max_requests=args.max_requests, max_age=args.max_age, jitter=args.jitter,
+                args.chance, max_requests=args.max_requests, max_age=args.max_age, max_idle=args.max_idle,
+                jitter=args.jitter,
                 ping_timeout=args.ping_timeout, grace=args.grace, linger=args.linger, mode=args.mode,
                 seed=args.seed, allow_high_chance=args.allow_high_chance, decider=exempt_stats,
             )
@@ -1100,5 +1103,5 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 # GoawayPolicy arguments that ``serve`` takes as flags of the same name.
-_POLICY_FLAGS = ("chance", "max_requests", "max_age", "jitter", "ping_timeout", "grace", "linger", "mode", "seed",
-                 "allow_high_chance")
+_POLICY_FLAGS = ("chance", "max_requests", "max_age", "max_idle", "jitter", "ping_timeout", "grace", "linger", "mode",
+                 "seed", "allow_high_chance")

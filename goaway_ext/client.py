@@ -168,7 +168,9 @@ class ClientConnection(h2.connection.H2Connection):
 
         Events for frames in ``data`` come first, in wire order; the GOAWAY
         outcome (``GoawayReceived`` then any ``StreamRefused``, or ``h2``'s
-        ``ConnectionTerminated`` for an error code) follows them.
+        ``ConnectionTerminated`` for an error code) follows them. ``data`` must
+        be bytes-like (``bytes``, ``bytearray``, ``memoryview``): anything else
+        raises ``TypeError``, as in ``h2``.
         """
         scanner = self._scanner
         limit = self.max_inbound_frame_size
@@ -176,8 +178,12 @@ class ClientConnection(h2.connection.H2Connection):
             limit = self._asked_frame_size
         if limit != scanner.max_frame_size:
             scanner.max_frame_size = limit
+        if data.__class__ is not bytes:
+            # bytes(data) of an int would build that many zero bytes: take only
+            # bytes-like objects, with h2's own error for anything else.
+            data = bytes(memoryview(data))
         try:
-            for_h2, goaways = scanner.feed(data if isinstance(data, bytes) else bytes(data))
+            for_h2, goaways = scanner.feed(data)
         except ValueError as exc:
             # Same outcome as h2's own check on an oversize frame.
             self.close_connection(error_code=ErrorCodes.FRAME_SIZE_ERROR)

@@ -18,8 +18,8 @@ class GoawaySent:
     ``final`` is False for the first frame of a two-phase shutdown (last stream
     id 2^31-1, RFC 9113 §6.8), True once ``last_stream_id`` is the real bound
     no later frame will raise. ``reason`` says what started the drain:
-    ``"chance"``, ``"max_requests"``, ``"max_age"``, ``"decider"``, or whatever
-    the caller passed to ``start_drain``.
+    ``"chance"``, ``"max_requests"``, ``"max_age"``, ``"max_idle"``,
+    ``"decider"``, or whatever the caller passed to ``start_drain``.
     """
 
     last_stream_id: int

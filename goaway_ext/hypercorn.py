@@ -127,6 +127,7 @@ CONFIG_KEYS: dict[str, str] = {
     "goaway_chance": "chance",
     "goaway_max_requests": "max_requests",
     "goaway_max_age": "max_age",
+    "goaway_max_idle": "max_idle",
     "goaway_jitter": "jitter",
     "goaway_ping_timeout": "ping_timeout",
     "goaway_grace": "grace",
@@ -257,7 +258,7 @@ def _build_setup(config: Config) -> _Setup:
         policy = given
         if cap is not None and (given.max_requests is None or given.max_requests > cap):
             policy = GoawayPolicy(
-                given.chance, max_requests=cap, max_age=given.max_age, jitter=given.jitter,
+                given.chance, max_requests=cap, max_age=given.max_age, max_idle=given.max_idle, jitter=given.jitter,
                 ping_timeout=given.ping_timeout, grace=given.grace, linger=given.linger, mode=given.mode,
                 decider=given.decider, allow_high_chance=True,
             )
@@ -792,6 +793,8 @@ def _parser() -> argparse.ArgumentParser:
                             "hypercorn's own --max-requests restarts workers, this does not")
     group.add_argument("--goaway-max-age", type=float, default=None,
                        help="drain connections older than S seconds (jittered)")
+    group.add_argument("--goaway-max-idle", type=float, default=None,
+                       help="drain connections without an open stream for S seconds (jittered)")
     group.add_argument("--goaway-mode", choices=MODES, default=None,
                        help="graceful (two GOAWAYs + PING, default), single, or idle")
     group.add_argument("--goaway-grace", type=float, default=None,

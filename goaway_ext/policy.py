@@ -5,12 +5,14 @@ new connection asks it for a :class:`ConnectionBudget`: its own sampler, its own
 jittered request limit and its own jittered age deadline, so connections that
 were opened together do not all reconnect together.
 
-Three triggers compose, the first one met wins:
+Four triggers compose, the first one met wins:
 
 - ``chance``: per request, like kube-apiserver's ``--goaway-chance``;
 - ``max_requests``: a request budget, like nginx ``keepalive_requests`` and
   Envoy ``max_requests_per_connection``;
-- ``max_age``: a connection age, like gRPC's ``MaxConnectionAge``.
+- ``max_age``: a connection age, like gRPC's ``MaxConnectionAge``;
+- ``max_idle``: time without an open stream, like gRPC's ``MaxConnectionIdle``
+  and Envoy's ``idle_timeout``.
 
 ``decider`` may force or exempt single requests (health checks, verbs).
 """
@@ -30,7 +32,7 @@ from ._core import Sampler
 if TYPE_CHECKING:
     from .fairshare import FairShare
 
-__all__ = ["MODES", "MAX_SAFE_CHANCE", "GoawayPolicy", "ConnectionBudget", "Decider"]
+__all__ = ["MODES", "MAX_SAFE_CHANCE", "MAX_REQUESTS_LIMIT", "GoawayPolicy", "ConnectionBudget", "Decider"]
 
 #: The drain modes a policy may name; see ``goaway_ext.server.DrainState``.
 MODES = ("graceful", "single", "idle")
@@ -50,8 +52,11 @@ def _real(name: str, value: object, *, low: float, low_open: bool, none_ok: bool
         raise TypeError(f"{name} must be a number, got None")
     if type(value) is bool or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number{' or None' if none_ok else ''}, got {value!r}")
-    number = float(value)
     bound = "greater than" if low_open else "at least"
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond any float, e.g. 10**400
+        number = math.inf
     if not math.isfinite(number) or number < low or (low_open and number == low):
         raise ValueError(f"{name} must be a finite number {bound} {low:g}, got {value!r}")
     return number
@@ -63,7 +68,8 @@ class ConnectionBudget:
 
     ``sampler`` is None when ``chance`` is 0 (no per-request draw at all);
     ``max_requests`` is the jittered request limit, ``age_deadline`` the jittered
-    moment (on the connection's clock) its age runs out; None means no limit.
+    moment (on the connection's clock) its age runs out, ``max_idle`` the
+    jittered seconds it may stay without an open stream; None means no limit.
     ``admit``, set by a fair-share policy, is asked only when the sampler fires:
     False skips that drain (the server's drain-rate limit).
     """
@@ -72,6 +78,11 @@ class ConnectionBudget:
     max_requests: int | None
     age_deadline: float | None
     admit: Callable[[], bool] | None = None
+    max_idle: float | None = None
+
+
+#: Most requests one connection can carry: client stream ids are odd and below 2^31.
+MAX_REQUESTS_LIMIT = 2**30
 
 
 class GoawayPolicy:
@@ -81,8 +92,11 @@ class GoawayPolicy:
     rate a client reconnects every few dozen requests, which costs more than the
     balance it buys (kube-apiserver refuses it too). Tests and demos need 1.0.
 
-    ``jitter`` spreads ``max_requests`` and ``max_age`` uniformly over
-    ±``jitter`` per connection (gRPC spec A9 uses 10%). ``ping_timeout`` bounds
+    ``max_idle`` drains a connection that had no open stream for that many
+    seconds (gRPC's ``MaxConnectionIdle``): nothing is in flight then, so no
+    client has anything to lose. ``jitter`` spreads ``max_requests``,
+    ``max_age`` and ``max_idle`` uniformly over ±``jitter`` per connection
+    (gRPC spec A9 uses 10%). ``ping_timeout`` bounds
     the wait for the PING ACK of a graceful drain; ``grace`` is the hard
     deadline after a drain starts (None waits for ever, like Go); ``linger`` is
     how long the socket stays open once drained, so the peer reads the last
@@ -99,7 +113,7 @@ class GoawayPolicy:
 
     __slots__ = (
         "_allow_high_chance", "_chance", "_decider", "_fair_share", "_grace", "_jitter", "_linger", "_lock",
-        "_max_age", "_max_requests", "_mode", "_ping_timeout", "_seed", "_seeds",
+        "_max_age", "_max_idle", "_max_requests", "_mode", "_ping_timeout", "_seed", "_seeds",
     )
 
     def __init__(
@@ -108,6 +122,7 @@ class GoawayPolicy:
         *,
         max_requests: int | None = None,
         max_age: float | None = None,
+        max_idle: float | None = None,
         jitter: float = 0.1,
         ping_timeout: float = 5.0,
         grace: float | None = None,
@@ -134,8 +149,11 @@ class GoawayPolicy:
         if max_requests is not None:
             if type(max_requests) is bool or not isinstance(max_requests, int):
                 raise TypeError(f"max_requests must be an int or None, got {max_requests!r}")
-            if max_requests < 1:
-                raise ValueError(f"max_requests must be at least 1, got {max_requests!r}")
+            if not 1 <= max_requests <= MAX_REQUESTS_LIMIT:
+                raise ValueError(
+                    f"max_requests must be in 1..{MAX_REQUESTS_LIMIT} (a connection carries at most 2^30 "
+                    f"requests: client stream ids are odd and below 2^31), got {max_requests!r}"
+                )
         jitter_value = _real("jitter", jitter, low=0.0, low_open=False)
         assert jitter_value is not None
         if jitter_value >= 1.0:
@@ -160,6 +178,7 @@ class GoawayPolicy:
         self._chance = float(chance)
         self._max_requests = max_requests
         self._max_age = _real("max_age", max_age, low=0.0, low_open=True, none_ok=True)
+        self._max_idle = _real("max_idle", max_idle, low=0.0, low_open=True, none_ok=True)
         self._jitter = jitter_value
         ping = _real("ping_timeout", ping_timeout, low=0.0, low_open=True)
         assert ping is not None
@@ -193,8 +212,13 @@ class GoawayPolicy:
         return self._max_age
 
     @property
+    def max_idle(self) -> float | None:
+        """Seconds a connection may stay without an open stream, before jitter (None: no limit)."""
+        return self._max_idle
+
+    @property
     def jitter(self) -> float:
-        """Relative spread of max_requests and max_age, so clients do not reconnect in lockstep."""
+        """Relative spread of max_requests, max_age and max_idle, so clients do not reconnect in lockstep."""
         return self._jitter
 
     @property
@@ -233,7 +257,8 @@ class GoawayPolicy:
         decider_text = "None" if decider is None else getattr(decider, "__qualname__", None) or repr(decider)
         return (
             f"GoawayPolicy(chance={self._chance!r}, max_requests={self._max_requests!r}, "
-            f"max_age={self._max_age!r}, jitter={self._jitter!r}, ping_timeout={self._ping_timeout!r}, "
+            f"max_age={self._max_age!r}, max_idle={self._max_idle!r}, jitter={self._jitter!r}, "
+            f"ping_timeout={self._ping_timeout!r}, "
             f"grace={self._grace!r}, linger={self._linger!r}, mode={self._mode!r}, decider={decider_text}, "
             f"seed={self._seed!r}, allow_high_chance={self._allow_high_chance!r}, fair_share={self._fair_share!r})"
         )
@@ -251,7 +276,8 @@ class GoawayPolicy:
             conn_seed = self._seeds.getrandbits(64)
         limit: int | None = None
         deadline: float | None = None
-        if self._max_requests is not None or self._max_age is not None:
+        idle: float | None = None
+        if self._max_requests is not None or self._max_age is not None or self._max_idle is not None:
             # A generator only when there is something to jitter: building one
             # costs more than the rest of the budget (most policies set chance only).
             rng = random.Random(conn_seed)
@@ -259,11 +285,13 @@ class GoawayPolicy:
                 limit = max(1, round(self._max_requests * self._spread(rng)))
             if self._max_age is not None:
                 deadline = now + self._max_age * self._spread(rng)
+            if self._max_idle is not None:  # drawn last, so seeded draws of the others stay as they were
+                idle = self._max_idle * self._spread(rng)
         fair = self._fair_share
         if fair is not None:
             # Always a sampler: the controller may raise the chance later.
             tracked = Sampler(fair.chance, seed=conn_seed)
             fair.track(tracked)
-            return ConnectionBudget(tracked, limit, deadline, fair.admit)
+            return ConnectionBudget(tracked, limit, deadline, fair.admit, idle)
         sampler = Sampler(self._chance, seed=conn_seed) if self._chance > 0.0 else None
-        return ConnectionBudget(sampler, limit, deadline)
+        return ConnectionBudget(sampler, limit, deadline, None, idle)

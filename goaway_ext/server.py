@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -60,7 +61,8 @@ class DrainState(enum.Enum):
 
     ``SERVING``
         Normal. Each request asks the policy; the first trigger met (decider,
-        request budget, chance, age, or ``start_drain``) leaves this state:
+        request budget, chance, age, ``max_idle`` without an open stream, or
+        ``start_drain``) leaves this state:
         to NOTICE in mode ``graceful``, to DRAINING in mode ``single``, to
         IDLE_WAIT in mode ``idle``.
     ``IDLE_WAIT``
@@ -156,9 +158,10 @@ class ServerConnection(H2Connection):
     # request). With slots, h2's own code runs exactly as fast as on H2Connection.
     __slots__ = (
         "_acked", "_admit", "_age_deadline", "_clock", "_close_at", "_decider", "_drain_duration", "_drain_started",
-        "_final_id", "_goaways_sent", "_grace_deadline", "_mode", "_pending", "_pending_split", "_ping_deadline",
-        "_ping_opaque", "_ping_prefix", "_pings", "_policy", "_probe_high", "_queued", "_queued_at", "_reason",
-        "_requests_left", "_requests_seen", "_sampler", "_silent", "_state", "_streams_cut", "_streams_refused",
+        "_final_id", "_goaways_sent", "_grace_deadline", "_idle_limit", "_idle_mark", "_idle_since", "_mode",
+        "_pending", "_pending_split", "_ping_deadline", "_ping_opaque", "_ping_prefix", "_pings", "_policy",
+        "_probe_high", "_queued", "_queued_at", "_reason", "_requests_left", "_requests_seen", "_sampler", "_silent",
+        "_state", "_streams_cut", "_streams_refused",
     )
 
     def __init__(
@@ -188,6 +191,9 @@ class ServerConnection(H2Connection):
         self._admit = budget.admit
         self._requests_left = budget.max_requests
         self._age_deadline = budget.age_deadline
+        self._idle_limit = budget.max_idle
+        self._idle_since: float | None = None  # max_idle: when the connection was last seen without streams
+        self._idle_mark = 0  # requests_seen then: a request since means it was not idle all along
         self._decider = policy.decider
         self._mode = policy.mode
         self._state = _SERVING
@@ -355,7 +361,13 @@ class ServerConnection(H2Connection):
             return self._queued_at
         state = self._state
         if state is _SERVING:
-            return self._age_deadline
+            age = self._age_deadline
+            if self._idle_limit is None:
+                return age
+            idle = self._idle_deadline(self._clock())
+            if idle is None or (age is not None and age < idle):
+                return age
+            return idle
         if state is _NOTICE or state is _IDLE_WAIT:
             ping, grace = self._ping_deadline, self._grace_deadline
             if ping is None or (grace is not None and grace < ping):
@@ -368,14 +380,23 @@ class ServerConnection(H2Connection):
     def handle_timer(self, now: float) -> list[ServerEvent]:
         """Act on deadlines that passed by ``now``; return the events that were waiting.
 
-        Handles ``max_age``, ``ping_timeout``, ``grace`` and the idle fallback.
-        Safe to call early or often: nothing happens before a deadline.
+        Handles ``max_age``, ``max_idle``, ``ping_timeout``, ``grace`` and the
+        idle fallback. Safe to call early or often: nothing happens before a
+        deadline. A bad ``now`` raises before anything changes.
         """
+        if isinstance(now, bool) or not isinstance(now, (int, float)):
+            raise TypeError(f"now must be a number (a time on the connection's clock), got {now!r}")
+        if not math.isfinite(now):
+            raise ValueError(f"now must be a finite time on the connection's clock, got {now!r}")
         state = self._state
         grace = self._grace_deadline
         if state is _SERVING:
             if self._age_deadline is not None and now >= self._age_deadline:
                 self._start("max_age", now)
+            elif self._idle_limit is not None:
+                idle = self._idle_deadline(now)
+                if idle is not None and now >= idle:
+                    self._start("max_idle", now)
         elif state is _IDLE_WAIT:
             if grace is not None and now >= grace:
                 # Never idle within grace: fall back to the two-phase drain.
@@ -397,6 +418,23 @@ class ServerConnection(H2Connection):
         return events
 
     # -- internals -----------------------------------------------------------------
+
+    def _idle_deadline(self, now: float) -> float | None:
+        """When ``max_idle`` runs out, None while a stream is open.
+
+        Worked out when the owner asks (:meth:`next_deadline` after each flush,
+        :meth:`handle_timer`), not per request: a request seen in between (the
+        ``requests_seen`` counter moved) restarts the idle time from ``now``.
+        """
+        if self.open_inbound_streams:
+            self._idle_since = None
+            return None
+        since = self._idle_since
+        if since is None or self._idle_mark != self._requests_seen:
+            since = self._idle_since = now
+            self._idle_mark = self._requests_seen
+        assert self._idle_limit is not None
+        return since + self._idle_limit
 
     def _request_trigger(self, event: RequestReceived) -> str | None:
         decider = self._decider

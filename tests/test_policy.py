@@ -41,6 +41,20 @@ def test_high_chance_needs_explicit_permission() -> None:
         ({"max_age": 0}, ValueError, "max_age"),
         ({"max_age": math.inf}, ValueError, "max_age"),
         ({"max_age": "1"}, TypeError, "max_age"),
+        ({"max_age": 10**400}, ValueError, "max_age"),  # beyond any float: was OverflowError
+        ({"max_idle": 0}, ValueError, "max_idle"),
+        ({"max_idle": -1.0}, ValueError, "max_idle"),
+        ({"max_idle": math.inf}, ValueError, "max_idle"),
+        ({"max_idle": math.nan}, ValueError, "max_idle"),
+        ({"max_idle": 10**400}, ValueError, "max_idle"),
+        ({"max_idle": "5"}, TypeError, "max_idle"),
+        ({"max_idle": True}, TypeError, "max_idle"),
+        ({"grace": 10**400}, ValueError, "grace"),
+        ({"ping_timeout": -(10**400)}, ValueError, "ping_timeout"),
+        ({"linger": 10**400}, ValueError, "linger"),
+        ({"jitter": 10**400}, ValueError, "jitter"),
+        ({"max_requests": 2**1024}, ValueError, "max_requests"),  # was accepted, then failed in every connection
+        ({"max_requests": 2**30 + 1}, ValueError, "max_requests"),
         ({"jitter": -0.1}, ValueError, "jitter"),
         ({"jitter": 1.0}, ValueError, "jitter"),
         ({"ping_timeout": 0}, ValueError, "ping_timeout"),
@@ -108,3 +122,26 @@ def test_repr_shows_every_setting() -> None:
         assert f"{name}=" in text, (name, text)
     assert "decider=test_repr_shows_every_setting.<locals>.exempt" in text and "seed=7" in text
     assert " at 0x" not in text
+
+
+def test_max_requests_up_to_what_one_connection_can_carry() -> None:
+    policy = GoawayPolicy(max_requests=2**30, jitter=0.1, seed=1)
+    assert 0.9 * 2**30 <= (policy.new_budget(0.0).max_requests or 0) <= 1.1 * 2**30
+
+
+def test_max_idle_is_jittered_per_connection_like_max_age() -> None:
+    assert GoawayPolicy().max_idle is None and GoawayPolicy().new_budget(0.0).max_idle is None
+    policy = GoawayPolicy(max_idle=100, jitter=0.1, seed=5)
+    assert policy.max_idle == 100.0 and "max_idle=100.0" in repr(policy)
+    limits = [policy.new_budget(0.0).max_idle or 0.0 for _ in range(200)]
+    assert all(90.0 <= limit <= 110.0 for limit in limits)
+    assert len(set(limits)) > 150  # spread, so idle connections do not all go at once
+    again = GoawayPolicy(max_idle=100, jitter=0.1, seed=5)
+    assert [again.new_budget(0.0).max_idle for _ in range(200)] == limits  # reproducible with a seed
+    assert {GoawayPolicy(max_idle=100, jitter=0.0).new_budget(0.0).max_idle for _ in range(5)} == {100.0}
+
+
+def test_max_idle_draw_leaves_seeded_max_age_draws_unchanged() -> None:
+    ages = [GoawayPolicy(max_age=60, seed=9).new_budget(0.0).age_deadline for _ in range(3)]
+    both = [GoawayPolicy(max_age=60, max_idle=30, seed=9).new_budget(0.0).age_deadline for _ in range(3)]
+    assert ages == both
