@@ -128,6 +128,88 @@ def serve(kind: str, fd: int, trace: bool) -> None:
     asyncio.run(main())
 
 
+def in_memory(kind: str, count: int) -> None:
+    """``count`` sequential requests through one protocol object, no sockets (deterministic).
+
+    The client is a subclass of ``H2Connection`` for every kind, so h2's code
+    sees two connection types in every variant alike (CPython specialises
+    attribute access per type; one shared type would favour the baseline).
+    """
+    import h2.config
+    import h2.connection
+    import h2.events
+    from hypercorn.app_wrappers import ASGIWrapper
+    from hypercorn.asyncio.task_group import TaskGroup
+    from hypercorn.asyncio.worker_context import WorkerContext
+    from hypercorn.config import Config
+    from hypercorn.events import Closed, RawData
+    from hypercorn.protocol.h2 import H2Protocol
+    from hypercorn.typing import ConnectionState
+
+    class Client(h2.connection.H2Connection):
+        pass
+
+    config = Config()
+    config.keep_alive_max_requests = 10**9
+    protocol_class: Any = H2Protocol
+    if kind == "goaway":
+        from goaway_ext import GoawayPolicy
+        from goaway_ext.hypercorn import GoawayH2Protocol, enable_goaway
+
+        enable_goaway(config, GoawayPolicy(0.0))
+        protocol_class = GoawayH2Protocol
+    elif kind == "floor":
+        import hypercorn.protocol
+
+        _install_bare_server_connection()
+        protocol_class = hypercorn.protocol.H2Protocol  # type: ignore[attr-defined]
+
+    async def main() -> None:
+        out = bytearray()
+
+        async def send(event: Any) -> None:
+            if isinstance(event, RawData):
+                out.extend(event.data)
+
+        client = Client(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        client.initiate_connection()
+        async with TaskGroup(asyncio.get_running_loop()) as task_group:
+            protocol = protocol_class(ASGIWrapper(app), config, WorkerContext(None), task_group,  # type: ignore[arg-type]
+                                      ConnectionState({}), False, ("127.0.0.1", 1), ("127.0.0.1", 2), send)
+            await protocol.initiate()
+            await protocol.handle(RawData(client.data_to_send()))
+            for _ in range(count):
+                stream_id = client.get_next_available_stream_id()
+                client.send_headers(stream_id, _GET, end_stream=True)
+                await protocol.handle(RawData(client.data_to_send()))
+                ended = False
+                while not ended:
+                    await asyncio.sleep(0)
+                    if not out:
+                        continue
+                    data = bytes(out)
+                    out.clear()
+                    for event in client.receive_data(data):
+                        ended = ended or (isinstance(event, h2.events.StreamEnded) and event.stream_id == stream_id)
+                    pending = client.data_to_send()
+                    if pending:
+                        await protocol.handle(RawData(pending))
+            await protocol.handle(Closed())
+
+    asyncio.run(main())
+
+
+def in_memory_instructions(kind: str, count: int) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        env = dict(os.environ, PYTHONHASHSEED="0", PYTHONPATH=os.pathsep.join(filter(None, [
+            os.environ.get("PYTHONPATH"), str(ROOT)])))
+        subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, str(HERE),
+                        "_inmemory", kind, str(count)], check=True, env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        return _callgrind_total(out)
+
+
 # -- the client side (this process) ----------------------------------------------------
 
 
@@ -275,8 +357,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs (less exact)")
     parser.add_argument("--idle", type=int, default=2000, help="idle connections for the memory row (2000)")
-    parser.add_argument("--rows", default="request,lifecycle,memory",
-                        help="which rows, comma-separated (request,lifecycle,memory)")
+    parser.add_argument("--rows", default="request,lifecycle,inmemory,memory",
+                        help="which rows, comma-separated (request,lifecycle,inmemory,memory)")
     parser.add_argument("--floor", action="store_true",
                         help="also measure stock hypercorn with a bare ServerConnection swapped in")
     args = parser.parse_args()
@@ -302,6 +384,13 @@ def main() -> None:
                     floor = per_unit("floor", work, short, long)
                     print(f"    of which ServerConnection alone (bare swap into stock H2Protocol): "
                           f"{floor / 1e3:,.1f}k instr, ratio {floor / stock:.4f}")
+    if "memory-request" in wanted or "inmemory" in wanted:
+        short, long = 100, 600 if not args.quick else 300
+        per = {kind: (in_memory_instructions(kind, long) - in_memory_instructions(kind, short)) / (long - short)
+               for kind in ("stock", "goaway", "floor")}
+        print(f"  per request in memory, no sockets (deterministic): stock {per['stock'] / 1e3:,.1f}k instr, "
+              f"goaway_ext {per['goaway'] / 1e3:,.1f}k ({per['goaway'] / per['stock']:.4f}), "
+              f"bare ServerConnection {per['floor'] / 1e3:,.1f}k ({per['floor'] / per['stock']:.4f})")
     if "memory" not in wanted:
         return
     stock_traced, stock_rss = idle_memory("stock", args.idle)
@@ -313,7 +402,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 4 and sys.argv[1] == "_serve":
+    if len(sys.argv) >= 4 and sys.argv[1] == "_inmemory":
+        in_memory(sys.argv[2], int(sys.argv[3]))
+    elif len(sys.argv) >= 4 and sys.argv[1] == "_serve":
         serve(sys.argv[2], int(sys.argv[3]), "--trace" in sys.argv[4:])
     else:
         main()

@@ -734,10 +734,10 @@ def run(config: Config) -> int:
         signal.signal(signal.SIGHUP, reload)
     try:
         populate()
-        while processes:
-            if state["stopping"]:
-                break
-            multiprocessing.connection.wait([process.sentinel for process in processes])
+        while processes and not state["stopping"]:
+            # A timeout, because a signal does not interrupt the wait (PEP 475):
+            # the shutdown deadline below must start when the signal arrives.
+            multiprocessing.connection.wait([process.sentinel for process in processes], timeout=0.5)
             for process in [p for p in processes if p.exitcode is not None]:
                 process.join()
                 processes.remove(process)

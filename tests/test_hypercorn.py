@@ -47,6 +47,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if os.environ.get("GOAWAY_TEST_HANG_AT_SHUTDOWN"):
+                    await anyio.sleep_forever()  # a worker that never finishes its shutdown
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     query = {k: v[0] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
@@ -723,3 +725,37 @@ def test_version_and_the_console_script_name_itself() -> None:
     usage = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30)
     assert usage.returncode == 0 and usage.stdout.startswith("usage: goaway-ext-hypercorn ")
     assert "usage: goaway-ext-hypercorn [-h]" in usage.stdout
+
+
+_RUN_WITH_SHORT_MARGIN = """
+import sys
+from hypercorn.config import Config
+import goaway_ext.hypercorn as wrapper
+wrapper.WORKER_EXIT_MARGIN = 0.5
+config = Config()
+config.application_path = sys.argv[1]
+config.bind = ["127.0.0.1:0"]
+config.workers = 1
+config.graceful_timeout = 0.5
+config.errorlog = "-"
+wrapper.enable_goaway(config)
+sys.exit(wrapper.run(config))
+"""
+
+
+def test_a_worker_still_running_after_graceful_timeout_and_the_margin_is_killed() -> None:
+    env = dict(os.environ, GOAWAY_TEST_HANG_AT_SHUTDOWN="1", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "-c", _RUN_WITH_SHORT_MARGIN, APP], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if "Running on" in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "still running 0.5 s + 0.5 s after shutdown began; killing it" in output
