@@ -20,10 +20,12 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import ssl
 import subprocess
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -786,6 +788,7 @@ class H2Server:
         self._totals = {"connections_opened": 0, "requests": 0, "goaways_sent": 0, "streams_refused": 0,
                         "streams_cut": 0, "drains": 0}
         self._shutdown: asyncio.Event | None = None
+        self._fair_task: asyncio.Task[None] | None = None
         self.address: tuple[str, int] | None = None
 
     @property
@@ -821,7 +824,25 @@ class H2Server:
         if self._name is None:
             self.backend_header = (b"x-backend", f"{host}:{self.address[1]}".encode())
         self.shutdown_event  # noqa: B018  (created on the loop that serves)
+        if self.policy.fair_share is not None and self._fair_task is None:
+            self._fair_task = loop.create_task(self._run_fair_share())
         return self.address
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open now: this server's load signal for a fair-share fleet view."""
+        return len(self._protocols)
+
+    async def _run_fair_share(self) -> None:
+        """The fair-share timer: move every connection's chance from the fleet view, off the request path."""
+        fair = self.policy.fair_share
+        assert fair is not None
+        while True:
+            try:
+                fair.update()
+            except Exception:  # a broken view must not stop the server; the chance stays where it was
+                log.exception("fair-share update failed")
+            await asyncio.sleep(fair.interval)
 
     #: At most one log line per this many seconds about failed accepts.
     ACCEPT_ERROR_LOG_INTERVAL = 10.0
@@ -886,6 +907,9 @@ class H2Server:
     async def shutdown(self, timeout: float = 10.0) -> None:
         """Stop accepting, drain every connection with ``start_drain``, wait at most ``timeout`` s, then close."""
         self.shutdown_event.set()
+        if self._fair_task is not None:
+            self._fair_task.cancel()
+            self._fair_task = None
         if self._server is not None:
             self._server.close()
         for proto in list(self._protocols):
@@ -1013,6 +1037,30 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="close connections without an HTTP/2 preface after S seconds (default 10)")
     parser.add_argument("--idle-timeout", type=float, default=300.0,
                         help="close connections with no open stream after S seconds (default 300)")
+    fair = parser.add_argument_group(
+        "fair share", "load-aware GOAWAY: shed only while this server holds more connections than the "
+        "least-loaded one (plus a tolerance); --chance becomes the fallback while the fleet view is stale")
+    fair.add_argument("--fair-share", choices=("haproxy", "peers"), default=None,
+                      help="where the fleet's load comes from: HAProxy's stats socket, or the peers' --publish-load")
+    fair.add_argument("--haproxy-socket", default=None, metavar="PATH|HOST:PORT",
+                      help="with --fair-share haproxy: HAProxy's stats socket")
+    fair.add_argument("--haproxy-backend", default=None, metavar="NAME",
+                      help="with --fair-share haproxy: the HAProxy backend this server belongs to "
+                           "(--name must be its server name there)")
+    fair.add_argument("--peers", default=None, metavar="HOST:PORT,...",
+                      help="with --fair-share peers: the peers' --publish-load addresses")
+    fair.add_argument("--publish-load", default=None, metavar="[HOST:]PORT",
+                      help="publish this server's open connections for its peers (GET /goaway-ext/load)")
+    fair.add_argument("--fair-ceiling", type=float, default=0.02,
+                      help="largest effective chance (default 0.02; above needs --allow-high-chance)")
+    fair.add_argument("--fair-tolerance", type=float, default=0.10,
+                      help="relative excess over the least-loaded server left alone (default 0.10)")
+    fair.add_argument("--fair-max-drain-rate", type=float, default=0.05,
+                      help="largest fraction of this server's connections drained per second (default 0.05)")
+    fair.add_argument("--fair-interval", type=float, default=1.0,
+                      help="seconds between fleet-view polls and chance updates (default 1)")
+    fair.add_argument("--fair-max-staleness", type=float, default=5.0,
+                      help="seconds after which the fleet view is stale and --chance applies (default 5)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     parser.add_argument("--plain-h2", action="store_true", help=argparse.SUPPRESS)  # benchmarks: h2 baseline
 
@@ -1048,7 +1096,68 @@ def _tls_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext:
     return context
 
 
-async def _serve(args: argparse.Namespace, policy: GoawayPolicy, context: ssl.SSLContext | None) -> int:
+class _FairShareSetup:
+    """What ``serve --fair-share`` starts beside the server: the fleet view, the publisher."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from .fairshare import FairShare
+        from .fleet import HAProxyFleetView, PeerFleetView, PollingFleetView
+
+        self.server: H2Server | None = None
+        self.publisher: Any = None
+        self._publish = args.publish_load
+        if args.fair_share is not None and not args.name:
+            raise CommandError("--fair-share needs --name: this server's name in the fleet (HAProxy server name, "
+                               "or the name its peers see)")
+        self.name = args.name
+        view: PollingFleetView | None = None
+        if args.fair_share == "haproxy":
+            if not args.haproxy_socket or not args.haproxy_backend:
+                raise CommandError("--fair-share haproxy needs --haproxy-socket and --haproxy-backend")
+            view = HAProxyFleetView(args.haproxy_socket, args.haproxy_backend, interval=args.fair_interval)
+        elif args.fair_share == "peers":
+            if not args.peers:
+                raise CommandError("--fair-share peers needs --peers HOST:PORT,...")
+            view = PeerFleetView(args.name, self.local, [p for p in args.peers.split(",") if p],
+                                 interval=args.fair_interval)
+        self.view = view
+        self.fair = None
+        if view is not None:
+            self.fair = FairShare(view, args.name, clock=time.monotonic, fallback=args.chance,
+                                  ceiling=args.fair_ceiling, tolerance=args.fair_tolerance,
+                                  max_drain_rate=args.fair_max_drain_rate, interval=args.fair_interval,
+                                  max_staleness=args.fair_max_staleness, allow_high_chance=args.allow_high_chance)
+
+    def local(self) -> float:
+        """This server's open connections (0 before it starts)."""
+        return float(self.server.open_connections) if self.server is not None else 0.0
+
+    def start(self, server: H2Server) -> None:
+        """Start polling and publishing for ``server``."""
+        from .fleet import LoadPublisher
+
+        self.server = server
+        if self.view is not None:
+            self.view.start()
+        if self._publish:
+            host, _, port = str(self._publish).rpartition(":")
+            try:
+                self.publisher = LoadPublisher(self.name or server.name, self.local, host=host or "127.0.0.1",
+                                               port=int(port))
+            except (OSError, ValueError) as exc:
+                raise CommandError(f"--publish-load {self._publish}: {exc}") from None
+            print(f"publishing load on port {self.publisher.port}", flush=True)
+
+    def close(self) -> None:
+        """Stop the view's thread and the publisher."""
+        if self.view is not None:
+            self.view.close()
+        if self.publisher is not None:
+            self.publisher.close()
+
+
+async def _serve(args: argparse.Namespace, policy: GoawayPolicy, context: ssl.SSLContext | None,
+                 fair: _FairShareSetup | None = None) -> int:
     try:
         server = H2Server(builtin_app, policy=policy, ssl_context=context, name=args.name, plain_h2=args.plain_h2,
                           handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout)
@@ -1059,6 +1168,8 @@ async def _serve(args: argparse.Namespace, policy: GoawayPolicy, context: ssl.SS
     except OSError as exc:
         raise bind_error(args.host, args.port, exc) from None
     print(f"listening on {host}:{port}", flush=True)
+    if fair is not None:
+        fair.start(server)
     log.info("serving %s as %s with %r%s", "https" if context else "h2c", server.name, policy,
              " (plain h2 baseline)" if args.plain_h2 else "")
     await server.serve_forever(shutdown_timeout=args.shutdown_timeout)
@@ -1088,19 +1199,37 @@ def run_command(args: argparse.Namespace) -> int:
         if args.shutdown_timeout <= 0:
             raise CommandError(f"--shutdown-timeout must be positive, got {args.shutdown_timeout}")
         try:
+            fair = _FairShareSetup(args)
+        except (TypeError, ValueError) as exc:
+            message = str(exc)
+            for name, flag in _FAIR_FLAGS.items():
+                message = re.sub(rf"(?<![\w-]){name}=True\b", flag, message)
+                message = re.sub(rf"(?<![\w-]){name}=", flag + " ", message)
+                message = re.sub(rf"^{name}\b", flag, message)
+            raise CommandError(message) from None
+        try:
             policy = GoawayPolicy(
-                args.chance, max_requests=args.max_requests, max_age=args.max_age, max_idle=args.max_idle,
-                jitter=args.jitter,
+                0.0 if fair.fair is not None else args.chance, max_requests=args.max_requests,
+                max_age=args.max_age, max_idle=args.max_idle, jitter=args.jitter,
                 ping_timeout=args.ping_timeout, grace=args.grace, linger=args.linger, mode=args.mode,
                 seed=args.seed, allow_high_chance=args.allow_high_chance, decider=exempt_stats,
+                fair_share=fair.fair,
             )
         except (TypeError, ValueError) as exc:
             raise CommandError(flag_message(str(exc), _POLICY_FLAGS)) from None
         context = _tls_context(args.certfile, args.keyfile) if args.tls else None
-        return asyncio.run(_serve(args, policy, context))
+        try:
+            return asyncio.run(_serve(args, policy, context, fair))
+        finally:
+            fair.close()
     except CommandError as exc:
         return fail("serve", exc)
 
+
+# FairShare arguments that ``serve`` takes as --fair-* flags.
+_FAIR_FLAGS = {"ceiling": "--fair-ceiling", "fallback": "--chance", "tolerance": "--fair-tolerance",
+               "max_drain_rate": "--fair-max-drain-rate", "interval": "--fair-interval",
+               "max_staleness": "--fair-max-staleness", "allow_high_chance": "--allow-high-chance"}
 
 # GoawayPolicy arguments that ``serve`` takes as flags of the same name.
 _POLICY_FLAGS = ("chance", "max_requests", "max_age", "max_idle", "jitter", "ping_timeout", "grace", "linger", "mode",

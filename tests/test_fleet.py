@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -296,3 +297,68 @@ def test_haproxy_view_garbage_and_absent_socket() -> None:
         t.join()
         srv.close()
         assert fake.snapshot() is None and isinstance(fake.last_error, ValueError)
+
+
+def _serve(*args: str) -> tuple[subprocess.Popen[str], dict[str, int]]:
+    proc = subprocess.Popen([sys.executable, "-m", "goaway_ext", "serve", "--port", "0", "--log-level", "WARNING",
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    ports: dict[str, int] = {}
+    assert proc.stdout is not None
+    while len(ports) < 2:
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait(timeout=30)
+            pytest.fail(f"serve exited with {proc.returncode} before listening")
+        if line.startswith("listening on "):
+            ports["h2"] = int(line.rsplit(":", 1)[1])
+        elif line.startswith("publishing load on port "):
+            ports["load"] = int(line.rsplit(" ", 1)[1])
+    return proc, ports
+
+
+def test_serve_fair_share_peers_sheds_only_the_loaded_server() -> None:
+    # Two real `serve` processes publish their load and read each other's. Eight clients
+    # connect straight to b1, none to b2: b1 is above its share and sends GOAWAYs, within
+    # its drain-rate limit; once the view is gone (b2 killed), b1 falls back to --chance 0.
+    import asyncio
+
+    from goaway_ext import H2Client
+
+    lp1, lp2 = free_port(), free_port()
+    b1, p1 = _serve("--name", "b1", "--chance", "0", "--fair-share", "peers", "--peers", f"127.0.0.1:{lp2}",
+                    "--publish-load", f"127.0.0.1:{lp1}", "--fair-interval", "0.2", "--fair-ceiling", "0.02",
+                    "--fair-max-drain-rate", "1.0")
+    b2, p2 = _serve("--name", "b2", "--chance", "0", "--fair-share", "peers", "--peers", f"127.0.0.1:{lp1}",
+                    "--publish-load", f"127.0.0.1:{lp2}", "--fair-interval", "0.2")
+    try:
+        assert p1["load"] == lp1 and p2["load"] == lp2
+
+        async def drive() -> tuple[int, int, int]:
+            clients = [H2Client("127.0.0.1", p1["h2"]) for _ in range(8)]
+            for c in clients:
+                await c.__aenter__()
+            try:
+                for _ in range(2000):
+                    await asyncio.gather(*(c.request("GET", "/") for c in clients))
+                    if sum(c.goaways_received for c in clients) >= 3:
+                        break
+                stats = json.loads((await clients[0].request("GET", "/stats")).body)
+                # While b1 still holds its eight, one client on b2 is far below: b2 never sheds.
+                async with H2Client("127.0.0.1", p2["h2"]) as quiet:
+                    for _ in range(300):
+                        await quiet.request("GET", "/")
+                    b2_goaways = quiet.goaways_received
+                return sum(c.goaways_received for c in clients), b2_goaways, stats["requests"]
+            finally:
+                for c in clients:
+                    await c.__aexit__(None, None, None)
+
+        received, b2_goaways, requests = asyncio.run(drive())
+        assert received >= 3, f"b1 never shed: {received} GOAWAYs over {requests} requests"
+        assert b2_goaways == 0
+    finally:
+        for proc in (b1, b2):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
