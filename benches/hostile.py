@@ -316,7 +316,8 @@ ATTACKS = {
                                 lambda port, scale: never_reads(port, int(1_000_000 * scale), "ping")),
     "SETTINGS flood, never reads": ("reading paused while writes are; max_control_frames 1,000",
                                     lambda port, scale: never_reads(port, int(1_000_000 * scale), "settings")),
-    "requests, responses never read": ("reading paused while writes are; 100 streams per connection",
+    "requests, responses never read": ("reading paused while writes are; a 101st concurrent stream is a "
+                                       "protocol error (h2's SETTINGS_MAX_CONCURRENT_STREAMS 100)",
                                        lambda port, scale: never_reads(port, int(50_000 * scale), "get")),
     "silent sockets": ("handshake_timeout 10 s",
                        lambda port, scale: silent_sockets(port, int(1000 * scale))),

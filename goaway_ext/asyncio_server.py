@@ -57,7 +57,7 @@ __all__ = ["Request", "ResponseStream", "Handler", "H2Server", "builtin_app", "c
 log = logging.getLogger("goaway_ext.asyncio_server")
 
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_READ_SLICE = 8192  # bytes of input handled per turn of the event loop (fairness between connections)
+_READ_SLICE = 4096  # bytes of input handled per turn of the event loop (fairness between connections)
 _HTTP1_METHODS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")
 _HTTP1_REFUSAL = (
     b"HTTP/1.1 505 HTTP Version Not Supported\r\n"
@@ -227,7 +227,8 @@ class _H2Protocol(asyncio.Protocol):
         self._held = 0  # of which in bodies whose handler runs (freed when it returns)
         self._owed = 0  # flow-controlled bytes not yet acknowledged, over all streams
         self._control = 0  # PING/SETTINGS answers queued since our write buffer was last empty
-        self._backlog = b""  # read but not processed yet (see _receive)
+        self._backlog = b""  # read but not processed yet from _offset on (see _step)
+        self._offset = 0
         self._backlog_scheduled = False
         self._reading_paused = False
         self.closed: asyncio.Future[None] = self.loop.create_future()
@@ -293,30 +294,37 @@ class _H2Protocol(asyncio.Protocol):
         self._backlog_scheduled = False
         if self._closing or self._resume is not None or not self._backlog:
             return
-        data, self._backlog = self._backlog, b""
-        self._receive(data)
+        self._step()
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
         if self._backlog:  # reads arriving while a backlog waits (TLS may deliver a little after a pause)
-            self._backlog += data
-            return
-        self._receive(data)
+            self._backlog = self._backlog[self._offset :] + data
+        else:
+            self._backlog = data
+        self._offset = 0
+        self._step()
 
-    def _receive(self, data: bytes) -> None:
+    def _step(self) -> None:
         # One read can hold thousands of frames (a reset flood packs ~8,000
         # streams into 256 KiB). Work through it _READ_SLICE bytes per turn of
         # the event loop, not reading more meanwhile, so the other connections
         # are served between slices.
-        if len(data) > _READ_SLICE:
-            self._backlog = data[_READ_SLICE:]
-            data = data[:_READ_SLICE]
+        backlog, offset = self._backlog, self._offset
+        if offset == 0 and len(backlog) <= _READ_SLICE:
+            data = backlog
+            self._backlog = b""
+        else:
+            data = backlog[offset : offset + _READ_SLICE]
+            self._offset = offset + len(data)
+            if self._offset >= len(backlog):
+                self._backlog, self._offset = b"", 0
         try:
             self._process(data)
         finally:
             if self._closing:
-                self._backlog = b""
+                self._backlog, self._offset = b"", 0
             self._update_reading()
 
     def _process(self, data: bytes) -> None:

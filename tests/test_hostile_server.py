@@ -389,7 +389,7 @@ def test_a_slow_handler_backpressures_its_uploads_and_every_upload_completes() -
 
 def test_a_huge_read_is_worked_through_in_slices_so_other_connections_are_served_meanwhile() -> None:
     # 40,000 HEADERS+RST_STREAM pairs in one write (about 1.2 MB): the server
-    # handles at most 8 KiB of it per turn of the event loop (a read can be
+    # handles at most 4 KiB of it per turn of the event loop (a read can be
     # 256 KiB, ~8,000 streams), so a PING on another connection is answered
     # while the flood is still being worked through, not after it. (plain_h2: no reset limit cuts the
     # flood short, so the ordering is what is measured.)
