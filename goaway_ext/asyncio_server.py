@@ -424,7 +424,7 @@ class _H2Protocol(asyncio.Protocol):
                      self.server.handshake_timeout)
             self.abort()
             return
-        timeout = self.server.idle_timeout
+        timeout = self.server._idle_hard_stop if self.drainable is not None else self.server.idle_timeout
         if timeout is None:
             return
         if self._streams:
@@ -785,6 +785,14 @@ class H2Server:
         self.handshake_timeout = float(handshake_timeout)
         self.idle_timeout = None if idle_timeout is None else float(idle_timeout)
         self.flush_timeout = float(flush_timeout)
+        # With the policy's max_idle, its graceful drain goes first: the hard
+        # stop waits until the longest jittered max_idle, the PING ACK wait and
+        # the linger have had their turn.
+        self._idle_hard_stop = self.idle_timeout
+        max_idle = self.policy.max_idle
+        if self.idle_timeout is not None and max_idle is not None:
+            self._idle_hard_stop = max(self.idle_timeout, max_idle * (1 + self.policy.jitter)
+                                      + self.policy.ping_timeout + self.policy.linger + self.flush_timeout)
         self.plain_h2 = plain_h2
         self._accept_errors = 0
         self._accept_logged_at: float | None = None

@@ -416,3 +416,22 @@ def test_a_huge_read_is_worked_through_in_slices_so_other_connections_are_served
         other.close()
 
     serve(race, plain_h2=True)
+
+
+def test_with_max_idle_the_policys_graceful_goaway_comes_before_the_idle_timeout() -> None:
+    # idle_timeout (0.3 s) is shorter than the policy's max_idle (0.6 s): the
+    # hard stop still waits for max_idle's graceful drain, so the client sees
+    # GOAWAY(2^31-1) + PING first, then the final GOAWAY, then EOF.
+    async def idle(server: H2Server) -> None:
+        wire = await Wire.open(server)
+        stream_id, headers = wire.client.headers()
+        await wire.send(headers)
+        frames = await wire.frames(lambda f: isinstance(f, GoAwayFrame))
+        assert frames[-1].last_stream_id == 2**31 - 1, "the first GOAWAY should be max_idle's graceful notice"
+        frames = await wire.frames(lambda f: isinstance(f, GoAwayFrame))
+        assert frames[-1].last_stream_id == stream_id and frames[-1].error_code == ErrorCodes.NO_ERROR
+        assert await wire.at_eof()
+        wire.close()
+
+    policy = GoawayPolicy(max_idle=0.6, jitter=0.0, ping_timeout=0.2, linger=0.2)
+    serve(idle, policy=policy, idle_timeout=0.3, flush_timeout=0.2)
