@@ -20,8 +20,8 @@ into a :class:`GoawayServer`: each connection is a
 :class:`~goaway_ext.ServerConnection` following a
 :class:`~goaway_ext.GoawayPolicy`. :func:`grpc_policy` builds one with gRPC's
 names: ``MaxConnectionAge`` is ``max_age``, ``MaxConnectionAgeGrace`` is
-``grace`` and ``MaxConnectionIdle`` is ``max_idle`` (when this goaway_ext has
-it); ``chance`` and ``max_requests`` work as everywhere in goaway_ext.
+``grace`` and ``MaxConnectionIdle`` is ``max_idle``; ``chance`` and
+``max_requests`` work as everywhere in goaway_ext.
 ``close()`` stops accepting connections and drains every connection (GOAWAY,
 RPCs in flight finish, late ones are refused with REFUSED_STREAM);
 ``wait_closed()`` returns once every connection is closed, at the latest
@@ -69,7 +69,6 @@ place of ``h2.connection.H2Connection`` (the one thing it hard-codes).
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -148,7 +147,7 @@ def grpc_policy(
 
     ``MaxConnectionAge`` -> ``max_age`` (jittered ±10% as gRPC does),
     ``MaxConnectionAgeGrace`` -> ``grace`` (counted from the first GOAWAY),
-    ``MaxConnectionIdle`` -> ``max_idle``. Other ``GoawayPolicy`` options pass
+    ``MaxConnectionIdle`` -> ``max_idle`` (jittered too). Other ``GoawayPolicy`` options pass
     through. So a grpclib server configured like a grpc-go or grpcio one means
     the same thing.
     """
@@ -157,10 +156,6 @@ def grpc_policy(
     if max_connection_age_grace is not None:
         options["grace"] = max_connection_age_grace
     if max_connection_idle is not None:
-        if "max_idle" not in inspect.signature(GoawayPolicy).parameters:
-            raise TypeError(
-                f"max_connection_idle={max_connection_idle!r}: this goaway_ext's GoawayPolicy has no max_idle"
-            )
         options["max_idle"] = max_connection_idle
     try:
         return GoawayPolicy(chance, **options)
@@ -262,6 +257,30 @@ def _make_h2(protocol: H2Protocol, h2_conn: Any, transport: asyncio.BaseTranspor
     protocol.connection.initialize()
 
 
+class _IdleProcessor(EventsProcessor):
+    """grpclib's server event processor, waking the protocol's timer when its last RPC ended.
+
+    Only with a policy that has ``max_idle``: ``ServerConnection`` works out
+    the idle deadline when asked, and the moment to ask is when no RPC is left
+    (grpclib releases every RPC here, after its last frame). Nothing runs when
+    an RPC starts.
+    """
+
+    def __init__(self, handler: Any, connection: Connection, protocol: _ServerProtocol) -> None:
+        super().__init__(handler, connection)
+        self._protocol = protocol
+
+    def register(self, stream: grpclib.protocol.Stream) -> Callable[[], None]:
+        release = super().register(stream)
+
+        def release_stream() -> None:
+            release()
+            if not self.streams:
+                self._protocol.wake()
+
+        return release_stream
+
+
 class _ServerProtocol(H2Protocol):
     """grpclib's server protocol around a ``ServerConnection`` plus one timer."""
 
@@ -280,12 +299,14 @@ class _ServerProtocol(H2Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         server = self._goaway_server
         policy = server.goaway_policy
-        watched = policy.mode == "idle" or getattr(policy, "max_idle", None) is not None
-        cls = _WatchedServerConnection if watched else _ServerConnection
+        cls = _WatchedServerConnection if policy.mode == "idle" else _ServerConnection
         h2_conn = cls(self.h2_config, policy=policy, clock=self._loop.time, owner=self)
         self._h2 = h2_conn
         _make_h2(self, h2_conn, transport)
-        self.processor = EventsProcessor(self.handler, self.connection)
+        if policy.max_idle is None:
+            self.processor = EventsProcessor(self.handler, self.connection)
+        else:
+            self.processor = _IdleProcessor(self.handler, self.connection, self)
         self.processor.processors[GoawaySent] = self._on_goaway_sent
         self.processor.processors[ConnectionDrained] = self._on_drained
         server.goaway_stats.connections += 1

@@ -441,14 +441,41 @@ def test_import_without_the_extra_names_it() -> None:
     assert "pip install '.[grpclib]'" in last
 
 
-def test_grpc_policy_max_connection_idle_follows_goaway_policy() -> None:
-    import inspect
+def test_grpc_policy_max_connection_idle() -> None:
+    assert grpc_policy(max_connection_idle=60.0).max_idle == 60.0
+    with pytest.raises(ValueError, match=r"^max_connection_idle must be"):
+        grpc_policy(max_connection_idle=-1.0)
 
-    if "max_idle" in inspect.signature(GoawayPolicy).parameters:
-        assert grpc_policy(max_connection_idle=60.0).max_idle == 60.0  # type: ignore[attr-defined]
-    else:
-        with pytest.raises(TypeError, match=r"max_connection_idle=60\.0"):
-            grpc_policy(max_connection_idle=60.0)
+
+def test_max_connection_idle_drains_a_connection_without_rpcs() -> None:
+    async def main() -> tuple[list[bytes], dict[str, int], dict[str, int], int, int]:
+        server = enable_goaway(grpclib.server.Server([EchoService()], codec=RawCodec()),
+                               grpc_policy(max_connection_idle=0.15, linger=0.05))
+        await server.start("127.0.0.1", 0)
+        channel = GoawayChannel("127.0.0.1", port_of(server), codec=RawCodec())
+        unary, stream, _ = methods(channel)
+        try:
+            # A stream three times longer than the idle limit is an RPC in
+            # flight all along: no drain while it runs.
+            got = list(await stream(b"10 0.05"))
+            during = dict(server.goaway_stats.goaways)
+            for _ in range(500):  # bounded: until the idle connection drained and closed
+                if server.goaway_stats.goaways.get("max_idle") and not server._goaway_protocols:
+                    break
+                await asyncio.sleep(0.01)
+            after = dict(server.goaway_stats.goaways)
+            assert await unary(b"again") == b"again"
+            return got, during, after, channel.connections_opened, server.goaway_stats.connections
+        finally:
+            channel.close()
+            server.close()
+            await server.wait_closed()
+
+    got, during, after, opened, connections = run(main())
+    assert got == [b"%d" % k for k in range(10)]
+    assert during == {}
+    assert after == {"max_idle": 1}
+    assert opened == 2 and connections == 2
 
 
 def test_readme_grpc_example_runs() -> None:
