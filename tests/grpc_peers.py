@@ -18,6 +18,7 @@ SERVICE = "test.Echo"
 UNARY = f"/{SERVICE}/Unary"
 STREAM = f"/{SERVICE}/Stream"
 UPLOAD = f"/{SERVICE}/Upload"
+CHAT = f"/{SERVICE}/Chat"
 STREAM_LEN = 20
 
 
@@ -39,7 +40,8 @@ def parse_stream_request(request: bytes) -> tuple[int, float]:
 
 
 class EchoService:
-    """grpclib service: Unary echoes, Stream sends n numbered messages, Upload joins a request stream."""
+    """grpclib service: Unary echoes, Stream sends n numbered messages, Upload joins a request stream,
+    Chat answers each message upper-cased."""
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         card = grpclib.const.Cardinality
@@ -47,6 +49,7 @@ class EchoService:
             UNARY: grpclib.const.Handler(self.unary, card.UNARY_UNARY, bytes, bytes),
             STREAM: grpclib.const.Handler(self.stream, card.UNARY_STREAM, bytes, bytes),
             UPLOAD: grpclib.const.Handler(self.upload, card.STREAM_UNARY, bytes, bytes),
+            CHAT: grpclib.const.Handler(self.chat, card.STREAM_STREAM, bytes, bytes),
         }
 
     async def unary(self, stream: Any) -> None:
@@ -63,6 +66,10 @@ class EchoService:
     async def upload(self, stream: Any) -> None:
         parts = [message async for message in stream]
         await stream.send_message(b"".join(parts))
+
+    async def chat(self, stream: Any) -> None:
+        async for message in stream:
+            await stream.send_message(message.upper())
 
 
 def grpcio_handler() -> Any:
@@ -82,10 +89,15 @@ def grpcio_handler() -> Any:
     async def upload(requests: Any, context: Any) -> bytes:
         return b"".join([message async for message in requests])
 
+    async def chat(requests: Any, context: Any) -> Any:
+        async for message in requests:
+            yield message.upper()
+
     return grpc.method_handlers_generic_handler(SERVICE, {
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
         "Stream": grpc.unary_stream_rpc_method_handler(stream),
         "Upload": grpc.stream_unary_rpc_method_handler(upload),
+        "Chat": grpc.stream_stream_rpc_method_handler(chat),
     })
 
 

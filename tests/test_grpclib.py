@@ -17,7 +17,15 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-from grpc_peers import EchoService, RawCodec, grpcio_client_load, methods, mixed_load, start_grpcio_server
+from grpc_peers import (
+    CHAT,
+    EchoService,
+    RawCodec,
+    grpcio_client_load,
+    methods,
+    mixed_load,
+    start_grpcio_server,
+)
 from grpclib.exceptions import StreamTerminatedError
 from h2.errors import ErrorCodes
 
@@ -605,3 +613,36 @@ def test_response_read_after_the_server_closed(channel_class: type) -> None:
         assert result == b"late reader"
     else:  # the "before": grpclib fails the RPC whose answer it already holds
         assert isinstance(result, StreamTerminatedError) and "Connection lost" in str(result), result
+
+
+def test_bidi_streams_in_flight_survive_grpcio_recycles() -> None:
+    # Each Chat call sends a message and reads its answer, 10 times, 30 ms
+    # apart: every call spans several connection ages.
+    async def main() -> tuple[list[list[bytes]], int]:
+        server, port = await start_grpcio_server(
+            [("grpc.max_connection_age_ms", 100), ("grpc.max_connection_age_grace_ms", 20_000)])
+        try:
+            channel = GoawayChannel("127.0.0.1", port, codec=RawCodec())
+            chat = grpclib.client.StreamStreamMethod(channel, CHAT, bytes, bytes)
+
+            async def one(index: int) -> list[bytes]:
+                await asyncio.sleep(0.04 * index)
+                answers = []
+                async with chat.open() as stream:
+                    for turn in range(10):
+                        await stream.send_message(b"c%d-t%d" % (index, turn), end=turn == 9)
+                        answers.append(bytes(await stream.recv_message()))
+                        await asyncio.sleep(0.03)
+                    assert await stream.recv_message() is None
+                return answers
+
+            results = await asyncio.gather(*(one(k) for k in range(6)))
+            opened = channel.connections_opened
+            channel.close()
+            return results, opened
+        finally:
+            await server.stop(None)
+
+    results, opened = run(main())
+    assert results == [[b"C%d-T%d" % (k, t) for t in range(10)] for k in range(6)]
+    assert opened >= 2
