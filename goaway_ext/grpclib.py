@@ -631,8 +631,9 @@ class _ReplayingStream(grpclib.client.Stream):  # type: ignore[type-arg]
     async def _replay(self) -> None:
         while True:
             self._replays += 1
-            self._release_stream()
-            del self._stream
+            if "_stream" in vars(self):  # not after an attempt that never got a stream
+                self._release_stream()
+                del self._stream
             self._wrapper._error = None
             self._wrapper.cancelled = None
             self._send_request_done = False
