@@ -10,6 +10,7 @@ the asyncio ``H2Client`` meets the same server at the end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import threading
 from collections.abc import Iterator
@@ -96,6 +97,9 @@ class RefusingServer:
 
     def __init__(self) -> None:
         self.connections = 0
+        # Set (from the server's thread) when stream 1 has arrived: the tests send
+        # their second request only then, instead of sleeping and hoping.
+        self.first_request = threading.Event()
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -128,8 +132,15 @@ class RefusingServer:
         conn.initiate_connection()
         writer.write(conn.data_to_send())
 
+        later_stream = asyncio.Event()
+        if self.connections > 1:
+            later_stream.set()  # a retry's new connection answers at once
+
         async def answer(stream_id: int) -> None:
-            await asyncio.sleep(0.3)
+            # Stream 1 stays in flight until a later stream has been refused (the
+            # race this server stages); the bound only matters when no later one comes.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(later_stream.wait(), 2)
             conn.send_headers(stream_id, [(":status", "200")])
             conn.send_data(stream_id, b"slow", end_stream=True)
             writer.write(conn.data_to_send())
@@ -140,9 +151,11 @@ class RefusingServer:
                     if isinstance(event, h2.events.RequestReceived):
                         if event.stream_id == 1:
                             asyncio.get_running_loop().create_task(answer(1))
+                            self.first_request.set()
                         else:
                             writer.write(conn.data_to_send() + encode_goaway(1))
                             conn.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+                            later_stream.set()
                     elif isinstance(event, h2.events.DataReceived):
                         conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 writer.write(conn.data_to_send())
@@ -167,7 +180,7 @@ def test_async_refused_get_goes_to_a_new_connection(refusing: RefusingServer) ->
         url = f"http://127.0.0.1:{refusing.port}/"
         async with httpx.AsyncClient(transport=transport, timeout=10) as client:
             first = asyncio.create_task(client.get(url))
-            await asyncio.sleep(0.1)
+            assert await asyncio.to_thread(refusing.first_request.wait, 10)
             second = await client.get(url)
             assert second.status_code == 200 and second.content == b"slow"
             response = await first
@@ -184,7 +197,7 @@ def test_async_refused_post_with_sent_body_is_not_replayed(refusing: RefusingSer
         url = f"http://127.0.0.1:{refusing.port}/"
         async with httpx.AsyncClient(transport=transport, timeout=10) as client:
             first = asyncio.create_task(client.get(url))
-            await asyncio.sleep(0.1)
+            assert await asyncio.to_thread(refusing.first_request.wait, 10)
             with pytest.raises(httpx.RemoteProtocolError, match="not replayed"):
                 await client.post(url, content=b"payload")
             assert (await first).status_code == 200
@@ -199,7 +212,7 @@ def test_sync_refused_get_goes_to_a_new_connection(refusing: RefusingServer) -> 
     with httpx.Client(transport=transport, timeout=10) as client:
         worker = threading.Thread(target=lambda: results.append(client.get(url).status_code))
         worker.start()
-        threading.Event().wait(0.1)
+        assert refusing.first_request.wait(10)
         assert client.get(url).status_code == 200
         worker.join(10)
     assert results == [200]
@@ -211,13 +224,20 @@ def test_plain_httpcore_fails_where_the_transport_succeeds(refusing: RefusingSer
     async def main() -> list[Any]:
         url = f"http://127.0.0.1:{refusing.port}/"
         transport = httpx.AsyncHTTPTransport(http1=False, http2=True)
-        async with httpx.AsyncClient(transport=transport, timeout=10) as client:
+        async with httpx.AsyncClient(transport=transport, timeout=4) as client:
             first = asyncio.create_task(client.get(url))
-            await asyncio.sleep(0.1)
+            assert await asyncio.to_thread(refusing.first_request.wait, 10)
             return list(await asyncio.gather(client.get(url), first, return_exceptions=True))
 
-    outcomes = asyncio.run(asyncio.wait_for(main(), 30))
-    assert any(isinstance(o, Exception) for o in outcomes)
+    second, first = asyncio.run(asyncio.wait_for(main(), 30))
+    # The README's before/after table: stock httpcore fails with its protocol errors
+    # (LocalProtocolError / RemoteProtocolError), and the stream the server did answer
+    # (stream 1, below the GOAWAY's last-stream-id) is among the losses. A timeout or
+    # any other exception is not the failure this transport exists to fix.
+    assert isinstance(first, (httpx.LocalProtocolError, httpx.RemoteProtocolError)), (first, second)
+    # The refused second request varies from run to run (a protocol error, a timeout,
+    # or a 200 when httpcore happens to retry it); only stream 1's loss is pinned.
+    assert isinstance(second, (httpx.TransportError, httpx.Response)), (first, second)
 
 
 def test_graceful_connection_classes_are_httpcore_subclasses() -> None:
@@ -229,7 +249,7 @@ def test_h2client_retries_refused_stream_on_a_new_connection(refusing: RefusingS
     async def main() -> None:
         async with H2Client("127.0.0.1", refusing.port, timeout=10) as client:
             first = asyncio.create_task(client.request("GET", "/"))
-            await asyncio.sleep(0.1)
+            assert await asyncio.to_thread(refusing.first_request.wait, 10)
             second = await client.request("POST", "/", body=b"safe: never processed")
             assert second.status == 200 and second.body == b"slow"
             assert (await first).body == b"slow"

@@ -99,7 +99,7 @@ def _check_rebalance(document: dict[str, Any]) -> None:
     for summary in (none, chance):
         assert summary["failed_requests"] == 0, policies
         assert summary["watches_interrupted"] == 0, policies
-        assert summary["requests"] > 2000
+        assert summary["requests"] >= 300  # 10 per client in the run (configured: 20/s each); speed is for benches
         assert summary["watches_opened"] >= 30
     # One connection per client to begin with, more after every restart and GOAWAY.
     assert none["connections_opened"] >= 30 + 20
@@ -126,7 +126,8 @@ def test_builtin_balancer_rebalances_only_with_goaway(builtin_run: tuple[dict[st
     document, stdout, stderr = builtin_run
     _check_rebalance(document)
     assert "max/min" in stdout and "chance=0.2" in stdout
-    assert "restarting b3" in stderr or "b3" in stderr  # progress went to stderr
+    # Progress went to stderr: bar, time and b3's share (the first update always prints).
+    assert re.search(r"\[[#.]+\]\s+[\d.]+/\d+ s .*\bb3\s+[\d.]+%", stderr), stderr[-2000:]
     # The progress total is known at the start and never changes during a policy's run.
     totals: dict[str, set[str]] = {}
     for line in stderr.splitlines():

@@ -318,17 +318,18 @@ def test_a_client_that_holds_a_stream_and_never_closes_is_cut_at_grace() -> None
     client = RawClient()
     _, headers = client.headers(end_stream=False, headers=[(b":method", b"POST"), (b":path", b"/echo"),
                                                            (b":scheme", b"http"), (b":authority", b"h")])
-    policy = GoawayPolicy(1.0, allow_high_chance=True, ping_timeout=0.3, grace=1.0, linger=5.0)
+    # linger is 60 s and each read waits at most 10 s: an EOF at all means the close came at grace.
+    policy = GoawayPolicy(1.0, allow_high_chance=True, ping_timeout=0.3, grace=1.0, linger=60.0)
     log = asyncio.run(_raw_session(policy, client.preface() + headers, limit=10.0))
     notice = _when(log, GoAwayFrame, last_stream_id=MAX_ID)
     final = _when(log, GoAwayFrame, last_stream_id=1)
     cut = _when(log, RstStreamFrame, stream_id=1, error_code=ErrorCodes.CANCEL)
     eof = log[-1][0]
-    assert log[-1][1] is None
-    assert notice < 0.25
-    assert 0.25 <= final - notice <= 0.8, "final GOAWAY should follow the unanswered PING after ping_timeout"
-    assert 0.9 <= cut - notice <= 2.0, "the stream should be cut at grace"
-    assert eof - cut < 0.5, "the socket should close at grace, not after linger"
+    assert log[-1][1] is None, "the socket should close at grace, not after linger"
+    # Order and lower bounds only (timers never fire early; a loaded machine makes them late).
+    assert notice < final < cut <= eof
+    assert final - notice >= 0.25, "final GOAWAY should wait for the unanswered PING's ping_timeout"
+    assert cut - notice >= 0.9, "the stream should be cut at grace, not before"
 
 
 def test_a_drained_client_that_never_closes_is_closed_after_linger() -> None:
@@ -339,7 +340,7 @@ def test_a_drained_client_that_never_closes_is_closed_after_linger() -> None:
     response = _when(log, HeadersFrame, stream_id=1)
     final = _when(log, GoAwayFrame, last_stream_id=1)
     eof = log[-1][0]
-    assert log[-1][1] is None
-    assert response < 0.3
-    assert 0.15 <= final <= 0.8
-    assert 0.35 <= eof - final <= 1.5, "closed after linger"
+    assert log[-1][1] is None, "closed after linger"
+    assert response < final < eof
+    assert final >= 0.15, "final GOAWAY should wait for the unanswered PING's ping_timeout"
+    assert eof - final >= 0.35, "closed after linger, not before"

@@ -194,15 +194,18 @@ def test_http11_is_refused_clearly_and_never_gets_goaway(serve: Any) -> None:
 def test_sigterm_ends_watch_cleanly_and_exits_zero(serve: Any) -> None:
     server = serve("--chance", "0", "--linger", "0.2")
     watch = subprocess.Popen(
-        [CURL, "-sS", "--max-time", "15", "--http2-prior-knowledge", f"{server.url}/watch?seconds=30"],
+        [CURL, "-N", "-sS", "--max-time", "15", "--http2-prior-knowledge", f"{server.url}/watch?seconds=30"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        time.sleep(1.2)
+        assert watch.stdout is not None
+        first = watch.stdout.readline()  # the watch is in flight: its first event arrived (-N: unbuffered)
+        assert first == "event 0\n", first
         started = time.monotonic()
         assert server.stop(signal.SIGTERM) == 0
         assert time.monotonic() - started < 10
-        body, err = watch.communicate(timeout=10)
+        rest, err = watch.communicate(timeout=10)
+        body = first + rest
     finally:
         if watch.poll() is None:
             watch.kill()
@@ -404,9 +407,17 @@ def test_connection_opened_during_shutdown_is_served_and_waited_for() -> None:
         server = H2Server(builtin_app, name="b1")
         host, port = await server.start("127.0.0.1", 0)
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
-        await asyncio.sleep(0.05)  # accepted, but no preface sent yet
+        for _ in range(500):  # accepted, but no preface sent yet
+            if server.stats()["connections_open"] == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert server.stats()["connections_open"] == 1
         shutdown = asyncio.create_task(server.shutdown(timeout=5.0))
-        await asyncio.sleep(0.05)
+        for _ in range(500):  # the shutdown has begun: the connection was told to drain
+            if server.is_shutting_down:
+                break
+            await asyncio.sleep(0.01)
+        assert server.is_shutting_down
         # A plain h2 client would go CLOSED on the shutdown GOAWAY and choke on
         # the PING behind it; ClientConnection keeps the stream alive.
         conn = ClientConnection(h2.config.H2Configuration(client_side=True, header_encoding=None))
