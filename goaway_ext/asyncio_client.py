@@ -32,7 +32,7 @@ from .client import ClientConnection
 from .errors import ConnectionDrainingError
 from .events import GoawayReceived, StreamRefused
 
-__all__ = ["H2Client", "H2ClientError", "NotHTTP2Error", "Response", "StreamingResponse"]
+__all__ = ["H2Client", "H2ClientError", "NotHTTP2Error", "Response", "StreamingResponse", "not_http2"]
 
 _READ_SIZE = 65536
 _CONNECTION_WINDOW = 1 << 24
@@ -73,6 +73,22 @@ class NotHTTP2Error(H2ClientError):
         super().__init__(f"the server answered {answered}; this client speaks HTTP/2 only "
                          "(prior knowledge on http://, ALPN h2 on https://)")
         self.answered = answered
+
+
+def not_http2(first: bytes) -> str | None:
+    """What a server's first bytes say when they are not HTTP/2, else None.
+
+    An HTTP/2 server's first frame is SETTINGS (type 4, RFC 9113 §3.4). An
+    HTTP/1.x server answers our preface with a status line, which h2 would
+    report as a frame megabytes long; a TLS server answers with a TLS alert.
+    """
+    if len(first) < 4 or first[3] == 0x4:
+        return None
+    if first.startswith(b"HTTP/1."):
+        return first[:8].decode("ascii", "replace")
+    if first[0] in (0x15, 0x16) and first[1] == 0x03:  # TLS record: alert or handshake
+        return "with TLS (use https://)"
+    return repr(first[:16])
 
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -278,10 +294,8 @@ class _Connection:
                 data = await self.reader.read(_READ_SIZE)
                 if not data:
                     break
-                if not self.heard_from_server and len(data) >= 4 and data[3] != 0x4:
-                    # An HTTP/2 server's first frame is SETTINGS (type 4, RFC 9113 §3.4); an HTTP/1.x
-                    # server answers our preface with a status line, which h2 would call a huge frame.
-                    answered = data[:8].decode("ascii", "replace") if data.startswith(b"HTTP/1.") else f"{data[:16]!r}"
+                answered = None if self.heard_from_server else not_http2(data)
+                if answered is not None:
                     error = NotHTTP2Error(answered)
                     self.heard_from_server = True
                     break

@@ -35,7 +35,7 @@ from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, DataReceived, ResponseReceived, StreamEnded, StreamReset, WindowUpdated
 
 from ._cli import fail
-from .asyncio_client import H2ClientError
+from .asyncio_client import H2ClientError, not_http2
 from .client import ClientConnection
 from .events import GoawayReceived, StreamRefused
 
@@ -202,6 +202,7 @@ class _Run:
         self.conns: set[_LoadConnection] = set()
         self.opening = 0
         self.fatal: BaseException | None = None
+        self.heard_any = False  # has any connection of the run received a byte?
         self.done = asyncio.get_running_loop().create_future()
         self.connections_opened = 0
         self.goaways_received = 0
@@ -306,9 +307,9 @@ class _LoadConnection(asyncio.Protocol):
         run = self.run
         if not self.heard:
             self.heard = True
-            if len(data) >= 4 and data[3] != 0x4:
-                # An HTTP/2 server's first frame is SETTINGS (type 4); an HTTP/1.x server answers with a status line.
-                answered = data[:8].decode("ascii", "replace") if data.startswith(b"HTTP/1.") else f"{data[:16]!r}"
+            run.heard_any = True
+            answered = not_http2(data)
+            if answered is not None:
                 run.stop(H2ClientError(f"the server answered {answered}; this load generator speaks HTTP/2"))
                 self.close()
                 return
@@ -369,13 +370,25 @@ class _LoadConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.run.conns.discard(self)
+        run = self.run
+        run.conns.discard(self)
+        if not run.heard_any and run.fatal is None:
+            # Not one byte from this server on any connection: a setup mistake (a TLS server
+            # asked for cleartext, a port that accepts and closes), not load; stop the run.
+            hint = "; if it speaks TLS, use an https:// URL" if run.context is None else ""
+            run.stop(H2ClientError(f"the server closed the connection without sending anything{hint}"))
         if self.flight:
             reason = f"connection error: {exc}" if exc else "the server closed the connection"
             if not self.heard:
                 reason = f"the connection closed before the server sent anything ({reason})"
             self.lose(reason)
-        self.run.check_done()
+        if not self.saw_goaway and run.fatal is None and not run.done.done():
+            # Lost without a GOAWAY (closed, reset, timed out): nothing else replaces it, and a
+            # run whose every connection is gone would wait for ever. Open its replacement.
+            self.saw_goaway = True
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.1, lambda: loop.create_task(run.open()) if not run.done.done() else None)
+        run.check_done()
 
     # -- requests
 

@@ -235,3 +235,21 @@ def test_load_against_pythons_http_server() -> None:
 
 def test_demo_bad_option_is_one_line() -> None:
     one_line(run("demo", "--backends", "1"), 2, "--backends")
+
+
+def test_load_http_url_against_tls_server(pem: dict[str, Path]) -> None:
+    # The server waits for a TLS ClientHello, gets our cleartext preface and hangs up without a word.
+    process = subprocess.Popen([sys.executable, "-m", "goaway_ext", "serve", "--port", "0", "--tls", "--certfile",
+                                str(pem["a_cert"]), "--keyfile", str(pem["a_key"]), "--log-level", "WARNING"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("listening on "), line
+        port = int(line.rsplit(":", 1)[1])
+        done = run("load", f"http://127.0.0.1:{port}/", "-n", "20", "-c", "2", "-m", "2", "--no-progress")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    one_line(done, 2, f"http://127.0.0.1:{port}/", "closed the connection without sending anything",
+             "use an https:// URL")
