@@ -95,7 +95,10 @@ class RefusingServer:
     GOAWAY(1) plus RST_STREAM(REFUSED_STREAM), as a server that just started
     draining would do to streams racing its GOAWAY."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, refuse_when_ended: bool = False) -> None:
+        # refuse_when_ended: refuse a later stream only once its whole request
+        # (body included) arrived, so the client has surely sent all of it.
+        self.refuse_when_ended = refuse_when_ended
         self.connections = 0
         # Set (from the server's thread) when stream 1 has arrived: the tests send
         # their second request only then, instead of sleeping and hoping.
@@ -145,6 +148,11 @@ class RefusingServer:
             conn.send_data(stream_id, b"slow", end_stream=True)
             writer.write(conn.data_to_send())
 
+        def refuse(stream_id: int) -> None:
+            writer.write(conn.data_to_send() + encode_goaway(1))
+            conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            later_stream.set()
+
         try:
             while data := await asyncio.wait_for(reader.read(65536), 10):
                 for event in conn.receive_data(data):
@@ -152,10 +160,10 @@ class RefusingServer:
                         if event.stream_id == 1:
                             asyncio.get_running_loop().create_task(answer(1))
                             self.first_request.set()
-                        else:
-                            writer.write(conn.data_to_send() + encode_goaway(1))
-                            conn.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
-                            later_stream.set()
+                        elif not self.refuse_when_ended:
+                            refuse(event.stream_id)
+                    elif isinstance(event, h2.events.StreamEnded) and event.stream_id != 1 and self.refuse_when_ended:
+                        refuse(event.stream_id)
                     elif isinstance(event, h2.events.DataReceived):
                         conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 writer.write(conn.data_to_send())
