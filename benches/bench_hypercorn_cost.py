@@ -128,8 +128,11 @@ def serve(kind: str, fd: int, trace: bool) -> None:
     asyncio.run(main())
 
 
-def in_memory(kind: str, count: int) -> None:
+def in_memory(kind: str, count: int, lifecycles: bool = False) -> None:
     """``count`` sequential requests through one protocol object, no sockets (deterministic).
+
+    With ``lifecycles``, ``count`` protocol objects instead, each with its
+    handshake, one request and its close.
 
     The client is a subclass of ``H2Connection`` for every kind, so h2's code
     sees two connection types in every variant alike (CPython specialises
@@ -171,14 +174,20 @@ def in_memory(kind: str, count: int) -> None:
             if isinstance(event, RawData):
                 out.extend(event.data)
 
+        context = WorkerContext(None)
+        for _ in range(count if lifecycles else 1):
+            out.clear()
+            await one_connection(context, 1 if lifecycles else count, out, send)
+
+    async def one_connection(context: Any, requests: int, out: bytearray, send: Any) -> None:
         client = Client(h2.config.H2Configuration(client_side=True, header_encoding=None))
         client.initiate_connection()
         async with TaskGroup(asyncio.get_running_loop()) as task_group:
-            protocol = protocol_class(ASGIWrapper(app), config, WorkerContext(None), task_group,  # type: ignore[arg-type]
+            protocol = protocol_class(ASGIWrapper(app), config, context, task_group,  # type: ignore[arg-type]
                                       ConnectionState({}), False, ("127.0.0.1", 1), ("127.0.0.1", 2), send)
             await protocol.initiate()
             await protocol.handle(RawData(client.data_to_send()))
-            for _ in range(count):
+            for _ in range(requests):
                 stream_id = client.get_next_available_stream_id()
                 client.send_headers(stream_id, _GET, end_stream=True)
                 await protocol.handle(RawData(client.data_to_send()))
@@ -199,14 +208,14 @@ def in_memory(kind: str, count: int) -> None:
     asyncio.run(main())
 
 
-def in_memory_instructions(kind: str, count: int) -> int:
+def in_memory_instructions(kind: str, count: int, lifecycles: bool = False) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
         env = dict(os.environ, PYTHONHASHSEED="0", PYTHONPATH=os.pathsep.join(filter(None, [
             os.environ.get("PYTHONPATH"), str(ROOT)])))
-        subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, str(HERE),
-                        "_inmemory", kind, str(count)], check=True, env=env, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, str(HERE),
+                   "_inmemory", kind, str(count), *(["lifecycles"] if lifecycles else [])]
+        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return _callgrind_total(out)
 
 
@@ -391,6 +400,12 @@ def main() -> None:
         print(f"  per request in memory, no sockets (deterministic): stock {per['stock'] / 1e3:,.1f}k instr, "
               f"goaway_ext {per['goaway'] / 1e3:,.1f}k ({per['goaway'] / per['stock']:.4f}), "
               f"bare ServerConnection {per['floor'] / 1e3:,.1f}k ({per['floor'] / per['stock']:.4f})")
+        short, long = 20, 120 if not args.quick else 70
+        per = {kind: (in_memory_instructions(kind, long, True) - in_memory_instructions(kind, short, True))
+               / (long - short) for kind in ("stock", "goaway")}
+        print(f"  per connection lifecycle in memory (protocol object, handshake, 1 GET, close; deterministic): "
+              f"stock {per['stock'] / 1e3:,.1f}k instr, goaway_ext {per['goaway'] / 1e3:,.1f}k "
+              f"({per['goaway'] / per['stock']:.4f}, target <= 1.03)")
     if "memory" not in wanted:
         return
     stock_traced, stock_rss = idle_memory("stock", args.idle)
@@ -403,7 +418,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) >= 4 and sys.argv[1] == "_inmemory":
-        in_memory(sys.argv[2], int(sys.argv[3]))
+        in_memory(sys.argv[2], int(sys.argv[3]), lifecycles="lifecycles" in sys.argv[4:])
     elif len(sys.argv) >= 4 and sys.argv[1] == "_serve":
         serve(sys.argv[2], int(sys.argv[3]), "--trace" in sys.argv[4:])
     else:
