@@ -524,6 +524,7 @@ class H2Client:
             response.close()
 
     async def _start(self, fields: list[tuple[bytes, bytes]], body: bytes) -> _Stream:
+        silent = 0
         for attempt in range(self.max_attempts):
             if attempt:
                 self.requests_retried += 1
@@ -535,7 +536,12 @@ class H2Client:
             except _SilentServerError:
                 if fields[0][1] not in _IDEMPOTENT:
                     raise
+                silent += 1
                 continue
+        if silent == self.max_attempts:
+            # Every connection was closed before the server sent a byte: not load, a mismatch.
+            hint = "" if self._ssl else "; if it speaks TLS, pass ssl=an SSLContext"
+            raise H2ClientError(f"the server closed {silent} connections in a row without sending anything{hint}")
         raise H2ClientError(f"request refused {self.max_attempts} times; giving up")
 
     async def _connection(self) -> _Connection:

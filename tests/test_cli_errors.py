@@ -254,3 +254,30 @@ def test_load_http_url_against_tls_server(pem: dict[str, Path]) -> None:
         process.wait(timeout=30)
     one_line(done, 2, f"http://127.0.0.1:{port}/", "closed the connection without sending anything",
              "use an https:// URL")
+
+
+def test_h2client_without_ssl_against_tls_server_says_so(pem: dict[str, Path]) -> None:
+    import asyncio
+
+    from goaway_ext import H2Client, H2ClientError
+
+    process = subprocess.Popen([sys.executable, "-m", "goaway_ext", "serve", "--port", "0", "--tls", "--certfile",
+                                str(pem["a_cert"]), "--keyfile", str(pem["a_key"]), "--log-level", "WARNING"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        port = int(process.stdout.readline().rsplit(":", 1)[1])
+
+        async def get() -> str:
+            async with H2Client("127.0.0.1", port, timeout=15) as client:
+                try:
+                    await client.request("GET", "/")
+                except H2ClientError as exc:
+                    return str(exc)
+            return "no error"
+
+        message = asyncio.run(asyncio.wait_for(get(), 60))
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert "without sending anything" in message and "ssl=" in message, message
