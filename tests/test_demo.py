@@ -263,6 +263,31 @@ def test_haproxy_config_is_tcp_round_robin(tmp_path: Path) -> None:
     assert f"stats socket {tmp_path / 's.sock'}" in config
 
 
+def test_haproxy_frontend_is_a_socket_we_bound_so_no_port_race(tmp_path: Path) -> None:
+    config = render_config(8000, [("b1", "127.0.0.1", 9001)], tmp_path / "s.sock", frontend_fd=7)
+    assert "    bind fd@7\n" in config and "bind 127.0.0.1" not in config
+
+
+@pytest.mark.skipif(find_haproxy() is None, reason="HAProxy is not installed (make test installs it as root)")
+def test_haproxy_balancer_listens_on_the_port_it_reports(tmp_path: Path) -> None:
+    import asyncio
+
+    from goaway_ext.demo.haproxy import HAProxyBalancer
+    from goaway_ext.demo.processes import ProcessGroupRegistry
+
+    async def scenario() -> None:
+        balancer = HAProxyBalancer([("b1", "127.0.0.1", 1)], ProcessGroupRegistry(), tmp_path)
+        await balancer.start()
+        try:
+            assert "bind fd@" in (tmp_path / "haproxy.cfg").read_text()
+            _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", balancer.port), 5)
+            writer.close()
+        finally:
+            await balancer.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
 def test_missing_haproxy_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import goaway_ext.demo.haproxy as haproxy_module
 

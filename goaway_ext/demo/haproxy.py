@@ -38,9 +38,18 @@ def find_haproxy() -> str | None:
 
 
 def render_config(
-    frontend_port: int, backends: Sequence[tuple[str, str, int]], stats_socket: Path, *, host: str = "127.0.0.1"
+    frontend_port: int,
+    backends: Sequence[tuple[str, str, int]],
+    stats_socket: Path,
+    *,
+    host: str = "127.0.0.1",
+    frontend_fd: int | None = None,
 ) -> str:
     """Return an HAProxy configuration: TCP mode, round robin, fast health checks.
+
+    With ``frontend_fd`` the frontend listens on that inherited, already bound
+    socket (``bind fd@N``) instead of binding ``host:frontend_port`` itself, so
+    no other process can take the port between choosing it and HAProxy's bind.
 
     ``stats_socket`` is the runtime API socket through which the demo takes a
     server out of the rotation before restarting it (``disable server``).
@@ -64,7 +73,7 @@ def render_config(
         "    retries 3",
         "    option redispatch 1",
         "frontend demo_in",
-        f"    bind {host}:{frontend_port}",
+        f"    bind fd@{frontend_fd}" if frontend_fd is not None else f"    bind {host}:{frontend_port}",
         "    default_backend demo_servers",
         "backend demo_servers",
         "    balance roundrobin",
@@ -75,7 +84,10 @@ def render_config(
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel just considered free (HAProxy binds it itself, so we cannot pass 0)."""
+    """A port the kernel just considered free (racy: another process may take it before it is bound again).
+
+    The demo does not use it for HAProxy any more (see ``HAProxyBalancer.start``).
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
@@ -116,31 +128,51 @@ class HAProxyBalancer:
 
     async def start(self, timeout: float = 10.0) -> None:
         """Write the configuration, start HAProxy and wait until its frontend accepts."""
-        self.port = free_port(self._host)
-        config = self._work_dir / "haproxy.cfg"
-        config.write_text(render_config(self.port, self._backends, self._socket, host=self._host))
-        log_path = self._work_dir / "haproxy.log"
-        with open(log_path, "ab") as log:
-            self._process = await asyncio.create_subprocess_exec(
-                self._binary, "-db", "-f", str(config),
-                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True,
-            )
+        # We bind and listen on port 0 ourselves and hand the socket to HAProxy
+        # (bind fd@N): binding a port picked earlier could collide with whoever
+        # took it in between (and a foreign listener would pass the check below).
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.bind((self._host, 0))
+            listener.listen(1024)
+            self.port = listener.getsockname()[1]
+            fd = listener.fileno()
+            config = self._work_dir / "haproxy.cfg"
+            config.write_text(render_config(self.port, self._backends, self._socket, host=self._host, frontend_fd=fd))
+            log_path = self._work_dir / "haproxy.log"
+            with open(log_path, "ab") as log:
+                self._process = await asyncio.create_subprocess_exec(
+                    self._binary, "-db", "-f", str(config),
+                    stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                    start_new_session=True, pass_fds=(fd,),
+                )
+        finally:
+            listener.close()  # HAProxy holds its own copy
         self._registry.add(self._process.pid)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
             if self._process.returncode is not None:
                 break
+            # The frontend socket accepts into its backlog before HAProxy runs, so
+            # readiness is HAProxy answering on its runtime API socket instead.
             try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection(self._host, self.port), 1.0)
+                reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(self._socket)), 1.0)
             except (OSError, asyncio.TimeoutError):
                 await asyncio.sleep(0.05)
                 continue
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-            return
+            try:
+                writer.write(b"show info\n")
+                answer = await asyncio.wait_for(reader.read(), 2.0)
+            except (OSError, asyncio.TimeoutError):
+                answer = b""
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+            if b"Name: HAProxy" in answer:
+                return
+            await asyncio.sleep(0.05)
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
         await self.stop()
         raise BackendStartError(
