@@ -461,6 +461,10 @@ class GoawayH2Protocol(H2Protocol):
         self._wake: Any = None
         self._shutdown_seen = False
         self._logged = False
+        if policy.max_idle is not None:
+            # max_idle counts from the moment the last stream ends, which only
+            # hypercorn's idle update tells: watch it (only with max_idle set).
+            self.send = self._send_watching_idle
 
     async def initiate(self, headers: list[tuple[bytes, bytes]] | None = None,
                        settings: bytes | None = None) -> None:
@@ -535,6 +539,11 @@ class GoawayH2Protocol(H2Protocol):
         except RuntimeError:  # the connection's task group is already closing (worker shutdown)
             return False
         return True
+
+    async def _send_watching_idle(self, event: Any) -> None:
+        await self._send_to_server(event)
+        if event.__class__ is Updated and event.idle and not self.closed:
+            await self._rearm()
 
     async def _send_through(self, event: Any) -> None:
         # While draining, our timer owns the close: hypercorn's idle timer

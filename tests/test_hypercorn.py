@@ -765,3 +765,27 @@ def test_a_worker_still_running_after_graceful_timeout_and_the_margin_is_killed(
             process.kill()
             process.wait()
     assert "still running 0.5 s + 0.5 s after shutdown began; killing it" in output
+
+
+@pytest.mark.parametrize("worker_class", ["asyncio", "trio"])
+def test_max_idle_drains_a_connection_once_its_last_stream_ended(worker_class: str) -> None:
+    # The idle time starts when the connection's last stream ends, which
+    # happens after a stream was open (the timer had nothing to wait for then).
+    if worker_class == "trio":
+        pytest.importorskip("trio")
+    from goaway_ext.asyncio_client import H2Client
+
+    async def scenario(server: Server) -> H2Client:
+        async with H2Client("127.0.0.1", server.port, timeout=10.0) as client:
+            assert (await client.request("GET", "/slow?s=1.5")).body == b"slow done\n"  # longer than max_idle
+            for _ in range(400):  # the GOAWAY arrives about 0.5 s after the response
+                if client.goaways_received:
+                    break
+                await asyncio.sleep(0.02)
+            return client
+
+    with hypercorn_server("--goaway-max-idle", "0.5", "--goaway-jitter", "0", "--worker-class", worker_class,
+                          "--keep-alive", "60") as server:
+        client = run(scenario(server))
+        server.wait_for_log("reason=max_idle")
+    assert client.goaways_received >= 1
