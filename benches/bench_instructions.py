@@ -202,13 +202,15 @@ class Serve:
     def __init__(self, plain: bool, wrapper: list[str]) -> None:
         command = [*wrapper, sys.executable, "-m", "goaway_ext", "serve", "--port", "0", "--chance", "0",
                    "--log-level", "WARNING", *(["--plain-h2"] if plain else [])]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                        env=_env())
+        self.errors = tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.errors, text=True, env=_env())
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
         if not line.startswith("listening on"):
             self.process.kill()
-            raise RuntimeError(f"serve did not start: {line!r}")
+            self.process.wait()
+            self.errors.seek(0)
+            raise RuntimeError(f"serve did not start: {line!r} {self.errors.read()[-2000:]}")
         self.port = int(line.strip().rsplit(":", 1)[1])
 
     def rss(self) -> int:

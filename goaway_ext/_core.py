@@ -22,6 +22,8 @@ __all__ = [
     "decode_goaway",
     "Sampler",
     "FrameScanner",
+    "ExemptPaths",
+    "RequestGate",
 ]
 
 CORE: str
@@ -34,7 +36,9 @@ if TYPE_CHECKING or os.environ.get("GOAWAY_EXT_NO_EXTENSIONS", "") not in ("", "
         MAX_DEBUG_DATA,
         MAX_ERROR_CODE,
         MAX_STREAM_ID,
+        ExemptPaths,
         FrameScanner,
+        RequestGate,
         Sampler,
         decode_goaway,
         encode_goaway,
@@ -51,7 +55,9 @@ else:
             MAX_DEBUG_DATA,
             MAX_ERROR_CODE,
             MAX_STREAM_ID,
+            ExemptPaths,
             FrameScanner,
+            RequestGate,
             Sampler,
             decode_goaway,
             encode_goaway,
@@ -71,7 +77,9 @@ else:
             MAX_DEBUG_DATA,
             MAX_ERROR_CODE,
             MAX_STREAM_ID,
+            ExemptPaths,
             FrameScanner,
+            RequestGate,
             Sampler,
             decode_goaway,
             encode_goaway,

@@ -1,4 +1,7 @@
 # Signatures of the compiled core; the behaviour is documented in _core_py.py.
+from collections.abc import Callable
+from typing import Any
+
 MAX_STREAM_ID: int
 MAX_ERROR_CODE: int
 DEFAULT_MAX_FRAME_SIZE: int
@@ -24,3 +27,27 @@ class FrameScanner:
     @max_frame_size.setter
     def max_frame_size(self, value: int) -> None: ...
     def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, int, bytes]]]: ...
+
+class ExemptPaths:
+    def __init__(self, *paths: str | bytes) -> None: ...
+    @property
+    def paths(self) -> tuple[str | bytes, ...]: ...
+    def __call__(self, headers: Any) -> bool | None: ...
+
+class RequestGate:
+    def __init__(
+        self,
+        request_type: type,
+        *,
+        sampler: Any = None,
+        max_requests: int | None = None,
+        decider: Callable[[Any], bool | None] | None = None,
+        admit: Callable[[], bool] | None = None,
+    ) -> None: ...
+    @property
+    def seen(self) -> int: ...
+    @seen.setter
+    def seen(self, value: int) -> None: ...
+    @property
+    def reason(self) -> str: ...
+    def scan(self, events: list[Any]) -> int: ...

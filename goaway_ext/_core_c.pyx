@@ -30,6 +30,8 @@ __all__ = [
     "decode_goaway",
     "Sampler",
     "FrameScanner",
+    "ExemptPaths",
+    "RequestGate",
 ]
 
 MAX_STREAM_ID = 0x7FFFFFFF
@@ -239,13 +241,16 @@ Decides, request by request, whether this one starts a drain.
             return _GAP_CAP
         return <unsigned long long>gap
 
-    def sample(self):
-        """Return True with probability ``chance``, independently of earlier calls."""
+    cdef inline bint _hit(self) noexcept:
         if self._countdown:
             self._countdown -= 1
             return False
         self._countdown = self._draw_gap()
         return True
+
+    def sample(self):
+        """Return True with probability ``chance``, independently of earlier calls."""
+        return self._hit()
 
 
 cdef class FrameScanner:
@@ -390,3 +395,150 @@ Takes GOAWAY frames out of an inbound HTTP/2 byte stream.
         result = <object>raw
         Py_DECREF(result)
         return result, found
+
+
+cdef frozenset _path_set(tuple paths):
+    cdef set items = set()
+    cdef bytes raw
+    if not paths:
+        raise ValueError("ExemptPaths needs at least one path, got none")
+    for path in paths:
+        if isinstance(path, str):
+            raw = (<str>path).encode("utf-8")
+        elif isinstance(path, (bytes, bytearray)):
+            raw = bytes(path)
+        else:
+            raise TypeError(f"each path must be a str or bytes, got {path!r}")
+        if not raw.startswith(b"/"):
+            raise ValueError(f"each path must start with '/', got {path!r}")
+        items.add(raw)
+        items.add(raw.decode("latin-1"))  # h2 with a header_encoding hands out str
+    return frozenset(items)
+
+
+cdef class ExemptPaths:
+    """ExemptPaths(*paths)
+--
+
+A decider that exempts requests for the given paths; see ``_core_py.ExemptPaths``."""
+
+    cdef frozenset _paths
+    cdef tuple _given
+
+    def __init__(self, *paths):
+        self._paths = _path_set(paths)
+        self._given = paths
+
+    @property
+    def paths(self):
+        """The exempt paths, as given."""
+        return self._given
+
+    def __repr__(self):
+        return f"ExemptPaths({', '.join(map(repr, self._given))})"
+
+    cdef object _verdict(self, object headers):
+        cdef object item
+        cdef object name
+        for item in headers:
+            name = item[0]
+            if name == b":path" or name == ":path":
+                return False if item[1] in self._paths else None
+        return None
+
+    def __call__(self, headers):
+        """False (exempt) when the request's ``:path`` is one of the paths, else None."""
+        return self._verdict(headers)
+
+
+cdef class RequestGate:
+    """RequestGate(request_type, *, sampler=None, max_requests=None, decider=None, admit=None)
+--
+
+The per-request work of a serving connection, in one call; see ``_core_py.RequestGate``."""
+
+    cdef object _request_type
+    cdef object _decider
+    cdef ExemptPaths _exempt
+    cdef Sampler _sampler
+    cdef object _other_sampler
+    cdef object _admit
+    cdef long long _left
+    cdef bint _limited
+    cdef long long _seen
+    cdef str _reason
+
+    def __init__(self, request_type, *, sampler=None, max_requests=None, decider=None, admit=None):
+        if not isinstance(request_type, type):
+            raise TypeError(f"request_type must be a class, got {request_type!r}")
+        if decider is not None and not callable(decider):
+            raise TypeError(f"decider must be callable or None, got {decider!r}")
+        if admit is not None and not callable(admit):
+            raise TypeError(f"admit must be callable or None, got {admit!r}")
+        if sampler is not None and not hasattr(sampler, "sample"):
+            raise TypeError(f"sampler must have a sample() method or be None, got {sampler!r}")
+        self._request_type = request_type
+        self._decider = decider
+        self._exempt = decider if type(decider) is ExemptPaths else None
+        self._sampler = sampler if type(sampler) is Sampler else None
+        self._other_sampler = sampler if self._sampler is None else None
+        self._admit = admit
+        self._limited = max_requests is not None
+        self._left = _check_int("max_requests", max_requests, 1, 0x7FFFFFFFFFFFFFFF) if self._limited else 0
+        self._seen = 0
+        self._reason = ""
+
+    @property
+    def seen(self):
+        """Requests counted so far (those a drain refused are never counted)."""
+        return self._seen
+
+    @seen.setter
+    def seen(self, value):
+        self._seen = _check_int("seen", value, 0, 0x7FFFFFFFFFFFFFFF)
+
+    @property
+    def reason(self):
+        """Why the last :meth:`scan` that returned non-zero starts a drain; "" before."""
+        return self._reason
+
+    cdef bint _trigger(self, object event) except -1:
+        cdef object verdict
+        if self._decider is not None:
+            if self._exempt is not None:
+                verdict = self._exempt._verdict(event.headers or ())
+            else:
+                verdict = self._decider(event.headers or [])
+            if verdict is not None:
+                if verdict:
+                    self._reason = "decider"
+                    return True
+                return False
+        if self._limited:
+            self._left -= 1
+            if self._left <= 0:
+                self._reason = "max_requests"
+                return True
+        if self._sampler is not None:
+            if not self._sampler._hit():
+                return False
+        elif self._other_sampler is None or not self._other_sampler.sample():
+            return False
+        if self._admit is None or self._admit():
+            self._reason = "chance"
+            return True
+        return False
+
+    def scan(self, list events):
+        """Count the requests in ``events``; return the 1-based index of the one that starts a drain, else 0."""
+        cdef Py_ssize_t index
+        cdef Py_ssize_t n = len(events)
+        cdef object request_type = self._request_type
+        cdef object event
+        for index in range(n):
+            event = events[index]
+            if type(event) is request_type:
+                self._seen += 1
+                if self._trigger(event):
+                    return index + 1
+        return 0

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from struct import Struct
+from typing import Any
 
 __all__ = [
     "MAX_STREAM_ID",
@@ -27,6 +29,8 @@ __all__ = [
     "decode_goaway",
     "Sampler",
     "FrameScanner",
+    "ExemptPaths",
+    "RequestGate",
 ]
 
 #: Largest stream identifier (31 bits, RFC 9113 §5.1.1).
@@ -337,3 +341,150 @@ class FrameScanner:
             return data, found
         pieces.append(data[run:pos])
         return b"".join(pieces), found
+
+
+def _path_set(paths: tuple[str | bytes, ...]) -> frozenset[str | bytes]:
+    if not paths:
+        raise ValueError("ExemptPaths needs at least one path, got none")
+    items: set[str | bytes] = set()
+    for path in paths:
+        if isinstance(path, str):
+            raw = path.encode("utf-8")
+        elif isinstance(path, (bytes, bytearray)):
+            raw = bytes(path)
+        else:
+            raise TypeError(f"each path must be a str or bytes, got {path!r}")
+        if not raw.startswith(b"/"):
+            raise ValueError(f"each path must start with '/', got {path!r}")
+        items.add(raw)
+        items.add(raw.decode("latin-1"))  # h2 with a header_encoding hands out str
+    return frozenset(items)
+
+
+class ExemptPaths:
+    """A decider that exempts requests for the given paths (health checks, ``/stats``).
+
+    ``GoawayPolicy(decider=ExemptPaths("/healthz"))``: a request whose
+    ``:path`` is exactly one of ``paths`` (query string included) returns False,
+    so it neither counts toward ``max_requests`` nor draws the chance; every
+    other request returns None (the policy decides). Why a class and not a
+    function: :class:`RequestGate` recognises it and runs the header scan in
+    the compiled core, so a connection with this decider installed costs what
+    one without a decider costs.
+    """
+
+    __slots__ = ("_given", "_paths")
+
+    def __init__(self, *paths: str | bytes) -> None:
+        self._paths = _path_set(paths)
+        self._given = paths
+
+    @property
+    def paths(self) -> tuple[str | bytes, ...]:
+        """The exempt paths, as given."""
+        return self._given
+
+    def __repr__(self) -> str:
+        return f"ExemptPaths({', '.join(map(repr, self._given))})"
+
+    def __call__(self, headers: Any) -> bool | None:
+        """False (exempt) when the request's ``:path`` is one of the paths, else None."""
+        for item in headers:
+            name = item[0]
+            if name == b":path" or name == ":path":
+                return False if item[1] in self._paths else None
+        return None
+
+
+class RequestGate:
+    """The per-request work of a serving connection, in one call.
+
+    ``ServerConnection`` hands each list of ``h2`` events to :meth:`scan`,
+    which spots the events of ``request_type`` (h2's ``RequestReceived``;
+    the core does not import h2), counts them, and asks, request by request
+    and in this order: ``decider`` (True starts a drain, False exempts the
+    request from the rest, None goes on), the ``max_requests`` budget, the
+    ``sampler`` and, on a sampler hit, ``admit`` (a fair-share rate limit).
+    One call per read instead of several Python calls per request is what
+    keeps a serving ``ServerConnection`` within 0.3% of ``H2Connection``.
+    """
+
+    __slots__ = ("_admit", "_decider", "_left", "_reason", "_request_type", "_sampler", "_seen")
+
+    def __init__(
+        self,
+        request_type: type,
+        *,
+        sampler: Any = None,
+        max_requests: int | None = None,
+        decider: Callable[[Any], bool | None] | None = None,
+        admit: Callable[[], bool] | None = None,
+    ) -> None:
+        if not isinstance(request_type, type):
+            raise TypeError(f"request_type must be a class, got {request_type!r}")
+        if decider is not None and not callable(decider):
+            raise TypeError(f"decider must be callable or None, got {decider!r}")
+        if admit is not None and not callable(admit):
+            raise TypeError(f"admit must be callable or None, got {admit!r}")
+        if sampler is not None and not hasattr(sampler, "sample"):
+            raise TypeError(f"sampler must have a sample() method or be None, got {sampler!r}")
+        self._request_type = request_type
+        self._decider = decider
+        self._sampler = sampler
+        self._admit = admit
+        self._left = None if max_requests is None else _check_int("max_requests", max_requests, 1, _GAP_CAP)
+        self._seen = 0
+        self._reason = ""
+
+    @property
+    def seen(self) -> int:
+        """Requests counted so far (those a drain refused are never counted)."""
+        return self._seen
+
+    @seen.setter
+    def seen(self, value: int) -> None:
+        self._seen = _check_int("seen", value, 0, _GAP_CAP)
+
+    @property
+    def reason(self) -> str:
+        """Why the last :meth:`scan` that returned non-zero starts a drain; "" before."""
+        return self._reason
+
+    def _trigger(self, event: Any) -> bool:
+        decider = self._decider
+        if decider is not None:
+            verdict = decider(event.headers or [])
+            if verdict is not None:
+                if verdict:
+                    self._reason = "decider"
+                    return True
+                return False
+        left = self._left
+        if left is not None:
+            left -= 1
+            self._left = left
+            if left <= 0:
+                self._reason = "max_requests"
+                return True
+        sampler = self._sampler
+        if sampler is None or not sampler.sample():
+            return False
+        admit = self._admit
+        if admit is None or admit():
+            self._reason = "chance"
+            return True
+        return False
+
+    def scan(self, events: list[Any]) -> int:
+        """Count the requests in ``events``; return the 1-based index of the one that starts a drain, else 0."""
+        if not isinstance(events, list):
+            raise TypeError(f"events must be a list, got {events!r}")
+        request_type = self._request_type
+        index = 0
+        for event in events:
+            index += 1
+            if event.__class__ is request_type:
+                self._seen += 1
+                if self._trigger(event):
+                    return index
+        return 0

@@ -1,0 +1,130 @@
+"""RequestGate and ExemptPaths: the per-request work of a serving connection, identical on both cores."""
+
+from __future__ import annotations
+
+import random
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+
+# Stand-ins for h2's events (their constructors differ between h2 releases);
+# the gate only needs the class identity and ``headers``.
+class RequestReceived:
+    def __init__(self, headers: list[tuple[Any, Any]] | None) -> None:
+        self.headers = headers
+
+
+class StreamEnded:
+    pass
+
+
+class WindowUpdated:
+    pass
+
+
+def request(path: bytes | str = b"/") -> RequestReceived:
+    return RequestReceived([(b":method", b"GET"), (b":path", path), (b":scheme", b"http")])
+
+
+def other() -> StreamEnded:
+    return StreamEnded()
+
+
+def test_counts_requests_and_nothing_else(core: ModuleType) -> None:
+    gate = core.RequestGate(RequestReceived)
+    assert gate.scan([other(), request(), WindowUpdated(), request(), other()]) == 0
+    assert gate.seen == 2 and gate.reason == ""
+    assert gate.scan([]) == 0 and gate.seen == 2
+
+
+def test_max_requests_fires_on_the_last_request_of_the_budget(core: ModuleType) -> None:
+    gate = core.RequestGate(RequestReceived, max_requests=3)
+    assert gate.scan([request(), other(), request()]) == 0
+    assert gate.scan([other(), other(), request(), request()]) == 3
+    assert gate.reason == "max_requests" and gate.seen == 3
+
+
+def test_sampler_hit_index_and_admit(core: ModuleType) -> None:
+    gate = core.RequestGate(RequestReceived, sampler=core.Sampler(1.0))
+    assert gate.scan([other(), request()]) == 2 and gate.reason == "chance"
+    refused = core.RequestGate(RequestReceived, sampler=core.Sampler(1.0), admit=lambda: False)
+    assert refused.scan([request(), request()]) == 0 and refused.seen == 2
+    never = core.RequestGate(RequestReceived, sampler=core.Sampler(0.0))
+    assert never.scan([request()] * 1000) == 0
+
+
+def test_a_foreign_sampler_is_called_through_sample(core: ModuleType) -> None:
+    calls = []
+
+    class Every3rd:
+        def sample(self) -> bool:
+            calls.append(1)
+            return len(calls) % 3 == 0
+
+    gate = core.RequestGate(RequestReceived, sampler=Every3rd())
+    assert gate.scan([request()] * 5) == 3 and len(calls) == 3
+
+
+def test_decider_forces_exempts_or_defers(core: ModuleType) -> None:
+    seen: list[Any] = []
+
+    def decider(headers: Any) -> bool | None:
+        seen.append(headers)
+        path = dict(headers)[b":path"]
+        return True if path == b"/force" else False if path == b"/skip" else None
+
+    gate = core.RequestGate(RequestReceived, max_requests=2, decider=decider)
+    assert gate.scan([request(b"/skip"), request(b"/skip"), request(b"/skip")]) == 0  # exempt: no budget used
+    assert gate.scan([request(b"/force")]) == 1 and gate.reason == "decider"
+    gate = core.RequestGate(RequestReceived, max_requests=2, decider=decider)
+    assert gate.scan([request(), request()]) == 2 and gate.reason == "max_requests"
+    assert len(seen) == 6
+
+
+def test_exempt_paths_decider(core: ModuleType) -> None:
+    exempt = core.ExemptPaths("/stats", b"/healthz")
+    assert exempt.paths == ("/stats", b"/healthz")
+    assert exempt([(b":method", b"GET"), (b":path", b"/stats")]) is False
+    assert exempt([(":path", "/healthz")]) is False  # h2 with a header_encoding hands out str
+    assert exempt([(b":path", b"/stats?x=1")]) is None
+    assert exempt([(b":path", b"/")]) is None
+    assert exempt([(b":method", b"GET")]) is None
+    assert repr(exempt) == "ExemptPaths('/stats', b'/healthz')"
+    gate = core.RequestGate(RequestReceived, sampler=core.Sampler(1.0), decider=exempt)
+    assert gate.scan([request(b"/stats"), request(b"/healthz"), request(b"/")]) == 3
+    assert gate.seen == 3 and gate.reason == "chance"
+
+
+@pytest.mark.parametrize("paths, error", [((), ValueError), (("stats",), ValueError), ((3,), TypeError)])
+def test_exempt_paths_bad_input_names_the_value(core: ModuleType, paths: tuple[Any, ...], error: type) -> None:
+    with pytest.raises(error, match="path"):
+        core.ExemptPaths(*paths)
+
+
+@pytest.mark.parametrize("kwargs, error, text", [
+    ({"request_type": "RequestReceived"}, TypeError, "request_type"),
+    ({"max_requests": 0}, ValueError, "max_requests"),
+    ({"max_requests": True}, TypeError, "max_requests"),
+    ({"decider": 3}, TypeError, "decider"),
+    ({"admit": 3}, TypeError, "admit"),
+    ({"sampler": 3}, TypeError, "sampler"),
+])
+def test_gate_bad_input_names_the_value(core: ModuleType, kwargs: dict[str, Any], error: type, text: str) -> None:
+    kwargs = dict(kwargs)  # the parameter is shared between the cores
+    request_type = kwargs.pop("request_type", RequestReceived)
+    with pytest.raises(error, match=text):
+        core.RequestGate(request_type, **kwargs)
+    with pytest.raises(TypeError, match="list"):
+        core.RequestGate(RequestReceived).scan((request(),))
+
+
+def test_both_cores_give_the_same_answers(both_cores: tuple[ModuleType, ModuleType]) -> None:
+    rng = random.Random(5)
+    gates = [core.RequestGate(RequestReceived, sampler=core.Sampler(0.05, seed=9), max_requests=400,
+                              decider=core.ExemptPaths("/stats")) for core in both_cores]
+    for _ in range(300):
+        batch = [rng.choice([request(b"/"), request(b"/stats"), other()]) for _ in range(rng.randint(0, 6))]
+        assert gates[0].scan(batch) == gates[1].scan(batch)
+        assert (gates[0].seen, gates[0].reason) == (gates[1].seen, gates[1].reason)
