@@ -40,7 +40,7 @@ from h2.errors import ErrorCodes
 from h2.events import DataReceived, Event, PingAckReceived, RequestReceived
 from h2.exceptions import ProtocolError, StreamClosedError
 
-from ._core import MAX_STREAM_ID, Sampler, encode_goaway, encode_ping, encode_rst_stream
+from ._core import MAX_STREAM_ID, RequestGate, encode_goaway, encode_ping, encode_rst_stream
 from .events import ConnectionDrained, GoawaySent
 from .policy import GoawayPolicy
 
@@ -157,11 +157,10 @@ class ServerConnection(H2Connection):
     # which slows down every attribute access inside h2 itself (measured: +5% per
     # request). With slots, h2's own code runs exactly as fast as on H2Connection.
     __slots__ = (
-        "_acked", "_admit", "_age_deadline", "_clock", "_close_at", "_decider", "_drain_duration", "_drain_started",
-        "_final_id", "_goaways_sent", "_grace_deadline", "_idle_limit", "_idle_mark", "_idle_since", "_mode",
+        "_acked", "_age_deadline", "_clock", "_close_at", "_drain_duration", "_drain_started", "_final_id",
+        "_gate", "_goaways_sent", "_grace_deadline", "_idle_limit", "_idle_mark", "_idle_since", "_mode",
         "_pending", "_pending_split", "_ping_deadline", "_ping_opaque", "_ping_prefix", "_pings", "_policy",
-        "_probe_high", "_queued", "_queued_at", "_reason", "_requests_left", "_requests_seen", "_sampler", "_silent",
-        "_state", "_streams_cut", "_streams_refused",
+        "_probe_high", "_queued", "_queued_at", "_reason", "_silent", "_state", "_streams_cut", "_streams_refused",
     )
 
     def __init__(
@@ -187,14 +186,14 @@ class ServerConnection(H2Connection):
         self._policy = policy
         self._clock = clock
         budget = policy.new_budget(clock())
-        self._sampler: Sampler | None = budget.sampler
-        self._admit = budget.admit
-        self._requests_left = budget.max_requests
+        # Counting requests and asking decider, budget, sampler and fair share:
+        # one call into the core per read (see RequestGate), not a Python loop.
+        self._gate = RequestGate(RequestReceived, sampler=budget.sampler, max_requests=budget.max_requests,
+                                 decider=policy.decider, admit=budget.admit)
         self._age_deadline = budget.age_deadline
         self._idle_limit = budget.max_idle
         self._idle_since: float | None = None  # max_idle: when the connection was last seen without streams
         self._idle_mark = 0  # requests_seen then: a request since means it was not idle all along
-        self._decider = policy.decider
         self._mode = policy.mode
         self._state = _SERVING
         self._pending = bytearray()  # our frames, not yet handed out
@@ -213,7 +212,6 @@ class ServerConnection(H2Connection):
         self._silent = False  # mode idle, GOAWAY sent at a proven idle moment: it is the last frame
         self._grace_deadline: float | None = None
         self._close_at: float | None = None
-        self._requests_seen = 0
         self._goaways_sent = 0
         self._streams_refused = 0
         self._streams_cut = 0
@@ -260,7 +258,7 @@ class ServerConnection(H2Connection):
     def stats(self) -> ConnectionStats:
         """A snapshot of this connection's counters."""
         return ConnectionStats(
-            requests_seen=self._requests_seen,
+            requests_seen=self._gate.seen,
             goaways_sent=self._goaways_sent,
             streams_refused=self._streams_refused,
             streams_cut=self._streams_cut,
@@ -279,19 +277,14 @@ class ServerConnection(H2Connection):
         """
         events: list[ServerEvent] = _H2_RECEIVE_DATA(self, data)  # type: ignore[assignment]
         if self._state is _SERVING:
-            index = 0
-            for event in events:
-                index += 1
-                if event.__class__ is RequestReceived:
-                    self._requests_seen += 1
-                    reason = self._request_trigger(event)
-                    if reason is not None:
-                        self._start(reason)
-                        out = events[:index]
-                        out.extend(self._queued)
-                        self._queued.clear()
-                        return self._receive_draining(events, index, out)
-            return events
+            index = self._gate.scan(events)
+            if not index:
+                return events
+            self._start(self._gate.reason)
+            out = events[:index]
+            out.extend(self._queued)
+            self._queued.clear()
+            return self._receive_draining(events, index, out)
         out = self._queued  # events of a drain started outside receive_data come first
         self._queued = []
         return self._receive_draining(events, 0, out)
@@ -430,30 +423,11 @@ class ServerConnection(H2Connection):
             self._idle_since = None
             return None
         since = self._idle_since
-        if since is None or self._idle_mark != self._requests_seen:
+        if since is None or self._idle_mark != self._gate.seen:
             since = self._idle_since = now
-            self._idle_mark = self._requests_seen
+            self._idle_mark = self._gate.seen
         assert self._idle_limit is not None
         return since + self._idle_limit
-
-    def _request_trigger(self, event: RequestReceived) -> str | None:
-        decider = self._decider
-        if decider is not None:
-            verdict = decider(event.headers or [])
-            if verdict is not None:
-                return "decider" if verdict else None
-        left = self._requests_left
-        if left is not None:
-            left -= 1
-            self._requests_left = left
-            if left <= 0:
-                return "max_requests"
-        sampler = self._sampler
-        if sampler is not None and sampler.sample():
-            admit = self._admit  # a fair-share drain-rate limit, asked only on a hit
-            if admit is None or admit():
-                return "chance"
-        return None
 
     def _move(self, state: DrainState) -> None:
         if state not in _NEXT[self._state]:  # a bug here, never the peer's doing
@@ -634,7 +608,7 @@ class ServerConnection(H2Connection):
                         refused = set()
                     refused.add(stream_id)
                     continue
-                self._requests_seen += 1
+                self._gate.seen += 1
             elif cls is PingAckReceived:
                 data = event.ping_data  # type: ignore[union-attr]
                 if self._ping_prefix and data[:4] == self._ping_prefix:  # ours: the application never sees it
