@@ -856,6 +856,11 @@ class H2Server:
         """Connections open now: this server's load signal for a fair-share fleet view."""
         return len(self._protocols)
 
+    @property
+    def serving_connections(self) -> int:
+        """Open connections not draining: what a fair-share controller counts as its own load."""
+        return sum(1 for proto in self._protocols if proto.drainable is None or not proto.drainable.is_draining)
+
     async def _run_fair_share(self) -> None:
         """The fair-share timer: move every connection's chance from the fleet view, off the request path."""
         fair = self.policy.fair_share
@@ -1149,11 +1154,16 @@ class _FairShareSetup:
             self.fair = FairShare(view, args.name, clock=time.monotonic, fallback=args.chance,
                                   ceiling=args.fair_ceiling, tolerance=args.fair_tolerance,
                                   max_drain_rate=args.fair_max_drain_rate, interval=args.fair_interval,
-                                  max_staleness=args.fair_max_staleness, allow_high_chance=args.allow_high_chance)
+                                  max_staleness=args.fair_max_staleness, allow_high_chance=args.allow_high_chance,
+                                  local=self.serving)
 
     def local(self) -> float:
         """This server's open connections (0 before it starts)."""
         return float(self.server.open_connections) if self.server is not None else 0.0
+
+    def serving(self) -> float:
+        """This server's connections that are not draining (0 before it starts)."""
+        return float(self.server.serving_connections) if self.server is not None else 0.0
 
     def start(self, server: H2Server) -> None:
         """Start polling and publishing for ``server``."""

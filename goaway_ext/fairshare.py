@@ -176,16 +176,19 @@ class StaticFleetView:
 
 
 def fair_chance(
-    mine: float, least: float, *, tolerance: float, ceiling: float, gain: float = 1.0
+    mine: float, least: float, *, tolerance: float, ceiling: float, gain: float = 1.0, min_excess: float = 2.0
 ) -> float:
     """The rule itself: the chance for a server at ``mine`` when the least-loaded is at ``least``.
 
     Both loads are normalized (connections per unit of capacity). Zero at or
-    below ``least * (1 + tolerance)``; ``gain * (mine / least - 1 - tolerance)``
-    above it, capped at ``ceiling``; the ceiling when ``least`` is 0 and this
-    server has anything to give.
+    below ``least * (1 + tolerance)``, and zero when ``mine - least`` is under
+    ``min_excess`` (moving one connection changes that difference by two, so
+    below two connections a move only swaps the roles: small fleets would
+    shed for ever over a difference of one); ``gain * (mine / least - 1 -
+    tolerance)`` above, capped at ``ceiling``; the ceiling when ``least`` is
+    0 and this server has enough to give.
     """
-    if mine <= least * (1.0 + tolerance) or mine <= 0.0:
+    if mine <= least * (1.0 + tolerance) or mine - least < min_excess or mine <= 0.0:
         return 0.0
     if least <= 0.0:
         return ceiling
@@ -207,7 +210,11 @@ class FairShare:
     plain chance used while the view is missing, older than ``max_staleness``
     seconds, or does not list this server (it must not exceed ``ceiling``).
     ``ceiling`` above 0.02 needs ``allow_high_chance=True``, as ``chance``
-    does. ``max_drain_rate`` bounds drains per second as a fraction of this
+    does. ``local``, when given, is this server's own count of connections
+    still serving, used instead of the view's entry for it: a balancer still
+    counts a draining connection until its last stream ends (a watch can
+    take seconds), and a server that counted those would shed again what it
+    already shed. ``max_drain_rate`` bounds drains per second as a fraction of this
     server's connections (at least one drain may start per second whenever
     the chance is above 0, so a small server can still shed).
     """
@@ -222,6 +229,7 @@ class FairShare:
         "_fallback",
         "_gain",
         "_interval",
+        "_local",
         "_lock",
         "_max_drain_rate",
         "_max_staleness",
@@ -249,7 +257,10 @@ class FairShare:
         max_staleness: float = DEFAULT_MAX_STALENESS,
         interval: float = 1.0,
         allow_high_chance: bool = False,
+        local: Callable[[], float] | None = None,
     ) -> None:
+        if local is not None and not callable(local):
+            raise TypeError(f"local must be callable or None, got {local!r}")
         if not isinstance(view, FleetView):
             raise TypeError(f"view must have a snapshot() method (a FleetView), got {view!r}")
         if not isinstance(name, str) or not name:
@@ -269,6 +280,7 @@ class FairShare:
         if self._fallback > self._ceiling:
             raise ValueError(f"fallback must not exceed ceiling ({self._ceiling!r}), got {fallback!r}")
         self._view = view
+        self._local = local
         self._name = name
         self._clock = clock
         self._gain = _finite("gain", gain, 0.0, low_open=True)
@@ -391,7 +403,10 @@ class FairShare:
         mine = snapshot.find(self._name)
         if mine is None:
             return self._fallback, "fallback", None
-        least = min(server.normalized for server in snapshot.servers)
+        if self._local is not None:
+            mine = ServerLoad(mine.name, float(self._local()), mine.capacity)
+        least = min([server.normalized for server in snapshot.servers if server.name != self._name]
+                    + [mine.normalized])
         chance = fair_chance(mine.normalized, least, tolerance=self._tolerance, ceiling=self._ceiling,
                              gain=self._gain)
         return chance, ("shedding" if chance > 0.0 else "balanced"), mine.connections

@@ -41,6 +41,14 @@ def test_rule_is_zero_at_or_below_share_plus_tolerance() -> None:
     assert fair_chance(5, 0, tolerance=0.1, ceiling=0.02) == 0.02  # a restarted, empty server
 
 
+def test_rule_ignores_a_difference_of_one_connection() -> None:
+    # 2 vs 1 is 100% above, but moving one connection only swaps the two: no shedding.
+    assert fair_chance(2, 1, tolerance=0.1, ceiling=0.02) == 0.0
+    assert fair_chance(1, 0, tolerance=0.1, ceiling=0.02) == 0.0
+    assert fair_chance(3, 1, tolerance=0.1, ceiling=0.02) == 0.02
+    assert fair_chance(2, 0, tolerance=0.1, ceiling=0.02) == 0.02
+
+
 def test_reference_is_the_least_loaded_server_not_the_mean() -> None:
     # One starved server among 20: every other is only ~4% above the mean,
     # yet each must shed, or the starved one is never refilled.
@@ -237,3 +245,17 @@ def test_sampler_type_is_the_core_sampler() -> None:
     budget = GoawayPolicy(fair_share=fair).new_budget(0.0)
     assert isinstance(budget.sampler, Sampler) and budget.sampler.chance == 0.01
     assert budget.admit is not None
+
+
+def test_local_serving_count_replaces_the_view_entry_for_this_server() -> None:
+    # The balancer still counts 30 on "me" (10 of them draining); the server knows only 20 serve.
+    clock = ManualClock()
+    view = _fleet(clock, {"me": 30, "other": 20})
+    assert FairShare(view, "me", clock=clock).update() > 0.0
+    serving = [20.0]
+    fair = FairShare(view, "me", clock=clock, local=lambda: serving[0])
+    assert fair.update() == 0.0
+    serving[0] = 25.0
+    assert fair.update() > 0.0
+    with pytest.raises(TypeError, match="local"):
+        FairShare(view, "me", clock=clock, local=3)  # type: ignore[arg-type]

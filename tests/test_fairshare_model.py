@@ -131,3 +131,88 @@ def test_model_options_are_refused_in_a_real_run() -> None:
     out = subprocess.run([sys.executable, "-m", "goaway_ext", "demo", "--scenario", "surge"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--scenario is a model option" in out.stderr
+
+
+def _readme_rows() -> dict[tuple[str, str], list[str]]:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = text[text.index("<!-- table: fair-share-model -->"):].split("\n\n", 1)[0].splitlines()[3:]
+    rows = {}
+    for line in table:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[(cells[0], cells[1])] = cells[2:]
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", ["rolling", "surge"])
+def test_readme_fair_share_table_is_what_the_model_prints(scenario: str) -> None:
+    # README "Fair share": the model's table, reproduced by one command per scenario.
+    out = subprocess.run(
+        [sys.executable, "-m", "goaway_ext", "demo", "--simulate", "--no-baseline", "--chance", "0.02",
+         "--max-age", "120", "--policy", "fair-share", "--fair-ceiling", "0.1", "--fair-max-drain-rate", "0.1",
+         "--scenario", scenario],
+        capture_output=True, text=True, timeout=900, check=True,
+    ).stdout
+    rows = _readme_rows()
+    seen = 0
+    for line in out.splitlines():
+        for (where, policy), cells in rows.items():
+            if where == scenario and line.startswith(policy + "  "):
+                after, whole, last = cells
+                fields = line[len(policy):].split()
+                assert " ".join(fields[3:5]) == after, line
+                assert fields[-2] == whole and fields[-1] == last, line
+                seen += 1
+    assert seen == 3, out
+
+
+def test_readme_fair_share_sentences_name_real_things() -> None:
+    # Names and defaults the README section quotes.
+    from pathlib import Path
+
+    from goaway_ext import fairshare, fleet
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("## Fair share"):text.index("## Our options")]
+    assert fairshare.DEFAULT_TOLERANCE == 0.10 and "(10%)" in section
+    assert fairshare.DEFAULT_CEILING == 0.02 and "(0.02 by default" in section
+    assert fairshare.DEFAULT_MAX_STALENESS == 5.0 and "(5 s)" in section
+    assert fairshare.DEFAULT_MAX_DRAIN_RATE == 0.05 and "(5%, at least one)" in section
+    assert fleet.LOAD_PATH == "/goaway-ext/load" and fleet.LOAD_PATH in section
+    assert fleet.MAX_ANSWER_BYTES == 1 << 20 and "over 1 MiB" in section
+    for flag in ("--fair-ceiling", "--fair-tolerance", "--fair-max-drain-rate", "--fair-interval",
+                 "--fair-max-staleness", "--haproxy-socket", "--haproxy-backend", "--publish-load", "--peers"):
+        assert flag in section
+        done = subprocess.run([sys.executable, "-m", "goaway_ext", "serve", "--help"], capture_output=True,
+                              text=True, timeout=60) if flag == "--fair-ceiling" else None
+        if done is not None:
+            for other in ("--fair-share", "--haproxy-socket", "--publish-load", "--fair-max-staleness"):
+                assert other in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lb", ["haproxy", "builtin"])
+def test_real_demo_fair_share_rebalances_and_goes_quieter_than_chance(lb: str) -> None:
+    # README "Fair share", the real run: real backends (HAProxy's view, or peers behind the
+    # built-in proxy), no failed request, no interrupted watch, fewer GOAWAYs at the end than chance.
+    if lb == "haproxy":
+        from goaway_ext.demo.haproxy import find_haproxy
+
+        if find_haproxy() is None:
+            if __import__("os").environ.get("CI") == "true":
+                pytest.fail("HAProxy is required under CI=true")
+            pytest.skip("HAProxy is not installed")
+    done = subprocess.run(
+        [sys.executable, "-m", "goaway_ext", "demo", "--lb", lb, "--no-baseline", "--chance", "0.01",
+         "--policy", "fair-share", "--fair-max-drain-rate", "0.2", "--duration", "15"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr  # 0: no failed request, no interrupted watch
+    last = {}
+    for line in done.stdout.splitlines():
+        if "GOAWAYs received in the last" in line:
+            last[line.split(":")[0]] = int(line.rsplit(":", 1)[1])
+    assert set(last) == {"chance=0.01", "fair-share ceiling=0.02"}, done.stdout
+    assert last["fair-share ceiling=0.02"] < last["chance=0.01"], done.stdout

@@ -86,6 +86,13 @@ class PolicySpec:
             args += ["--max-requests", str(self.max_requests)]
         if self.max_age is not None:
             args += ["--max-age", repr(self.max_age)]
+        if self.fair is not None:
+            # The fleet view (HAProxy's socket or the peers) is added per backend by the scenario.
+            args += ["--fair-ceiling", repr(self.fair.ceiling), "--fair-tolerance", repr(self.fair.tolerance),
+                     "--fair-max-drain-rate", repr(self.fair.max_drain_rate), "--fair-interval", "0.5",
+                     "--fair-max-staleness", "3"]
+            if self.fair.ceiling > MAX_SAFE_CHANCE:
+                args.append("--allow-high-chance")
         return args
 
     def policy(self, seed: int | None) -> GoawayPolicy:
@@ -264,9 +271,11 @@ def _resolve_defaults(args: argparse.Namespace) -> str | None:
     if sim and args.lb not in ("auto", "builtin"):
         return "--lb has no meaning with --simulate (the model has its own round-robin balancer)"
     if not sim:
-        for option, value, default in (("--balance", args.balance, "roundrobin"), ("--heavy-client",
-                                       args.heavy_client, 0.0), ("--slow-backends", args.slow_backends, 0),
-                                       ("--scenario", args.scenario, "rolling"), ("--policy", args.policy, []),
+        if args.balance != "roundrobin" and args.lb == "builtin":
+            return "--balance leastconn needs HAProxy (--lb haproxy); the built-in proxy is round robin"
+        for option, value, default in (("--heavy-client", args.heavy_client, 0.0),
+                                       ("--slow-backends", args.slow_backends, 0),
+                                       ("--scenario", args.scenario, "rolling"),
                                        ("--fair-signal", args.fair_signal, "connections")):
             if value != default:
                 return f"{option} is a model option for now: add --simulate (a real run does the rolling restart)"
@@ -317,7 +326,7 @@ def _run_real(args: argparse.Namespace, specs: list[PolicySpec]) -> int:
         return 2
     config = DemoConfig(
         backends=args.backends, clients=args.clients, rate=args.rate, duration=args.duration,
-        warmup=args.warmup, window=args.window, seed=args.seed, lb=args.lb,
+        warmup=args.warmup, window=args.window, seed=args.seed, lb=args.lb, balance=args.balance,
     )
     registry = ProcessGroupRegistry()
     progress = ProgressLine()
@@ -367,11 +376,19 @@ def _run_real(args: argparse.Namespace, specs: list[PolicySpec]) -> int:
     if status:
         return status
     print(format_table([r.summary() for r in results], config.window))
+    for r in results:
+        back = r.last_back_after()
+        last = r.goaways_between(r.duration - config.window, r.duration)
+        print(f"{r.policy}: the backend restarted last reached 80% of its fair share "
+              f"{'never' if back is None else f'{back:.1f} s'} after coming back (2 s window); "
+              f"GOAWAYs received in the last {config.window:g} s: {last}")
     from .simulate import SimulationParameters, never_notes
 
     model = SimulationParameters(backends=config.backends, clients=config.clients, rate=config.rate,
                                  duration=config.duration, window=config.window, bucket=config.bucket, seed=args.seed)
-    for note in never_notes(results, model, [spec.policy(args.seed) for spec in specs]):
+    # A fair-share policy is silent once balanced: its noise floor is that of no GOAWAY at all.
+    floors = [spec.policy(args.seed) if spec.fair is None else GoawayPolicy(seed=args.seed) for spec in specs]
+    for note in never_notes(results, model, floors):
         print(note)
     print(f"(total {time.monotonic() - started:.0f} s)")
     return _write_outputs(args, results, registry.pids) or _verdict(results)

@@ -44,6 +44,7 @@ def render_config(
     *,
     host: str = "127.0.0.1",
     frontend_fd: int | None = None,
+    balance: str = "roundrobin",
 ) -> str:
     """Return an HAProxy configuration: TCP mode, round robin, fast health checks.
 
@@ -59,8 +60,11 @@ def render_config(
     (``option redispatch 1`` redispatches on every retry), and the 200 ms
     health check takes it out of (and back into) the rotation quickly. The
     client and server timeouts are long because HTTP/2 connections and watch
-    streams are meant to stay open.
+    streams are meant to stay open. ``balance`` is ``roundrobin`` or
+    ``leastconn`` (new connections to the server with the fewest).
     """
+    if balance not in ("roundrobin", "leastconn"):
+        raise ValueError(f"balance must be 'roundrobin' or 'leastconn', got {balance!r}")
     lines = [
         "global",
         "    maxconn 4096",
@@ -76,7 +80,7 @@ def render_config(
         f"    bind fd@{frontend_fd}" if frontend_fd is not None else f"    bind {host}:{frontend_port}",
         "    default_backend demo_servers",
         "backend demo_servers",
-        "    balance roundrobin",
+        f"    balance {balance}",
     ]
     for name, backend_host, port in backends:
         lines.append(f"    server {name} {backend_host}:{port} check inter 200ms fall 1 rise 1")
@@ -104,6 +108,7 @@ class HAProxyBalancer:
         work_dir: Path,
         *,
         host: str = "127.0.0.1",
+        balance: str = "roundrobin",
     ) -> None:
         binary = find_haproxy()
         if binary is None:
@@ -119,7 +124,13 @@ class HAProxyBalancer:
         self._host = host
         self._process: asyncio.subprocess.Process | None = None
         self._socket = work_dir / "haproxy.sock"
+        self._balance = balance
         self.port = 0
+
+    @property
+    def stats_socket(self) -> Path:
+        """The runtime API socket (a fair-share backend reads ``show stat`` there)."""
+        return self._socket
 
     @property
     def pid(self) -> int | None:
@@ -138,7 +149,8 @@ class HAProxyBalancer:
             self.port = listener.getsockname()[1]
             fd = listener.fileno()
             config = self._work_dir / "haproxy.cfg"
-            config.write_text(render_config(self.port, self._backends, self._socket, host=self._host, frontend_fd=fd))
+            config.write_text(render_config(self.port, self._backends, self._socket, host=self._host, frontend_fd=fd,
+                                            balance=self._balance))
             log_path = self._work_dir / "haproxy.log"
             with open(log_path, "ab") as log:
                 self._process = await asyncio.create_subprocess_exec(

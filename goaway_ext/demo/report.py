@@ -167,6 +167,24 @@ class RunResult:
                 shares[b].append(value)
         return times, shares
 
+    def last_back_after(self, smooth: float = 2.0, within: float = 0.2) -> float | None:
+        """Seconds from the last backend's return until its share reached ``1 - within`` of the fair share.
+
+        The share is taken over a sliding window of ``smooth`` seconds, whose
+        end is the time reported; None when it never got there (or no restart).
+        """
+        ups = [(t, name) for t, name, what in self.events if what == "up"]
+        if not ups:
+            return None
+        back, name = ups[-1]
+        index = self.backends.index(name)
+        target = (1.0 - within) / len(self.backends)
+        times, shares = self.share_series(smooth)
+        for t, share in zip(times, shares[index], strict=True):
+            if t - smooth >= back and share >= target:
+                return t - back
+        return None
+
     def rebalanced_after(self, smooth: float | None = None) -> float | None:
         """Seconds from the end of the rolling restart until the ratio stayed under :data:`BALANCED_RATIO`.
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..asyncio_client import H2Client, H2ClientError
-from .haproxy import HAProxyBalancer
+from .haproxy import HAProxyBalancer, free_port
 from .processes import Backend, ProcessGroupRegistry
 from .proxy import RoundRobinProxy
 from .report import ProgressLine, RunResult
@@ -63,6 +63,7 @@ class DemoConfig:
     seed: int
     lb: str
     bucket: float = 0.5
+    balance: str = "roundrobin"
 
 
 class _Load:
@@ -112,6 +113,7 @@ class _Load:
     async def _requests(self, client: H2Client, phase: float) -> None:
         interval = 1.0 / self._config.rate
         next_at = self._clock() + phase
+        seen_goaways = 0
         while not self._stopping:
             delay = next_at - self._clock()
             if delay > 0:
@@ -131,6 +133,9 @@ class _Load:
                 self._error(f"bad response: status {response.status}, x-backend {response.header('x-backend')!r}")
                 continue
             self._result.record(self._clock(), backend)
+            while seen_goaways < client.goaways_received:  # when each GOAWAY arrived, for the final window
+                seen_goaways += 1
+                self._result.record_goaway(self._clock())
             if self._clock() > next_at + interval:
                 next_at = self._clock()  # fell behind (a slow moment): resume the rate, no burst
 
@@ -196,10 +201,13 @@ async def run_scenario(
     """
     loop = asyncio.get_running_loop()
     names = [f"b{i + 1}" for i in range(config.backends)]
-    run_dir = work_dir / spec.label.replace("=", "-")
+    run_dir = work_dir / spec.label.replace("=", "-").replace(" ", "_")  # HAProxy splits its config at spaces
     run_dir.mkdir(parents=True, exist_ok=True)
+    fleet: list[list[str]] = [[] for _ in names]
+    if spec.fair is not None:
+        fleet = _fleet_args(names, config.lb, run_dir)
     backends = [
-        Backend(name, [*spec.serve_args(), *_seed_args(config.seed, i)], registry, run_dir)
+        Backend(name, [*spec.serve_args(), *fleet[i], *_seed_args(config.seed, i)], registry, run_dir)
         for i, name in enumerate(names)
     ]
     result = RunResult(
@@ -214,7 +222,8 @@ async def run_scenario(
     try:
         await asyncio.gather(*(b.start() for b in backends))
         if config.lb == "haproxy":
-            balancer = HAProxyBalancer([(b.name, b.host, b.port) for b in backends], registry, run_dir)
+            balancer = HAProxyBalancer([(b.name, b.host, b.port) for b in backends], registry, run_dir,
+                                       balance=config.balance)
         else:
             balancer = RoundRobinProxy([(b.host, b.port) for b in backends])
         await balancer.start()
@@ -289,6 +298,20 @@ async def _shutdown(
     for step in steps:
         with contextlib.suppress(Exception):
             await asyncio.shield(asyncio.wait_for(step(), 20.0))
+
+
+def _fleet_args(names: list[str], lb: str, run_dir: Path) -> list[list[str]]:
+    """The fleet view of each fair-share backend: HAProxy's stats socket, or (built-in proxy) its peers."""
+    if lb == "haproxy":
+        socket_path = str(run_dir / "haproxy.sock")  # where HAProxyBalancer puts it
+        return [["--fair-share", "haproxy", "--haproxy-socket", socket_path, "--haproxy-backend", "demo_servers"]
+                for _ in names]
+    ports = [free_port(_HOST) for _ in names]
+    return [
+        ["--fair-share", "peers", "--publish-load", f"{_HOST}:{port}",
+         "--peers", ",".join(f"{_HOST}:{p}" for p in ports if p != port)]
+        for port in ports
+    ]
 
 
 def _seed_args(seed: int, index: int) -> list[str]:
