@@ -377,10 +377,12 @@ class _AsyncioWorker:
     def __init__(self, context: Any) -> None:
         self.live: set[GoawayH2Protocol] = set()
         self.loop = asyncio.get_running_loop()
-        self.watcher = self.loop.create_task(self._watch(context))
+        # The event, not the context: this object is the context's value in a
+        # weak mapping and must not keep its key alive.
+        self.watcher = self.loop.create_task(self._watch(context.terminated))
 
-    async def _watch(self, context: Any) -> None:
-        await context.terminated.wait()
+    async def _watch(self, terminated: Any) -> None:
+        await terminated.wait()
         for protocol in list(self.live):
             protocol._begin_shutdown()
 
