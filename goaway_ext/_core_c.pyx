@@ -452,12 +452,14 @@ A decider that exempts requests for the given paths; see ``_core_py.ExemptPaths`
 
 
 cdef class RequestGate:
-    """RequestGate(request_type, *, sampler=None, max_requests=None, decider=None, admit=None)
+    """RequestGate(request_type, *, sampler=None, max_requests=None, decider=None, admit=None, reset_type=None)
 --
 
 The per-request work of a serving connection, in one call; see ``_core_py.RequestGate``."""
 
     cdef object _request_type
+    cdef object _reset_type
+    cdef long long _resets
     cdef object _decider
     cdef ExemptPaths _exempt
     cdef Sampler _sampler
@@ -468,9 +470,13 @@ The per-request work of a serving connection, in one call; see ``_core_py.Reques
     cdef long long _seen
     cdef str _reason
 
-    def __init__(self, request_type, *, sampler=None, max_requests=None, decider=None, admit=None):
+    def __init__(self, request_type, *, sampler=None, max_requests=None, decider=None, admit=None, reset_type=None):
         if not isinstance(request_type, type):
             raise TypeError(f"request_type must be a class, got {request_type!r}")
+        if reset_type is not None and not isinstance(reset_type, type):
+            raise TypeError(f"reset_type must be a class or None, got {reset_type!r}")
+        self._reset_type = reset_type
+        self._resets = 0
         if decider is not None and not callable(decider):
             raise TypeError(f"decider must be callable or None, got {decider!r}")
         if admit is not None and not callable(admit):
@@ -501,6 +507,11 @@ The per-request work of a serving connection, in one call; see ``_core_py.Reques
     def reason(self):
         """Why the last :meth:`scan` that returned non-zero starts a drain; "" before."""
         return self._reason
+
+    @property
+    def resets(self):
+        """Events of ``reset_type`` counted so far (stream resets by the peer: the rapid-reset limit)."""
+        return self._resets
 
     cdef bint _trigger(self, object event) except -1:
         cdef object verdict
@@ -534,11 +545,16 @@ The per-request work of a serving connection, in one call; see ``_core_py.Reques
         cdef Py_ssize_t index
         cdef Py_ssize_t n = len(events)
         cdef object request_type = self._request_type
+        cdef object reset_type = self._reset_type
         cdef object event
+        cdef bint reset = False
         for index in range(n):
             event = events[index]
             if type(event) is request_type:
                 self._seen += 1
                 if self._trigger(event):
                     return index + 1
-        return 0
+            elif type(event) is reset_type:
+                self._resets += 1
+                reset = True
+        return -1 if reset else 0

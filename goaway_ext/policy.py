@@ -109,11 +109,19 @@ class GoawayPolicy:
     fixed chance with a load-aware one: the controller moves the chance of
     every live connection from the fleet view and holds the fallback chance
     itself, so ``chance`` must stay 0 with it.
+
+    ``rapid_reset_window`` bounds rapid reset (CVE-2023-44487), as Envoy does:
+    when more than half of the last ``rapid_reset_window`` streams a client
+    opened on a connection were reset by it before their response was
+    complete, or refused as late, the connection gets GOAWAY(ENHANCE_YOUR_CALM)
+    and is closed. It lives here so every integration gets it. None turns it
+    off (a proxy in front that already enforces it).
     """
 
     __slots__ = (
         "_allow_high_chance", "_chance", "_decider", "_fair_share", "_grace", "_jitter", "_linger", "_lock",
-        "_max_age", "_max_idle", "_max_requests", "_mode", "_ping_timeout", "_seed", "_seeds",
+        "_max_age", "_max_idle", "_max_requests", "_mode", "_ping_timeout", "_rapid_reset_window", "_seed",
+        "_seeds",
     )
 
     def __init__(
@@ -132,6 +140,7 @@ class GoawayPolicy:
         seed: int | None = None,
         allow_high_chance: bool = False,
         fair_share: FairShare | None = None,
+        rapid_reset_window: int | None = 500,
     ) -> None:
         if type(allow_high_chance) is not bool:
             raise TypeError(f"allow_high_chance must be a bool, got {allow_high_chance!r}")
@@ -164,6 +173,11 @@ class GoawayPolicy:
             raise TypeError(f"decider must be callable or None, got {decider!r}")
         if seed is not None and (type(seed) is bool or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
+        if rapid_reset_window is not None:
+            if type(rapid_reset_window) is bool or not isinstance(rapid_reset_window, int):
+                raise TypeError(f"rapid_reset_window must be an int or None, got {rapid_reset_window!r}")
+            if not 2 <= rapid_reset_window <= MAX_REQUESTS_LIMIT:
+                raise ValueError(f"rapid_reset_window must be in 2..{MAX_REQUESTS_LIMIT}, got {rapid_reset_window!r}")
         if fair_share is not None:
             from .fairshare import FairShare
 
@@ -179,6 +193,7 @@ class GoawayPolicy:
         self._max_requests = max_requests
         self._max_age = _real("max_age", max_age, low=0.0, low_open=True, none_ok=True)
         self._max_idle = _real("max_idle", max_idle, low=0.0, low_open=True, none_ok=True)
+        self._rapid_reset_window = rapid_reset_window
         self._jitter = jitter_value
         ping = _real("ping_timeout", ping_timeout, low=0.0, low_open=True)
         assert ping is not None
@@ -215,6 +230,11 @@ class GoawayPolicy:
     def max_idle(self) -> float | None:
         """Seconds a connection may stay without an open stream, before jitter (None: no limit)."""
         return self._max_idle
+
+    @property
+    def rapid_reset_window(self) -> int | None:
+        """Streams over which a majority of client resets closes the connection (None: no limit)."""
+        return self._rapid_reset_window
 
     @property
     def jitter(self) -> float:
@@ -260,7 +280,8 @@ class GoawayPolicy:
             f"max_age={self._max_age!r}, max_idle={self._max_idle!r}, jitter={self._jitter!r}, "
             f"ping_timeout={self._ping_timeout!r}, "
             f"grace={self._grace!r}, linger={self._linger!r}, mode={self._mode!r}, decider={decider_text}, "
-            f"seed={self._seed!r}, allow_high_chance={self._allow_high_chance!r}, fair_share={self._fair_share!r})"
+            f"seed={self._seed!r}, allow_high_chance={self._allow_high_chance!r}, fair_share={self._fair_share!r}, "
+            f"rapid_reset_window={self._rapid_reset_window!r})"
         )
 
     def _spread(self, rng: random.Random) -> float:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import DataReceived, Event, PingAckReceived, RequestReceived
+from h2.events import DataReceived, Event, PingAckReceived, RequestReceived, StreamReset
 from h2.exceptions import ProtocolError, StreamClosedError
 
 from ._core import MAX_STREAM_ID, RequestGate, encode_goaway, encode_ping, encode_rst_stream
@@ -95,6 +95,12 @@ class DrainState(enum.Enum):
     ``grace`` (when set) is a hard deadline counted from the drain start: in
     NOTICE or DRAINING it sends the final GOAWAY if needed, resets every open
     stream with CANCEL and goes to DRAINED with ``close_at`` = now.
+
+    Rapid reset (CVE-2023-44487) skips the rest from any state: when more
+    than half of the last ``rapid_reset_window`` streams (a policy setting)
+    were reset by the client before their response was complete, or refused
+    as late, send GOAWAY(ENHANCE_YOUR_CALM) and go to DRAINED with
+    ``close_at`` = now; nothing more is sent.
     """
 
     SERVING = "serving"
@@ -105,8 +111,8 @@ class DrainState(enum.Enum):
 
 
 _NEXT: dict[DrainState, frozenset[DrainState]] = {
-    DrainState.SERVING: frozenset({DrainState.IDLE_WAIT, DrainState.NOTICE, DrainState.DRAINING}),
-    DrainState.IDLE_WAIT: frozenset({DrainState.NOTICE, DrainState.DRAINING}),
+    DrainState.SERVING: frozenset({DrainState.IDLE_WAIT, DrainState.NOTICE, DrainState.DRAINING, DrainState.DRAINED}),
+    DrainState.IDLE_WAIT: frozenset({DrainState.NOTICE, DrainState.DRAINING, DrainState.DRAINED}),
     DrainState.NOTICE: frozenset({DrainState.DRAINING, DrainState.DRAINED}),
     DrainState.DRAINING: frozenset({DrainState.DRAINED}),
     DrainState.DRAINED: frozenset(),
@@ -157,10 +163,11 @@ class ServerConnection(H2Connection):
     # which slows down every attribute access inside h2 itself (measured: +5% per
     # request). With slots, h2's own code runs exactly as fast as on H2Connection.
     __slots__ = (
-        "_acked", "_age_deadline", "_clock", "_close_at", "_drain_duration", "_drain_started", "_final_id",
-        "_gate", "_goaways_sent", "_grace_deadline", "_idle_limit", "_idle_mark", "_idle_since", "_mode",
-        "_pending", "_pending_split", "_ping_deadline", "_ping_opaque", "_ping_prefix", "_pings", "_policy",
-        "_probe_high", "_queued", "_queued_at", "_reason", "_silent", "_state", "_streams_cut", "_streams_refused",
+        "_acked", "_age_deadline", "_clock", "_close_at", "_drain_duration", "_drain_started", "_final_id", "_gate",
+        "_goaways_sent", "_grace_deadline", "_idle_limit", "_idle_mark", "_idle_since", "_late", "_mode", "_pending",
+        "_pending_split", "_ping_deadline", "_ping_opaque", "_ping_prefix", "_pings", "_policy", "_probe_high",
+        "_queued", "_queued_at", "_reason", "_reset_window", "_resets", "_silent", "_state", "_streams_cut",
+        "_streams_refused", "_window_bad", "_window_total",
     )
 
     def __init__(
@@ -188,8 +195,14 @@ class ServerConnection(H2Connection):
         budget = policy.new_budget(clock())
         # Counting requests and asking decider, budget, sampler and fair share:
         # one call into the core per read (see RequestGate), not a Python loop.
+        self._reset_window = policy.rapid_reset_window
         self._gate = RequestGate(RequestReceived, sampler=budget.sampler, max_requests=budget.max_requests,
-                                 decider=policy.decider, admit=budget.admit)
+                                 decider=policy.decider, admit=budget.admit,
+                                 reset_type=None if self._reset_window is None else StreamReset)
+        self._resets = 0  # client resets seen while draining (the gate counts those while serving)
+        self._late = 0  # streams opened above the final last-stream-id
+        self._window_total = 0  # streams and bad streams when the current rapid-reset window began
+        self._window_bad = 0
         self._age_deadline = budget.age_deadline
         self._idle_limit = budget.max_idle
         self._idle_since: float | None = None  # max_idle: when the connection was last seen without streams
@@ -279,6 +292,12 @@ class ServerConnection(H2Connection):
         if self._state is _SERVING:
             index = self._gate.scan(events)
             if not index:
+                return events
+            if index < 0:  # no drain, but the client reset streams: the rapid-reset check
+                if self._too_many_resets():
+                    self._calm(self._clock())
+                    events.extend(self._queued)
+                    self._queued.clear()
                 return events
             self._start(self._gate.reason)
             out = events[:index]
@@ -411,6 +430,49 @@ class ServerConnection(H2Connection):
         return events
 
     # -- internals -----------------------------------------------------------------
+
+    def _too_many_resets(self) -> bool:
+        """Rapid reset check, run only when a stream went bad (reset or late), never per request.
+
+        Envoy's rule: once a window of ``rapid_reset_window`` streams is
+        complete, more than half of them bad closes the connection; otherwise
+        a new window starts there. A flood is caught within two windows.
+        """
+        window = self._reset_window
+        if window is None:
+            return False
+        late = self._late
+        total = self._gate.seen + late
+        streams = total - self._window_total
+        if streams < window:
+            return False
+        bad = self._gate.resets + self._resets + late
+        if (bad - self._window_bad) * 2 > streams:
+            return True
+        self._window_total = total
+        self._window_bad = bad
+        return False
+
+    def _calm(self, now: float) -> None:
+        """GOAWAY(ENHANCE_YOUR_CALM) and close now: the client floods streams it resets (RFC 9113 §5.4.1)."""
+        if self._silent and self._state is _DRAINED and self._close_at is not None and self._close_at <= now:
+            return  # already closing, silently
+        last = self._final_id
+        if last is None:
+            last = self._final_id = self.highest_inbound_stream_id
+        self._reason = "rapid_reset"
+        self._pending += encode_goaway(last, ErrorCodes.ENHANCE_YOUR_CALM, b"rapid reset")
+        self._goaways_sent += 1
+        self._silent = True  # the GOAWAY is the last frame; later streams are dropped unanswered
+        self._ping_deadline = None
+        self._queue(GoawaySent(last_stream_id=last, final=True, reason="rapid_reset"), now)
+        if self._drain_started is None:
+            self._drain_started = now
+        if self._state is not _DRAINED:
+            self._move(_DRAINED)
+        self._drain_duration = now - self._drain_started
+        self._close_at = now
+        self._queue(ConnectionDrained(last_stream_id=last, reason="rapid_reset", duration=self._drain_duration), now)
 
     def _idle_deadline(self, now: float) -> float | None:
         """When ``max_idle`` runs out, None while a stream is open.
@@ -595,6 +657,8 @@ class ServerConnection(H2Connection):
         """Slow path during a drain: refuse late streams, swallow our PING ACK."""
         refused: set[int] | None = None
         final = self._final_id
+        calm = False
+        watch = self._reset_window is not None
         for index in range(start, len(events)):
             event = events[index]
             cls = event.__class__
@@ -607,8 +671,14 @@ class ServerConnection(H2Connection):
                     if refused is None:
                         refused = set()
                     refused.add(stream_id)
+                    self._late += 1
+                    if watch:
+                        calm = calm or self._too_many_resets()
                     continue
                 self._gate.seen += 1
+            elif cls is StreamReset and watch and (refused is None or event.stream_id not in refused):  # type: ignore[union-attr]
+                self._resets += 1
+                calm = calm or self._too_many_resets()
             elif cls is PingAckReceived:
                 data = event.ping_data  # type: ignore[union-attr]
                 if self._ping_prefix and data[:4] == self._ping_prefix:  # ours: the application never sees it
@@ -630,6 +700,8 @@ class ServerConnection(H2Connection):
                     self.acknowledge_received_data(event.flow_controlled_length or 0, event.stream_id)  # type: ignore[union-attr]
                 continue
             out.append(event)
+        if calm:
+            self._calm(self._clock())
         self._progress(self._clock())
         if self._queued:
             out.extend(self._queued)

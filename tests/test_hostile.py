@@ -162,7 +162,9 @@ def test_a_late_stream_reset_in_the_same_read_is_not_an_error() -> None:
 
 def test_streams_opened_after_the_final_goaway_are_all_refused_in_flat_memory(traced: None) -> None:
     clock = ManualClock(100.0)
-    server = SmallMemoryServer(policy=GoawayPolicy(mode="single"), clock=clock)
+    # Memory under a late-stream flood; the rapid-reset limit, which would end
+    # it after a few hundred streams, is tested in tests/test_rapid_reset.py.
+    server = SmallMemoryServer(policy=GoawayPolicy(mode="single", rapid_reset_window=None), clock=clock)
     client = RawClient()
     start(server, client)
     held, data = client.headers(end_stream=False)  # stays open: the drain never finishes
@@ -227,7 +229,8 @@ def test_a_client_that_never_answers_the_ping_gets_the_final_goaway_after_ping_t
 
 def test_a_rapid_reset_flood_during_a_drain_keeps_memory_flat_and_does_not_stall_it(traced: None) -> None:
     clock = ManualClock(100.0)
-    server = SmallMemoryServer(policy=GoawayPolicy(ping_timeout=30.0), clock=clock)
+    # The drain under a flood, limit off (tests/test_rapid_reset.py tests the limit).
+    server = SmallMemoryServer(policy=GoawayPolicy(ping_timeout=30.0, rapid_reset_window=None), clock=clock)
     client = RawClient()
     start(server, client)
     held, data = client.headers()

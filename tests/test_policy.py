@@ -55,6 +55,10 @@ def test_high_chance_needs_explicit_permission() -> None:
         ({"jitter": 10**400}, ValueError, "jitter"),
         ({"max_requests": 2**1024}, ValueError, "max_requests"),  # was accepted, then failed in every connection
         ({"max_requests": 2**30 + 1}, ValueError, "max_requests"),
+        ({"rapid_reset_window": 1}, ValueError, "rapid_reset_window"),
+        ({"rapid_reset_window": 2**40}, ValueError, "rapid_reset_window"),
+        ({"rapid_reset_window": 2.0}, TypeError, "rapid_reset_window"),
+        ({"rapid_reset_window": True}, TypeError, "rapid_reset_window"),
         ({"jitter": -0.1}, ValueError, "jitter"),
         ({"jitter": 1.0}, ValueError, "jitter"),
         ({"ping_timeout": 0}, ValueError, "ping_timeout"),
@@ -122,6 +126,12 @@ def test_repr_shows_every_setting() -> None:
         assert f"{name}=" in text, (name, text)
     assert "decider=test_repr_shows_every_setting.<locals>.exempt" in text and "seed=7" in text
     assert " at 0x" not in text
+
+
+def test_rapid_reset_window_default_and_off() -> None:
+    assert GoawayPolicy().rapid_reset_window == 500
+    assert GoawayPolicy(rapid_reset_window=None).rapid_reset_window is None
+    assert "rapid_reset_window=500" in repr(GoawayPolicy())
 
 
 def test_max_requests_up_to_what_one_connection_can_carry() -> None:
