@@ -158,6 +158,9 @@ async def rapid_reset(port: int, streams: int, body: bytes = b"") -> tuple[str, 
                 break
     except ConnectionError:
         return f"{sent:,} streams", "closed by the server mid-flood"
+    if reader.at_eof():
+        writer.close()
+        return f"{sent:,} streams", "closed by the server mid-flood"
     ping = PingFrame(0)
     writer.write(ping.serialize())
     await writer.drain()
@@ -304,9 +307,10 @@ async def silent_sockets(port: int, count: int) -> tuple[str, str]:
 
 
 ATTACKS = {
-    "rapid reset": ("no limit on count; each reset stream forgotten at once (h2 remembers 4,096)",
+    "rapid reset": ("rapid_reset_window 500: GOAWAY(ENHANCE_YOUR_CALM) and close; each reset stream forgotten at "
+                    "once (h2 remembers 4,096)",
                     lambda port, scale: rapid_reset(port, int(50_000 * scale))),
-    "reset uploads": ("each reset stream's body freed at once",
+    "reset uploads": ("rapid_reset_window 500; each reset stream's body freed at once",
                       lambda port, scale: rapid_reset(port, int(10_000 * scale), b"x" * 16384)),
     "oversized bodies": ("max_body 1 MiB: 413 + RST_STREAM(NO_ERROR)",
                          lambda port, scale: oversized_posts(port, 20)),
