@@ -541,7 +541,10 @@ The per-request work of a serving connection, in one call; see ``_core_py.Reques
         return False
 
     def scan(self, list events):
-        """Count the requests in ``events``; return the 1-based index of the one that starts a drain, else 0."""
+        """Count the requests in ``events``; return the 1-based index of the one that starts a drain.
+
+        Else 0, or -1 when ``events`` held a ``reset_type`` event.
+        """
         cdef Py_ssize_t index
         cdef Py_ssize_t n = len(events)
         cdef object request_type = self._request_type

@@ -128,3 +128,21 @@ def test_both_cores_give_the_same_answers(both_cores: tuple[ModuleType, ModuleTy
         batch = [rng.choice([request(b"/"), request(b"/stats"), other()]) for _ in range(rng.randint(0, 6))]
         assert gates[0].scan(batch) == gates[1].scan(batch)
         assert (gates[0].seen, gates[0].reason) == (gates[1].seen, gates[1].reason)
+
+
+class StreamReset:
+    pass
+
+
+def test_resets_are_counted_and_flagged_only_when_asked(core: ModuleType) -> None:
+    gate = core.RequestGate(RequestReceived, reset_type=StreamReset)
+    assert gate.scan([request(), other()]) == 0 and gate.resets == 0
+    assert gate.scan([request(), StreamReset(), other(), StreamReset()]) == -1  # no drain, resets seen
+    assert gate.resets == 2 and gate.seen == 2
+    triggered = core.RequestGate(RequestReceived, max_requests=1, reset_type=StreamReset)
+    assert triggered.scan([StreamReset(), request(), StreamReset()]) == 2  # a drain wins; the rest is the caller's
+    assert triggered.resets == 1
+    plain = core.RequestGate(RequestReceived)
+    assert plain.scan([StreamReset(), request()]) == 0 and plain.resets == 0
+    with pytest.raises(TypeError, match="reset_type"):
+        core.RequestGate(RequestReceived, reset_type="StreamReset")
