@@ -51,7 +51,7 @@ from ._cli import CommandError, bind_error, check_readable, configure_logging, f
 from ._core import ExemptPaths
 from .events import ConnectionDrained, GoawaySent
 from .policy import MODES, GoawayPolicy
-from .server import ServerConnection
+from .server import DrainState, ServerConnection
 
 __all__ = ["Request", "ResponseStream", "Handler", "H2Server", "builtin_app", "configure_parser", "run_command"]
 
@@ -207,6 +207,7 @@ class _PlainConnection(H2Connection):
 # connection instead of a throwaway H2Connection per accepted socket. Nothing
 # touches ``conn`` before the preface except flush(), whose data_to_send() is b"".
 _NOT_STARTED = H2Connection()
+_SERVING = DrainState.SERVING
 
 
 class _H2Protocol(asyncio.Protocol):
@@ -460,7 +461,13 @@ class _H2Protocol(asyncio.Protocol):
             self.transport.write(data)
         drainable = self.drainable
         if drainable is not None:
-            deadline = drainable.next_deadline()
+            # flush() runs several times per request. A serving connection without
+            # max_idle and with nothing queued has one deadline, its age: read it
+            # instead of calling next_deadline() each time (what next_deadline returns then).
+            if drainable._queued or drainable._state is not _SERVING or drainable._idle_limit is not None:
+                deadline = drainable.next_deadline()
+            else:
+                deadline = drainable._age_deadline
             if deadline != self._timer_at:
                 self._schedule(deadline)
 
