@@ -165,7 +165,7 @@ async def rapid_reset(port: int, streams: int, body: bytes = b"") -> tuple[str, 
     writer.write(ping.serialize())
     await writer.drain()
     what = f"{sent:,} streams" + (f" with {len(body) // 1024} KiB of body each" if body else "")
-    outcome = "connection still open, every stream forgotten"
+    outcome = "connection still open after the flood, every stream forgotten"
     writer.close()
     return what, outcome
 
