@@ -4,6 +4,8 @@ GOAWAY_EXT_NO_EXTENSIONS=1    skip the compile; the package runs on ``_core_py``
 GOAWAY_EXT_REQUIRE_EXTENSIONS=1  a failed compile fails the build (wheels, CI).
 Neither: try to compile, and on failure warn and install the pure-Python core.
 GOAWAY_EXT_CFLAGS / GOAWAY_EXT_LDFLAGS  replace the default -g0 / -s (stripped module).
+GOAWAY_EXT_LINETRACE=1        compile with Cython's line tracing, so coverage can measure
+                              the .pyx (make coverage's separate build only: it is slower).
 
 ``cythonize()`` would reset ``optional=True`` on the extension, so the module is
 declared with ``Cython.Distutils.Extension`` and built by Cython's ``build_ext``.
@@ -69,7 +71,9 @@ if not NO_EXTENSIONS:
                 optional=not REQUIRE_EXTENSIONS,
                 extra_compile_args=extra_compile_args,
                 extra_link_args=extra_link_args,
+                define_macros=[("CYTHON_TRACE", "1")] if _flag("GOAWAY_EXT_LINETRACE") else [],
                 cython_directives={
+                    "linetrace": _flag("GOAWAY_EXT_LINETRACE"),
                     "language_level": "3",
                     "embedsignature": True,
                     "boundscheck": False,
