@@ -159,7 +159,7 @@ wheel-test: wheel
 	rm -rf build/wheel-venv build/wheel-tests
 	$(PYTHON) -m venv build/wheel-venv
 	whl=$$(ls wheelhouse/goaway_ext-*.whl) && build/wheel-venv/bin/python -m pip --disable-pip-version-check -q install "$$whl[test]"
-	mkdir -p build/wheel-tests && cp -r tests docs README.md build/wheel-tests/
+	mkdir -p build/wheel-tests && cp -r tests docs README.md CHANGELOG.md LICENSE build/wheel-tests/
 	cd build/wheel-tests && GOAWAY_EXT_REQUIRE_EXTENSIONS=1 GOAWAY_EXT_FROM_WHEEL=1 \
 	  ../wheel-venv/bin/python -m pytest -q -p no:cacheprovider tests
 
