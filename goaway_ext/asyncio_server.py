@@ -1063,6 +1063,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ping-timeout", type=float, default=5.0, help="wait for the drain PING ACK (default 5)")
     parser.add_argument("--linger", type=float, default=1.0, help="seconds between drained and close (default 1)")
     parser.add_argument("--seed", type=int, default=None, help="seed the policy's draws (reproducible runs)")
+    parser.add_argument("--rapid-reset-window", type=int, default=500, metavar="N",
+                        help="rapid reset (CVE-2023-44487) limit: close a connection whose client reset more than "
+                             "half of its last N streams (default 500; 0 turns it off)")
     parser.add_argument("--name", default=None, help="x-backend header value (default HOST:PORT)")
     parser.add_argument("--tls", action="store_true", help="TLS with ALPN h2 (self-signed unless --certfile)")
     parser.add_argument("--certfile", default=None, help="PEM certificate chain for --tls")
@@ -1250,7 +1253,7 @@ def run_command(args: argparse.Namespace) -> int:
                 max_age=args.max_age, max_idle=args.max_idle, jitter=args.jitter,
                 ping_timeout=args.ping_timeout, grace=args.grace, linger=args.linger, mode=args.mode,
                 seed=args.seed, allow_high_chance=args.allow_high_chance, decider=exempt_stats,
-                fair_share=fair.fair,
+                fair_share=fair.fair, rapid_reset_window=args.rapid_reset_window or None,
             )
         except (TypeError, ValueError) as exc:
             raise CommandError(flag_message(str(exc), _POLICY_FLAGS)) from None
@@ -1270,4 +1273,4 @@ _FAIR_FLAGS = {"ceiling": "--fair-ceiling", "fallback": "--chance", "tolerance":
 
 # GoawayPolicy arguments that ``serve`` takes as flags of the same name.
 _POLICY_FLAGS = ("chance", "max_requests", "max_age", "max_idle", "jitter", "ping_timeout", "grace", "linger", "mode",
-                 "seed", "allow_high_chance")
+                 "seed", "allow_high_chance", "rapid_reset_window")

@@ -99,12 +99,23 @@ from hypercorn.events import Closed, RawData, Updated
 from hypercorn.protocol.h2 import H2Protocol
 from priority.priority import PriorityTree  # hypercorn's dependency: its per-connection stream tree
 
+from ._hostfleet import (
+    FleetRunner,
+    FleetSettings,
+    HostLoad,
+    ProcessFleet,
+    fleet_settings,
+    start_publisher,
+    worker_fair_share,
+)
+from .fleet import LoadPublisher, PollingFleetView
 from .metrics import ConnectionMeter, GoawayTotals, connection_opened, totals
 from .policy import MODES, GoawayPolicy
 from .server import DrainState, ServerConnection
 
 __all__ = [
     "CONFIG_KEYS",
+    "FAIR_SHARE_KEYS",
     "WORKER_EXIT_MARGIN",
     "GoawayH2Protocol",
     "GoawayTotals",
@@ -135,7 +146,29 @@ CONFIG_KEYS: dict[str, str] = {
     "goaway_mode": "mode",
     "goaway_seed": "seed",
     "goaway_allow_high_chance": "allow_high_chance",
+    "goaway_rapid_reset_window": "rapid_reset_window",  # 0 turns the limit off (TOML has no None)
 }
+
+#: hypercorn config keys of the load-aware policy -> the ``serve`` option they mirror
+#: (``goaway_fair_share`` is ``serve --fair-share``, ``goaway_name`` is ``--name`` ...).
+#: With ``goaway_fair_share`` set, ``goaway_chance`` is the fallback chance, as ``--chance``
+#: is for ``serve``. Each worker process builds its own fleet view and controller from
+#: these keys (a policy object does not reach spawned workers); the host, not the worker,
+#: is one server of the fleet (see :mod:`goaway_ext._hostfleet`).
+FAIR_SHARE_KEYS: dict[str, str] = {
+    "goaway_fair_share": "fair_share",
+    "goaway_name": "name",
+    "goaway_haproxy_socket": "haproxy_socket",
+    "goaway_haproxy_backend": "haproxy_backend",
+    "goaway_peers": "peers",
+    "goaway_publish_load": "publish_load",
+    "goaway_fair_ceiling": "fair_ceiling",
+    "goaway_fair_tolerance": "fair_tolerance",
+    "goaway_fair_max_drain_rate": "fair_max_drain_rate",
+    "goaway_fair_interval": "fair_interval",
+    "goaway_fair_max_staleness": "fair_max_staleness",
+}
+_ALL_KEYS = {**CONFIG_KEYS, **FAIR_SHARE_KEYS}
 
 _STOCK_H2_PROTOCOL = H2Protocol
 _SERVING = DrainState.SERVING
@@ -145,16 +178,44 @@ _SERVING = DrainState.SERVING
 _GIVEN: weakref.WeakKeyDictionary[Config, GoawayPolicy] = weakref.WeakKeyDictionary()
 _SETUPS: weakref.WeakKeyDictionary[Config, _Setup] = weakref.WeakKeyDictionary()
 _SETUPS_LOCK = threading.Lock()
+# The host's shared connection counts and publisher, per config, in the process that
+# owns the listening sockets (where enable_goaway or the command line ran).
+_HOSTS: weakref.WeakKeyDictionary[Config, _Host] = weakref.WeakKeyDictionary()
+# In a worker process spawned by run(): the host's counts and this worker's slot.
+_WORKER_SLOT: tuple[HostLoad, int] | None = None
+
+
+class _Host:
+    """This host's side of the fair share: the shared counts, and the publisher (started once)."""
+
+    __slots__ = ("__weakref__", "load", "publisher")
+
+    def __init__(self, load: HostLoad, publisher: LoadPublisher | None) -> None:
+        self.load = load
+        self.publisher = publisher
+
+
+def _host_for(config: Config, settings: FleetSettings) -> _Host:
+    """The host of ``config`` in this process, made (and its publisher started) on first use."""
+    host = _HOSTS.get(config)
+    if host is None:
+        workers = config.workers if config.workers > 0 and not config.use_reloader else 0
+        load = HostLoad(workers)
+        host = _HOSTS[config] = _Host(load, start_publisher(settings, load, "goaway_publish_load"))
+    return host
 
 
 class _Setup:
     """What every connection of one config shares, computed once per config (not per connection)."""
 
-    __slots__ = ("h2_config", "local_settings", "policy", "shutdown_ping_timeout", "signature")
+    __slots__ = ("fleet", "h2_config", "local_settings", "policy", "shutdown_ping_timeout", "signature")
 
-    def __init__(self, signature: tuple[Any, ...], policy: GoawayPolicy | None, config: Config) -> None:
+    def __init__(self, signature: tuple[Any, ...], policy: GoawayPolicy | None, config: Config,
+                 fleet: ProcessFleet | None = None) -> None:
         self.signature = signature
         self.policy = policy
+        # Fair share: this process's connection counts and the controller's update thread.
+        self.fleet = fleet
         # h2 only reads its configuration, so one object serves every connection.
         self.h2_config = h2.config.H2Configuration(client_side=False, header_encoding=None)
         # hypercorn's local SETTINGS, the values its own H2Protocol puts on each connection.
@@ -182,8 +243,17 @@ def install_protocol() -> None:
 
 
 def uninstall_protocol() -> None:
-    """Put hypercorn's own ``H2Protocol`` back (for tests and benchmarks)."""
+    """Put hypercorn's own ``H2Protocol`` back (for tests and benchmarks).
+
+    Also stops the fair-share update threads this process started: new
+    connections are stock hypercorn's, so no controller has anything to move.
+    """
     hypercorn.protocol.H2Protocol = _STOCK_H2_PROTOCOL  # type: ignore[attr-defined]
+    with _SETUPS_LOCK:
+        setups = list(_SETUPS.values())
+    for setup in setups:
+        if setup.fleet is not None and setup.fleet.runner is not None:
+            setup.fleet.runner.close()
 
 
 def enable_goaway(config: Config, policy: GoawayPolicy | None = None) -> Config:
@@ -210,16 +280,16 @@ def enable_goaway(config: Config, policy: GoawayPolicy | None = None) -> Config:
 
 
 def _has_keys(config: Config) -> bool:
-    return any(key in vars(config) or hasattr(type(config), key) for key in CONFIG_KEYS)
+    return any(key in vars(config) or hasattr(type(config), key) for key in _ALL_KEYS)
 
 
 def _check_keys(config: Config) -> None:
     # hypercorn keeps keys it does not know, so a misspelt goaway_* key would
     # silently do nothing: refuse it, naming the closest valid one.
     for key in vars(config):
-        if key.startswith("goaway_") and key not in CONFIG_KEYS:
-            close = difflib.get_close_matches(key, CONFIG_KEYS, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(CONFIG_KEYS)}"
+        if key.startswith("goaway_") and key not in _ALL_KEYS:
+            close = difflib.get_close_matches(key, _ALL_KEYS, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(_ALL_KEYS)}"
             raise ValueError(f"unknown hypercorn config key {key}{hint}")
 
 
@@ -227,7 +297,9 @@ def _options_from_keys(config: Config) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for key, name in CONFIG_KEYS.items():
         value = getattr(config, key, None)
-        if value is not None:
+        if key == "goaway_rapid_reset_window" and type(value) is int and value == 0:
+            options[name] = None  # the limit off
+        elif value is not None:
             options[name] = value
     return options
 
@@ -235,7 +307,7 @@ def _options_from_keys(config: Config) -> dict[str, Any]:
 def _signature(config: Config) -> tuple[Any, ...]:
     return (id(_GIVEN.get(config)), getattr(config, "keep_alive_max_requests", None),
             getattr(config, "graceful_timeout", None),
-            tuple(getattr(config, key, None) for key in CONFIG_KEYS))
+            tuple(getattr(config, key, None) for key in _ALL_KEYS))
 
 
 def _key_names(message: str) -> str:
@@ -246,6 +318,32 @@ def _key_names(message: str) -> str:
     return message
 
 
+def _fleet_for(config: Config, options: dict[str, Any]) -> tuple[GoawayPolicy | None, ProcessFleet | None]:
+    """The fair-share policy and this process's fleet hooks from the ``goaway_*`` keys; (None, None) without.
+
+    In a worker spawned by :func:`run` the counts go to the worker's slot of
+    the host's shared array; otherwise this process is the host (slot 0, and
+    the publisher starts here).
+    """
+    values = {name: getattr(config, key, None) for key, name in FAIR_SHARE_KEYS.items()}
+    chance = options.get("chance", 0.0)
+    allow = options.get("allow_high_chance", False)
+    settings = fleet_settings(values, lambda name: "goaway_" + name, chance=chance, allow_high_chance=allow)
+    if settings is None:
+        return None, None
+    if _WORKER_SLOT is not None:
+        load, index = _WORKER_SLOT
+        workers = max(1, int(config.workers))
+    else:
+        load, index, workers = _host_for(config, settings).load, 0, 1
+    built = worker_fair_share(settings, load, chance=chance, allow_high_chance=allow, workers=workers)
+    if built is None:  # only publishing: count, never shed for the fleet
+        return None, ProcessFleet(load.slot(index), None)
+    fair, view = built
+    policy = GoawayPolicy(**{**options, "chance": 0.0, "fair_share": fair})
+    return policy, ProcessFleet(load.slot(index), FleetRunner(fair, view))
+
+
 def _build_setup(config: Config) -> _Setup:
     signature = _signature(config)
     given = _GIVEN.get(config)
@@ -254,14 +352,22 @@ def _build_setup(config: Config) -> _Setup:
     _check_keys(config)
     cap = getattr(config, "keep_alive_max_requests", None)
     cap = cap if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1 else None
+    fleet: ProcessFleet | None = None
     if given is not None:
         policy = given
         if cap is not None and (given.max_requests is None or given.max_requests > cap):
             policy = GoawayPolicy(
                 given.chance, max_requests=cap, max_age=given.max_age, max_idle=given.max_idle, jitter=given.jitter,
                 ping_timeout=given.ping_timeout, grace=given.grace, linger=given.linger, mode=given.mode,
-                decider=given.decider, allow_high_chance=True,
+                decider=given.decider, allow_high_chance=True, fair_share=given.fair_share,
+                rapid_reset_window=given.rapid_reset_window,
             )
+        if given.fair_share is not None:
+            # A controller given in code: its view is the caller's (started here if it polls and is
+            # not running yet); the update timer is ours, as in H2Server.
+            view = given.fair_share.view
+            fleet = ProcessFleet(None, FleetRunner(given.fair_share, view if isinstance(view, PollingFleetView)
+                                                   else None, owns_view=False))
     else:
         options = _options_from_keys(config)
         budget = options.get("max_requests")
@@ -269,9 +375,12 @@ def _build_setup(config: Config) -> _Setup:
             options["max_requests"] = cap
         try:
             policy = GoawayPolicy(**options)
+            fair_policy, fleet = _fleet_for(config, options)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"hypercorn config goaway_*: {_key_names(str(exc))}") from exc
-    return _Setup(signature, policy, config)
+        if fair_policy is not None:
+            policy = fair_policy
+    return _Setup(signature, policy, config, fleet)
 
 
 def policy_for(config: Config) -> GoawayPolicy | None:
@@ -286,8 +395,10 @@ def policy_for(config: Config) -> GoawayPolicy | None:
     with _SETUPS_LOCK:
         cached = _SETUPS.get(config)
         if cached is None or cached.signature != _signature(config):
-            cached = _build_setup(config)
+            old, cached = cached, _build_setup(config)
             _SETUPS[config] = cached
+            if old is not None and old.fleet is not None and old.fleet.runner is not None:
+                old.fleet.runner.close()  # its connections keep their samplers; new ones follow the new policy
         return cached.policy
 
 
@@ -418,7 +529,7 @@ class GoawayH2Protocol(H2Protocol):
     attributes and ``h2`` settings are exactly those of a stock ``H2Protocol``.
     """
 
-    __slots__ = ("_armed", "_draining", "_goaway", "_logged", "_meter", "_send_to_server",
+    __slots__ = ("_armed", "_draining", "_fleet", "_goaway", "_logged", "_meter", "_send_to_server",
                  "_shutdown_seen", "_timer", "_wake", "_worker")
 
     def __init__(self, app: Any, config: Config, context: Any, task_group: Any, connection_state: Any,
@@ -427,6 +538,7 @@ class GoawayH2Protocol(H2Protocol):
         setup = _setup_for(config)
         policy = setup.policy
         self._goaway: _HypercornConnection | None = None
+        self._fleet: ProcessFleet | None = None
         if policy is None:
             super().__init__(app, config, context, task_group, connection_state, ssl, client, server, send)
             return
@@ -463,6 +575,7 @@ class GoawayH2Protocol(H2Protocol):
         self._wake: Any = None
         self._shutdown_seen = False
         self._logged = False
+        self._fleet = setup.fleet  # fair share: counted from initiate to close
         if policy.max_idle is not None:
             # max_idle counts from the moment the last stream ends, which only
             # hypercorn's idle update tells: watch it (only with max_idle set).
@@ -471,7 +584,16 @@ class GoawayH2Protocol(H2Protocol):
     async def initiate(self, headers: list[tuple[bytes, bytes]] | None = None,
                        settings: bytes | None = None) -> None:
         """Start as hypercorn does; register with the worker (asyncio) or start the timer task (trio)."""
-        await super().initiate(headers, settings)
+        fleet = self._fleet
+        if fleet is not None:
+            fleet.opened()  # before hypercorn's sending task exists, whose end counts the close
+        try:
+            await super().initiate(headers, settings)
+        except BaseException:
+            if fleet is not None:
+                self._fleet = None
+                fleet.closed(False)
+            raise
         if self._goaway is None:
             return
         connection_opened()
@@ -506,6 +628,8 @@ class GoawayH2Protocol(H2Protocol):
 
     def _on_drain(self) -> None:
         self._draining = True
+        if self._fleet is not None:
+            self._fleet.drained()
         self._meter = ConnectionMeter()
         self.send = self._send_through
         if self._worker is not None and not self.closed:
@@ -529,6 +653,9 @@ class GoawayH2Protocol(H2Protocol):
         if self._worker is not None:
             self._worker.live.discard(self)
         connection.on_drain = None  # no cycle left between the two
+        fleet, self._fleet = self._fleet, None
+        if fleet is not None:
+            fleet.closed(self._draining)
         if self._draining:
             self._report()
             self._log_drain()
@@ -675,10 +802,17 @@ _WORKER_FUNCTIONS = {
 }
 
 
-def _worker_main(config: Config, sockets: Any, shutdown_event: Any) -> None:
-    """A spawned worker: the hook installed, SIGTERM turned into hypercorn's graceful shutdown."""
+def _worker_main(config: Config, sockets: Any, shutdown_event: Any, host_load: Any = None, slot: int = 0) -> None:
+    """A spawned worker: the hook installed, SIGTERM turned into hypercorn's graceful shutdown.
+
+    ``host_load`` (the host's shared counts, for fair share) and ``slot`` (this
+    worker's place in it) come from the parent.
+    """
     from hypercorn.utils import NoAppError
 
+    global _WORKER_SLOT
+    if host_load is not None:
+        _WORKER_SLOT = (HostLoad(array=host_load), slot)
     install_protocol()
     # A SIGTERM sent to the whole process group (systemd, ``kill -- -PGID``)
     # reaches the workers too; without this it would kill them mid-request.
@@ -719,6 +853,16 @@ def run(config: Config) -> int:
     shutdown_event = context.Event()
     processes: list[Any] = []
     state = {"stopping": False, "reloading": False}
+    # Fair share: the host's counts (made with the publisher when the config was checked);
+    # each worker writes its own slot, 1..workers, and a slot is cleared when its worker exits.
+    policy_for(config)
+    host = _HOSTS.get(config)
+    slots: dict[Any, int] = {}
+
+    def exited(process: Any) -> None:
+        index = slots.pop(process, None)
+        if index is not None and host is not None:
+            host.load.clear(index)
 
     def stop(*_: Any) -> None:
         state["stopping"] = True
@@ -732,11 +876,17 @@ def run(config: Config) -> int:
         # Workers inherit SIGINT ignored: the parent alone turns it into a shutdown.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         while len(processes) < config.workers:
-            process = context.Process(target=_worker_main, kwargs={
-                "config": config, "sockets": sockets, "shutdown_event": shutdown_event})
+            kwargs: dict[str, Any] = {"config": config, "sockets": sockets, "shutdown_event": shutdown_event}
+            free = 0
+            if host is not None:
+                free = min(set(range(1, host.load.slots)) - set(slots.values()))
+                kwargs.update(host_load=host.load.array, slot=free)
+            process = context.Process(target=_worker_main, kwargs=kwargs)
             process.daemon = config.daemon
             process.start()
             processes.append(process)
+            if host is not None:
+                slots[process] = free
         signal.signal(signal.SIGINT, stop)
 
     exitcode = 0
@@ -752,12 +902,14 @@ def run(config: Config) -> int:
             for process in [p for p in processes if p.exitcode is not None]:
                 process.join()
                 processes.remove(process)
+                exited(process)
                 if process.exitcode != 0 and not state["stopping"] and not state["reloading"]:
                     exitcode = process.exitcode
                     stop()
             if state["reloading"] and not state["stopping"]:
                 for process in processes:
                     process.join()
+                    exited(process)
                 processes.clear()
                 shutdown_event.clear()
                 state["reloading"] = False
@@ -819,18 +971,50 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--goaway-seed", type=int, default=None, help="seed for reproducible draws")
     group.add_argument("--goaway-allow-high-chance", action="store_true", default=None,
                        help="accept --goaway-chance above 0.02 (tests and demos)")
+    group.add_argument("--goaway-rapid-reset-window", type=int, default=None, metavar="N",
+                       help="rapid reset (CVE-2023-44487) limit: close a connection whose client reset more "
+                            "than half of its last N streams (default 500; 0 turns it off)")
+    fair = parser.add_argument_group(
+        "goaway_ext fair share (the options of serve --fair-share; the host, not the worker, is one server "
+        "of the fleet)",
+        "load-aware GOAWAY: shed only while this host holds more connections than the least-loaded one "
+        "(plus a tolerance); --goaway-chance becomes the fallback while the fleet view is stale")
+    fair.add_argument("--goaway-fair-share", choices=("haproxy", "peers"), default=None,
+                      help="where the fleet's load comes from: HAProxy's stats socket, or the peers' "
+                           "--goaway-publish-load")
+    fair.add_argument("--goaway-name", default=None, metavar="NAME",
+                      help="this host's name in the fleet (its HAProxy server name, or the name its peers see)")
+    fair.add_argument("--goaway-haproxy-socket", default=None, metavar="PATH|HOST:PORT",
+                      help="with --goaway-fair-share haproxy: HAProxy's stats socket")
+    fair.add_argument("--goaway-haproxy-backend", default=None, metavar="NAME",
+                      help="with --goaway-fair-share haproxy: the HAProxy backend this host belongs to")
+    fair.add_argument("--goaway-peers", default=None, metavar="HOST:PORT,...",
+                      help="with --goaway-fair-share peers: the peers' --goaway-publish-load addresses")
+    fair.add_argument("--goaway-publish-load", default=None, metavar="[HOST:]PORT",
+                      help="publish this host's open connections (all workers) for its peers, from the parent")
+    fair.add_argument("--goaway-fair-ceiling", type=float, default=None,
+                      help="largest effective chance (default 0.02; above needs --goaway-allow-high-chance)")
+    fair.add_argument("--goaway-fair-tolerance", type=float, default=None,
+                      help="relative excess over the least-loaded server left alone (default 0.10)")
+    fair.add_argument("--goaway-fair-max-drain-rate", type=float, default=None,
+                      help="largest fraction of this host's connections drained per second (default 0.05), "
+                           "split between the workers")
+    fair.add_argument("--goaway-fair-interval", type=float, default=None,
+                      help="seconds between fleet-view polls and chance updates (default 1)")
+    fair.add_argument("--goaway-fair-max-staleness", type=float, default=None,
+                      help="seconds after which the fleet view is stale and --goaway-chance applies (default 5)")
     return parser
 
 
 def _flag_names(message: str, flags: set[str]) -> str:
     """A policy error in the names the user typed: ``--goaway-chance 0.5``, not ``goaway_chance=0.5``."""
     renamed = message
-    for key in flags:
-        flag = "--" + key.replace("_", "-")
-        renamed = re.sub(rf"(?<![\w-]){key}(?= must)", flag, renamed)
-        renamed = re.sub(rf"(?<![\w-]){key}=", flag + " ", renamed)
-    if "goaway_chance" in flags:
+    if flags & {"goaway_chance", "goaway_fair_ceiling"}:
         renamed = renamed.replace("Set goaway_allow_high_chance = true", "Pass --goaway-allow-high-chance")
+    for key in sorted(flags, key=len, reverse=True):
+        flag = "--" + key.replace("_", "-")
+        renamed = re.sub(rf"(?<![\w-]){key}=", flag + " ", renamed)
+        renamed = re.sub(rf"(?<![\w-]){key}(?![\w=])", flag, renamed)
     if renamed != message:
         renamed = renamed.replace("hypercorn config goaway_*: ", "")
     return renamed

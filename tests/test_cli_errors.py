@@ -131,6 +131,27 @@ def test_serve_bad_policy_value_names_the_flag() -> None:
     assert "max_requests" not in line
 
 
+def test_serve_rapid_reset_window_names_the_flag() -> None:
+    line = one_line(serve("--rapid-reset-window", "1"), 2, "serve: error: --rapid-reset-window must be in 2..",
+                    "got 1")
+    assert "rapid_reset_window" not in line
+
+
+@pytest.mark.parametrize("window, shown", [("0", "rapid_reset_window=None"), ("64", "rapid_reset_window=64")])
+def test_serve_rapid_reset_window_reaches_the_policy(window: str, shown: str) -> None:
+    process = subprocess.Popen([sys.executable, "-m", "goaway_ext", "serve", "--port", "0",
+                                "--rapid-reset-window", window],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        assert process.stderr is not None
+        line = process.stderr.readline()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert shown in line, line
+
+
 def test_serve_logs_the_effective_policy_in_one_line() -> None:
     process = subprocess.Popen([sys.executable, "-m", "goaway_ext", "serve", "--port", "0", "--chance", "0.002",
                                 "--max-age", "60", "--seed", "7"],

@@ -1,0 +1,222 @@
+"""Fair share from hypercorn config keys and ``--goaway-*`` flags: parsing, errors, and a real 2-worker host.
+
+The host, not the worker, is one server of the fleet: the real test runs
+``python -m goaway_ext.hypercorn`` with two workers and a peer that holds no
+connection, checks that the host publishes the connections of both workers
+as one number, and that the host sheds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypercorn.config import Config
+
+from goaway_ext import GoawayPolicy
+from goaway_ext.fairshare import FairShare, StaticFleetView
+from goaway_ext.fleet import LOAD_PATH, HAProxyFleetView, LoadPublisher, PeerFleetView
+from goaway_ext.hypercorn import FAIR_SHARE_KEYS, enable_goaway, policy_for, uninstall_protocol
+from tests.test_hypercorn import APP, ROOT, hypercorn_server
+
+
+def test_fair_share_keys_build_the_controller_serve_would() -> None:
+    config = Config.from_mapping({
+        "goaway_fair_share": "haproxy", "goaway_name": "b1", "goaway_haproxy_socket": "/run/haproxy.sock",
+        "goaway_haproxy_backend": "be", "goaway_chance": 0.001, "goaway_fair_ceiling": 0.01,
+        "goaway_fair_tolerance": 0.2, "goaway_fair_max_drain_rate": 0.1, "goaway_fair_interval": 0.5,
+        "goaway_fair_max_staleness": 4})
+    policy = policy_for(config)
+    assert policy is not None and policy.chance == 0.0  # goaway_chance is the controller's fallback
+    fair = policy.fair_share
+    assert isinstance(fair, FairShare) and isinstance(fair.view, HAProxyFleetView)
+    assert (fair.name, fair.fallback, fair.ceiling, fair.tolerance, fair.max_drain_rate, fair.interval) == (
+        "b1", 0.001, 0.01, 0.2, 0.1, 0.5)
+    assert fair.view._backend == "be" and fair.view._address == "/run/haproxy.sock"
+    assert fair.view._thread is None  # nothing polls before this process serves a connection
+
+    peers = policy_for(Config.from_mapping({"goaway_fair_share": "peers", "goaway_name": "b1",
+                                            "goaway_peers": ["10.0.0.2:9000", "http://10.0.0.3:9000"]}))
+    assert peers is not None and peers.fair_share is not None
+    assert isinstance(peers.fair_share.view, PeerFleetView)
+    assert peers.fair_share.view._peers == [("10.0.0.2", 9000), ("10.0.0.3", 9000)]
+    # TOML has one string as often as a list.
+    same = policy_for(Config.from_mapping({"goaway_fair_share": "peers", "goaway_name": "b1",
+                                           "goaway_peers": "10.0.0.2:9000,10.0.0.3:9000"}))
+    assert same is not None and same.fair_share is not None
+    assert same.fair_share.view._peers == peers.fair_share.view._peers  # type: ignore[attr-defined]
+
+
+def test_rapid_reset_window_key_and_flag() -> None:
+    assert policy_for(Config.from_mapping({"goaway_rapid_reset_window": 50})).rapid_reset_window == 50  # type: ignore[union-attr]
+    assert policy_for(Config.from_mapping({"goaway_rapid_reset_window": 0})).rapid_reset_window is None  # type: ignore[union-attr]
+    assert policy_for(Config.from_mapping({"goaway_chance": 0.001})).rapid_reset_window == 500  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match=r"goaway_rapid_reset_window must be in 2\.\.\d+, got 1"):
+        policy_for(Config.from_mapping({"goaway_rapid_reset_window": 1}))
+    result = _wrapper(APP, "--goaway-rapid-reset-window", "1", "--bind", "127.0.0.1:0")
+    assert result.returncode == 2 and "--goaway-rapid-reset-window must be in 2.." in result.stderr
+
+
+@pytest.mark.parametrize("keys, error, match", [
+    ({"goaway_fair_share": "haproxi", "goaway_name": "b1"}, ValueError,
+     "goaway_fair_share must be 'haproxy' or 'peers', got 'haproxi'"),
+    ({"goaway_fair_share": "peers", "goaway_peers": "a:1"}, ValueError, "needs goaway_name"),
+    ({"goaway_fair_share": "haproxy", "goaway_name": "b1", "goaway_haproxy_backend": "be"}, ValueError,
+     "goaway_fair_share haproxy needs goaway_haproxy_socket"),
+    ({"goaway_fair_share": "peers", "goaway_name": "b1"}, ValueError, "goaway_fair_share peers needs goaway_peers"),
+    ({"goaway_fair_share": "peers", "goaway_name": "b1", "goaway_peers": "nohost"}, ValueError,
+     "goaway_peers: .*'nohost'"),
+    ({"goaway_fair_share": "peers", "goaway_name": "b1", "goaway_peers": [1]}, TypeError, "goaway_peers must be"),
+    ({"goaway_fair_share": "peers", "goaway_name": "b1", "goaway_peers": "a:1", "goaway_publish_load": "a:b"},
+     ValueError, "goaway_publish_load must be .*'a:b'"),
+    ({"goaway_fair_share": "peers", "goaway_name": "b1", "goaway_peers": "a:1", "goaway_fair_ceiling": 0.5},
+     ValueError, "goaway_fair_ceiling=0.5 is above 0.02.*Set goaway_allow_high_chance = true"),
+    ({"goaway_fair_share": "peers", "goaway_name": "b1", "goaway_peers": "a:1", "goaway_fair_tolerance": -1},
+     ValueError, "goaway_fair_tolerance must be .*-1"),
+    ({"goaway_fair_share": "peers", "goaway_name": "b1", "goaway_peers": "a:1", "goaway_fair_interval": "1"},
+     TypeError, "goaway_fair_interval must be a number, got '1'"),
+    ({"goaway_fair_share": "peers", "goaway_name": "b1", "goaway_peers": "a:1", "goaway_chance": 0.03,
+      "goaway_allow_high_chance": True}, ValueError, "goaway_chance must not exceed"),
+    ({"goaway_peers": "a:1"}, ValueError, "goaway_peers is set but goaway_fair_share is not"),
+    ({"goaway_fair_share": "haproxy", "goaway_name": "b1", "goaway_haproxy_socket": "/s",
+      "goaway_haproxy_backend": "be", "goaway_peers": "a:1"}, ValueError, "goaway_peers is only read with"),
+    ({"goaway_fair_sahre": "peers"}, ValueError, "did you mean goaway_fair_share"),
+])
+def test_a_bad_fair_share_key_is_named_with_its_value(keys: dict[str, Any], error: type[Exception],
+                                                     match: str) -> None:
+    try:
+        with pytest.raises(error, match=match):
+            enable_goaway(Config.from_mapping(keys))
+    finally:
+        uninstall_protocol()
+
+
+def _wrapper(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "goaway_ext.hypercorn", *args], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+
+
+def test_a_bad_fair_share_flag_is_one_line_in_the_flags_typed() -> None:
+    result = _wrapper(APP, "--goaway-fair-share", "peers", "--goaway-name", "b1", "--bind", "127.0.0.1:0")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    # The value typed is named as a flag; the one missing by its key (a flag or a config-file key sets it).
+    assert result.stderr == ("python -m goaway_ext.hypercorn: --goaway-fair-share peers needs goaway_peers "
+                             "(HOST:PORT,...)\n"), result.stderr
+    result = _wrapper(APP, "--goaway-fair-share", "peers", "--goaway-name", "b1", "--goaway-peers", "127.0.0.1:1",
+                      "--goaway-fair-ceiling", "0.5", "--bind", "127.0.0.1:0")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "--goaway-fair-ceiling 0.5 is above 0.02" in result.stderr
+    assert "Pass --goaway-allow-high-chance" in result.stderr
+    assert set(FAIR_SHARE_KEYS) <= {a.dest for a in __import__("goaway_ext.hypercorn").hypercorn._parser()._actions}
+
+
+def test_a_policy_given_in_code_keeps_its_fair_share_under_keep_alive_max_requests() -> None:
+    # hypercorn's keep_alive_max_requests (1000 by default) makes a copy of the policy;
+    # the copy must keep the controller and the rapid-reset window.
+    fair = FairShare(StaticFleetView(time.monotonic), "b1", clock=time.monotonic)
+    config = Config()
+    try:
+        enable_goaway(config, GoawayPolicy(fair_share=fair, rapid_reset_window=40))
+        policy = policy_for(config)
+        assert policy is not None and policy.max_requests == config.keep_alive_max_requests
+        assert policy.fair_share is fair and policy.rapid_reset_window == 40
+    finally:
+        uninstall_protocol()
+
+
+def test_a_fair_share_given_in_code_is_updated_on_a_thread_while_serving() -> None:
+    from goaway_ext.asyncio_client import H2Client
+    from tests.test_hypercorn import run, serve_in_thread
+
+    view = StaticFleetView(time.monotonic)
+    view.set("b1", 10)
+    view.set("b2", 0)  # an empty peer: b1 sheds at the ceiling once update() ran
+    fair = FairShare(view, "b1", clock=time.monotonic, ceiling=1.0, allow_high_chance=True, interval=0.05,
+                     max_drain_rate=1.0)
+    config = Config()
+
+    async def scenario(port: int) -> int:
+        async with H2Client("127.0.0.1", port, timeout=10.0) as client:
+            for _ in range(500):
+                await client.request("GET", "/")
+                if client.goaways_received:
+                    break
+                await asyncio.sleep(0.01)
+            return client.goaways_received
+
+    enable_goaway(config, GoawayPolicy(fair_share=fair, mode="single", linger=0.05))
+    try:
+        assert fair.chance == 0.0  # nothing updates it before the first connection
+        with serve_in_thread(config) as port:
+            goaways = run(scenario(port))
+    finally:
+        uninstall_protocol()  # stops the update thread
+    assert fair.chance == 1.0 and fair.state == "shedding" and goaways >= 1
+
+
+def _load(port: int) -> float:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"GET {LOAD_PATH} HTTP/1.0\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+    return float(json.loads(data.partition(b"\r\n\r\n")[2])["connections"])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_two_workers_are_one_server_of_the_fleet_and_the_loaded_host_sheds(tmp_path: Path) -> None:
+    from goaway_ext.asyncio_client import H2Client
+
+    publish = _free_port()
+    with LoadPublisher("b2", lambda: 0.0) as quiet_peer:  # a peer that holds no connection
+        config = (f'goaway_fair_share = "peers"\ngoaway_name = "b1"\ngoaway_peers = ["127.0.0.1:{quiet_peer.port}"]\n'
+                  f'goaway_publish_load = "127.0.0.1:{publish}"\ngoaway_fair_interval = 0.2\n'
+                  'goaway_fair_max_drain_rate = 1.0\n')
+        with hypercorn_server(workers=2, config=config, tmp_path=tmp_path) as server:
+            async def scenario() -> tuple[set[str], list[float], int]:
+                clients: list[H2Client] = []
+                pids: set[str] = set()
+                try:
+                    # Connections until both workers hold some (the kernel picks the worker).
+                    while len(clients) < 8 or len(pids) < 2:
+                        assert len(clients) < 64, f"every connection went to one worker: {pids}"
+                        client = H2Client("127.0.0.1", server.port, timeout=10.0)
+                        await client.__aenter__()
+                        clients.append(client)
+                        pids.add((await client.request("GET", "/")).header("x-worker-pid") or "?")
+                    seen = []
+                    for _ in range(500):  # the publisher (in the parent) sums both workers' slots
+                        seen.append(await asyncio.to_thread(_load, publish))
+                        if seen[-1] == len(clients):
+                            break
+                        await asyncio.sleep(0.02)
+                    for _ in range(2000):
+                        await asyncio.gather(*(c.request("GET", "/") for c in clients))
+                        if sum(c.goaways_received for c in clients) >= 3:
+                            break
+                    return pids, seen, sum(c.goaways_received for c in clients)
+                finally:
+                    for client in clients:
+                        await client.__aexit__(None, None, None)
+
+            pids, seen, goaways = asyncio.run(asyncio.wait_for(scenario(), 60))
+            assert len(pids) == 2 and seen[-1] >= 8, (pids, seen)
+            assert goaways >= 3, f"the host above its share never shed ({goaways} GOAWAYs)"
+            server.wait_for_log("reason=chance")
+            for _ in range(500):  # every connection closed: both slots back to 0
+                if _load(publish) == 0.0:
+                    break
+                time.sleep(0.02)
+            assert _load(publish) == 0.0
