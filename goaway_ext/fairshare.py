@@ -22,10 +22,18 @@ least-loaded server of its fleet:
   ceiling;
 - when the fleet view is missing, stale, or does not list this server, the
   chance falls back to the plain ``fallback`` chance (kube-apiserver's rule);
+- shedding starts above ``least * (1 + tolerance)`` but stops at this
+  server's fair share (the fleet's connections times its part of the
+  capacity): hysteresis. A drain is admitted only while this server still
+  holds more than its share, counted live (its own serving connections when
+  ``local`` is given, else the view's count minus the drains admitted since
+  the last update). The view is up to an interval old; without the stop, a
+  server one connection above its share sheds two before the view shows the
+  first move, and the fleet trades that connection back and forth for ever;
 - whatever the chance, at most ``max_drain_rate`` of this server's
-  connections start a drain per second (a token bucket consulted only when the
-  sampler fires, so the per-request cost is the core's countdown, as with a
-  fixed chance): no reconnect storm into the balancer.
+  connections start a drain per second (a token bucket). Both checks run only
+  when the sampler fires, so the per-request cost is the core's countdown, as
+  with a fixed chance: no reconnect storm into the balancer.
 
 Everything here is sans-IO and clock-driven; the fleet views that do I/O live
 in :mod:`goaway_ext.fleet` and only hand over their last snapshot.
@@ -214,7 +222,8 @@ class FairShare:
     still serving, used instead of the view's entry for it: a balancer still
     counts a draining connection until its last stream ends (a watch can
     take seconds), and a server that counted those would shed again what it
-    already shed. ``max_drain_rate`` bounds drains per second as a fraction of this
+    already shed. A drain is admitted only while this server holds more
+    than its fair share (see :attr:`stop_at`). ``max_drain_rate`` bounds drains per second as a fraction of this
     server's connections (at least one drain may start per second whenever
     the chance is above 0, so a small server can still shed).
     """
@@ -236,7 +245,9 @@ class FairShare:
         "_name",
         "_refused",
         "_samplers",
+        "_since_update",
         "_state",
+        "_stop_at",
         "_tokens",
         "_tokens_at",
         "_tolerance",
@@ -299,6 +310,8 @@ class FairShare:
         self._tokens_at = clock()
         self._allowed = 0
         self._refused = 0
+        self._stop_at = -math.inf
+        self._since_update = 0
 
     # -- configuration, read-only ----------------------------------------------------
 
@@ -355,6 +368,16 @@ class FairShare:
         return self._refused
 
     @property
+    def stop_at(self) -> float:
+        """Connections at or under which this server admits no drain until the next update.
+
+        Its fair share of the fleet's connections at the last update (total
+        times its part of the capacity); ``-inf`` while the view is unusable
+        (the fallback chance is not load-aware, so nothing stops it).
+        """
+        return self._stop_at
+
+    @property
     def state(self) -> str:
         """``"fallback"`` (no usable view), ``"shedding"`` (chance above 0) or ``"balanced"``."""
         return self._state
@@ -376,19 +399,29 @@ class FairShare:
             self._samplers.add(sampler)
 
     def admit(self) -> bool:
-        """Called when a sampler fires: True lets the drain start, False skips it (rate limit).
+        """Called when a sampler fires: True lets the drain start, False skips it.
 
-        A token bucket of ``max_drain_rate * connections`` tokens per second,
-        holding at most one second's worth (and at least one token).
+        Two checks. This server must still hold more connections than
+        :attr:`stop_at` (its own live count from ``local``, or the count of
+        the last update minus the drains admitted since), so a stale view
+        cannot make it shed past its share. And a token bucket of
+        ``max_drain_rate * connections`` tokens per second, holding at most
+        one second's worth (and at least one token), bounds the rate.
         """
         now = self._clock()
+        live = None if self._local is None or self._stop_at == -math.inf else float(self._local())
         with self._lock:
+            held = self._connections - self._since_update if live is None else live
+            if held <= self._stop_at:
+                self._refused += 1
+                return False
             rate = max(1.0, self._max_drain_rate * self._connections)
             tokens = min(rate, self._tokens + (now - self._tokens_at) * rate)
             self._tokens_at = now
             if tokens >= 1.0:
                 self._tokens = tokens - 1.0
                 self._allowed += 1
+                self._since_update += 1
                 return True
             self._tokens = tokens
             self._refused += 1
@@ -398,18 +431,26 @@ class FairShare:
 
     def compute(self, snapshot: FleetSnapshot | None, now: float) -> tuple[float, str, float | None]:
         """The chance, state and this server's connections for ``snapshot`` at ``now`` (no side effect)."""
+        chance, state, connections, _ = self._assess(snapshot, now)
+        return chance, state, connections
+
+    def _assess(self, snapshot: FleetSnapshot | None, now: float) -> tuple[float, str, float | None, float]:
+        """:meth:`compute` plus :attr:`stop_at` (this server's fair share of the fleet's connections)."""
         if snapshot is None or now - snapshot.taken_at > self._max_staleness:
-            return self._fallback, "fallback", None
+            return self._fallback, "fallback", None, -math.inf
         mine = snapshot.find(self._name)
         if mine is None:
-            return self._fallback, "fallback", None
+            return self._fallback, "fallback", None, -math.inf
         if self._local is not None:
             mine = ServerLoad(mine.name, float(self._local()), mine.capacity)
-        least = min([server.normalized for server in snapshot.servers if server.name != self._name]
-                    + [mine.normalized])
+        others = [server for server in snapshot.servers if server.name != self._name]
+        least = min([server.normalized for server in others] + [mine.normalized])
         chance = fair_chance(mine.normalized, least, tolerance=self._tolerance, ceiling=self._ceiling,
                              gain=self._gain)
-        return chance, ("shedding" if chance > 0.0 else "balanced"), mine.connections
+        total = mine.connections + sum(server.connections for server in others)
+        capacity = mine.capacity + sum(server.capacity for server in others)
+        share = total * mine.capacity / capacity
+        return chance, ("shedding" if chance > 0.0 else "balanced"), mine.connections, share
 
     def update(self, now: float | None = None) -> float:
         """Read the view, set the effective chance on every live connection; return the chance.
@@ -419,9 +460,11 @@ class FairShare:
         """
         if now is None:
             now = self._clock()
-        chance, state, connections = self.compute(self._view.snapshot(), now)
+        chance, state, connections, stop_at = self._assess(self._view.snapshot(), now)
         with self._lock:
             self._state = state
+            self._stop_at = stop_at
+            self._since_update = 0
             if connections is not None:
                 self._connections = connections
             else:

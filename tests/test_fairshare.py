@@ -259,3 +259,51 @@ def test_local_serving_count_replaces_the_view_entry_for_this_server() -> None:
     assert fair.update() > 0.0
     with pytest.raises(TypeError, match="local"):
         FairShare(view, "me", clock=clock, local=3)  # type: ignore[arg-type]
+
+
+def test_shedding_stops_at_the_share_between_two_updates() -> None:
+    # 11/10/9 connections: one move evens the fleet. The token bucket alone would let two
+    # drains through before the next update (then the view shows 9/10/11 and the fleet trades
+    # that connection back and forth for ever); the stop at the share lets exactly one through.
+    clock = ManualClock(0.0)
+    view = _fleet(clock, {"me": 11, "a": 10, "b": 9})
+    fair = FairShare(view, "me", clock=clock, ceiling=1.0, allow_high_chance=True, max_drain_rate=0.5)
+    assert fair.update() > 0.0 and fair.stop_at == pytest.approx(10.0)
+    assert fair.admit() and not fair.admit() and not fair.admit()
+    clock.now = 1.0  # a second later the bucket has tokens again: the stop still holds
+    assert not fair.admit()
+    assert fair.drains_allowed == 1 and fair.drains_refused == 3
+    view.set("me", 10)
+    view.set("b", 10)
+    assert fair.update() == 0.0
+
+
+def test_live_local_count_stops_shedding_and_lets_inflow_extend_it() -> None:
+    # With local=, the server's own live count decides: under round robin some of the
+    # reconnects come back, so a server keeps shedding while it is still above its share.
+    clock = ManualClock(0.0)
+    live = [30.0]
+    view = _fleet(clock, {"me": 30, "a": 30, "b": 0})
+    fair = FairShare(view, "me", clock=clock, ceiling=1.0, allow_high_chance=True, max_drain_rate=1.0,
+                     local=lambda: live[0])
+    fair.update()
+    assert fair.stop_at == pytest.approx(20.0)
+    clock.now = 1.0  # a full bucket: 30 tokens
+    admitted = 0
+    while fair.admit():
+        admitted += 1
+        live[0] -= 1
+    assert admitted == 10 and live[0] == 20.0
+    live[0] += 3  # three reconnects of other servers landed here
+    assert fair.admit() and fair.admit() and fair.admit()
+    live[0] -= 3
+    assert not fair.admit()
+
+
+def test_fallback_is_not_stopped_by_a_share() -> None:
+    clock = ManualClock(0.0)
+    fair = FairShare(StaticFleetView(clock), "me", clock=clock, fallback=0.01, max_drain_rate=1.0,
+                     local=lambda: 0.0)
+    fair.update()
+    assert fair.state == "fallback" and fair.stop_at == -math.inf
+    assert fair.admit()

@@ -7,12 +7,14 @@ model time the model writes each serving backend's open connections into a
 as HAProxy marks it DOWN and a dead peer stops answering) and then runs every
 serving backend's ``update``, like the timer of ``serve``. The view is exact
 and one refresh old at most, which is what HAProxy's stats socket gives a
-backend that polls it every second.
+backend that polls it every second. Each controller counts its own backend's
+connections live (``FairShare(local=)``, as ``serve`` counts its serving
+connections), so it stops shedding at its share between two refreshes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..fairshare import DEFAULT_CEILING, DEFAULT_MAX_DRAIN_RATE, DEFAULT_TOLERANCE, FairShare, StaticFleetView
@@ -74,11 +76,18 @@ class SimulatedFleet:
             return clock[0]
 
         self.view = StaticFleetView(now)
+        # The model's live connection counts (the list simulate() mutates in place), from the first tick on.
+        self._live: Sequence[int] = [0] * len(self._names)
+
+        def local(index: int) -> Callable[[], float]:
+            return lambda: float(self._live[index])
+
         self.controllers = [
             FairShare(self.view, name, clock=now, ceiling=options.ceiling, tolerance=options.tolerance,
                       max_drain_rate=options.max_drain_rate, fallback=options.fallback, gain=options.gain,
-                      max_staleness=3 * refresh, interval=refresh, allow_high_chance=True)
-            for name in self._names
+                      max_staleness=3 * refresh, interval=refresh, allow_high_chance=True,
+                      local=local(index) if options.signal == "connections" else None)
+            for index, name in enumerate(self._names)
         ]
         self.policies = [
             GoawayPolicy(fair_share=controller, seed=None if seed is None else seed * 1000 + index)
@@ -91,6 +100,7 @@ class SimulatedFleet:
         ``requests`` are the totals answered so far per backend; with the
         ``"requests"`` signal the view gets the rate since the previous tick.
         """
+        self._live = connections
         loads: Sequence[float] = connections
         if self._signal == "requests":
             span = max(now - self._last_at, 1e-9)
