@@ -24,6 +24,7 @@ __all__ = [
     "FrameScanner",
     "ExemptPaths",
     "RequestGate",
+    "split_frames",
 ]
 
 CORE: str
@@ -44,6 +45,7 @@ if TYPE_CHECKING or os.environ.get("GOAWAY_EXT_NO_EXTENSIONS", "") not in ("", "
         encode_goaway,
         encode_ping,
         encode_rst_stream,
+        split_frames,
     )
 
     CORE = "python"
@@ -63,6 +65,7 @@ else:
             encode_goaway,
             encode_ping,
             encode_rst_stream,
+            split_frames,
         )
 
         CORE = "cython"
@@ -85,6 +88,7 @@ else:
             encode_goaway,
             encode_ping,
             encode_rst_stream,
+            split_frames,
         )
 
         CORE = "python"

@@ -32,6 +32,7 @@ __all__ = [
     "FrameScanner",
     "ExemptPaths",
     "RequestGate",
+    "split_frames",
 ]
 
 MAX_STREAM_ID = 0x7FFFFFFF
@@ -561,3 +562,39 @@ The per-request work of a serving connection, in one call; see ``_core_py.Reques
                 self._resets += 1
                 reset = True
         return -1 if reset else 0
+
+
+# -- load generator: whole frames out of a byte stream ----------------------------------------
+
+cdef bytes _NO_PAYLOAD = b""
+
+
+def split_frames(data, max_frame_size=16384):
+    """Cut the whole frames at the front of ``data``; return ``(frames, used)``."""
+    if not isinstance(data, bytes):
+        data = _check_bytes("data", data)
+    cdef long long limit = max_frame_size
+    cdef bytes chunk = <bytes>data
+    cdef const unsigned char* src = <const unsigned char*>PyBytes_AS_STRING(chunk)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(chunk)
+    cdef Py_ssize_t pos = 0
+    cdef Py_ssize_t length
+    cdef Py_ssize_t end
+    cdef unsigned char ftype
+    cdef list frames = []
+    cdef object payload
+    while n - pos >= 9:
+        length = (src[pos] << 16) | (src[pos + 1] << 8) | src[pos + 2]
+        if length > limit:
+            raise ValueError(f"frame length {length} exceeds max_frame_size {max_frame_size}")
+        end = pos + 9 + length
+        if end > n:
+            break
+        ftype = src[pos + 3]
+        if ftype == 0:
+            payload = _NO_PAYLOAD
+        else:
+            payload = PyBytes_FromStringAndSize(<const char*>src + pos + 9, length)
+        frames.append((ftype, src[pos + 4], _get32(src + pos + 5) & 0x7FFFFFFF, length, payload))
+        pos = end
+    return frames, pos

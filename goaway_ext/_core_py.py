@@ -31,6 +31,7 @@ __all__ = [
     "FrameScanner",
     "ExemptPaths",
     "RequestGate",
+    "split_frames",
 ]
 
 #: Largest stream identifier (31 bits, RFC 9113 §5.1.1).
@@ -511,3 +512,43 @@ class RequestGate:
                 self._resets += 1
                 reset = True
         return -1 if reset else 0
+
+
+# -- load generator: whole frames out of a byte stream ----------------------------------------
+
+_TYPE_DATA = 0x00
+_NO_PAYLOAD = b""
+
+
+def split_frames(
+    data: bytes, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+) -> tuple[list[tuple[int, int, int, int, bytes]], int]:
+    """Cut the whole frames at the front of ``data``; return ``(frames, used)``.
+
+    Each frame is ``(type, flags, stream_id, length, payload)`` in wire order;
+    ``used`` is the number of bytes they take, so ``data[used:]`` is the start of
+    a frame still to come. The load generator's fast path reads responses with
+    this one call per read instead of parsing each frame in Python. DATA
+    payloads are not copied (``payload`` is ``b""``; the load generator only
+    counts their ``length`` for flow control); every other frame's payload is.
+    A frame longer than ``max_frame_size`` (our SETTINGS_MAX_FRAME_SIZE) raises
+    ValueError naming its length: past it, frame boundaries cannot be trusted.
+    """
+    if not isinstance(data, bytes):
+        data = _check_bytes("data", data)
+    n = len(data)
+    pos = 0
+    frames: list[tuple[int, int, int, int, bytes]] = []
+    unpack = _FRAME_HEADER.unpack_from
+    while n - pos >= 9:
+        length_hi, length_lo, ftype, flags, stream = unpack(data, pos)
+        length = (length_hi << 16) | length_lo
+        if length > max_frame_size:
+            raise ValueError(f"frame length {length} exceeds max_frame_size {max_frame_size}")
+        end = pos + 9 + length
+        if end > n:
+            break
+        payload = _NO_PAYLOAD if ftype == _TYPE_DATA else data[pos + 9 : end]
+        frames.append((ftype, flags, stream & MAX_STREAM_ID, length, payload))
+        pos = end
+    return frames, pos

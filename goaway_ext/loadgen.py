@@ -30,11 +30,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import h2.config
+import h2.connection
 import h2.exceptions
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, DataReceived, ResponseReceived, StreamEnded, StreamReset, WindowUpdated
 
 from ._cli import fail
+from ._loadwire import ENDED, GOAWAY, REFUSED, RESET, TERMINATED, LoadWire, WireError
 from .asyncio_client import H2ClientError, not_http2
 from .client import ClientConnection
 from .events import GoawayReceived, StreamRefused
@@ -168,6 +170,7 @@ def _config() -> h2.config.H2Configuration:
                                      normalize_inbound_headers=False)
 
 
+_ENGINES = ("auto", "fast", "h2")
 _MAX_ATTEMPTS = 5  # as H2Client: a request refused this many times fails
 _READ_WINDOW = 1 << 24
 
@@ -180,7 +183,7 @@ class _Run:
     """
 
     def __init__(self, host: str, port: int, path: str, context: ssl.SSLContext | None, method: str, body: bytes,
-                 streams: int, timeout: float, budget: _Budget, result: LoadResult) -> None:
+                 streams: int, timeout: float, budget: _Budget, result: LoadResult, engine: str = "fast") -> None:
         self.host, self.port, self.context = host, port, context
         if context is not None:
             context.set_alpn_protocols(["h2"])
@@ -193,7 +196,8 @@ class _Run:
         self.timeout = timeout
         self.budget = budget
         self.result = result
-        self.status: Counter[str] = Counter()
+        self.engine = engine
+        self.status: Counter[bytes | None] = Counter()
         self.errors: Counter[str] = Counter()
         self.retries: list[int] = []
         self.exhausted = False
@@ -208,6 +212,12 @@ class _Run:
         self.goaways_received = 0
         self.streams_refused = 0
         self.requests_retried = 0
+
+    def new_wire(self) -> LoadWire | _H2Wire:
+        """The protocol half of a new connection: the fast wire, or h2 for a body or ``engine="h2"``."""
+        if self.engine == "fast":
+            return LoadWire(self.fields, window=_READ_WINDOW)
+        return _H2Wire(self.fields, self.body, _READ_WINDOW)
 
     def next_attempt(self) -> int:
         """The attempt number of the next request to send (a retry first), or 0 when there is none."""
@@ -278,16 +288,124 @@ class _Run:
             conn.expire(now - self.timeout)
 
 
+class _H2Wire:
+    """The ``h2`` path behind :class:`~goaway_ext._loadwire.LoadWire`'s interface.
+
+    Used for requests with a body (the fast wire sends none) and with
+    ``engine="h2"``: a :class:`~goaway_ext.ClientConnection` whose events are
+    turned into the fast wire's event tuples, so one connection class drives both.
+    """
+
+    def __init__(self, fields: list[tuple[bytes, bytes]], body: bytes, window: int) -> None:
+        self.h2 = ClientConnection(_config())
+        self.fields = fields
+        self.body = body
+        self.codes: dict[int, bytes] = {}
+        self.bodies: dict[int, memoryview] = {}  # request body bytes not sent yet
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(window)
+
+    @property
+    def can_open(self) -> bool:
+        return not self.h2.is_draining and self.h2.state_machine.state != h2.connection.ConnectionState.CLOSED
+
+    @property
+    def max_concurrent_streams(self) -> int:
+        return int(self.h2.remote_settings.max_concurrent_streams)
+
+    def send_request(self) -> int:
+        h2c = self.h2
+        stream_id = h2c.get_next_available_stream_id()
+        h2c.send_headers(stream_id, self.fields, end_stream=not self.body)
+        if self.body:
+            self.bodies[stream_id] = memoryview(self.body)
+            self.send_bodies()
+        return stream_id
+
+    def send_bodies(self) -> None:
+        h2c = self.h2
+        for stream_id, view in list(self.bodies.items()):
+            try:
+                size = min(h2c.local_flow_control_window(stream_id), h2c.max_outbound_frame_size, len(view))
+            except h2.exceptions.StreamClosedError:
+                del self.bodies[stream_id]
+                continue
+            while size > 0:
+                last = size == len(view)
+                h2c.send_data(stream_id, view[:size].tobytes(), end_stream=last)
+                view = view[size:]
+                if last:
+                    break
+                size = min(h2c.local_flow_control_window(stream_id), h2c.max_outbound_frame_size, len(view))
+            if view:
+                self.bodies[stream_id] = view
+            else:
+                del self.bodies[stream_id]
+
+    def reset(self, stream_id: int) -> None:
+        self.codes.pop(stream_id, None)
+        self.bodies.pop(stream_id, None)
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
+
+    def data_to_send(self) -> bytes:
+        return self.h2.data_to_send()
+
+    def receive(self, data: bytes) -> list[tuple[int, int, Any]]:
+        h2c = self.h2
+        try:
+            events = h2c.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            raise WireError(int(ErrorCodes.PROTOCOL_ERROR), str(exc)) from exc
+        out: list[tuple[int, int, Any]] = []
+        terminated: tuple[int, int, Any] | None = None
+        for event in events:
+            kind = event.__class__
+            if kind is DataReceived:
+                if event.flow_controlled_length:
+                    h2c.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif kind is ResponseReceived:
+                for name, value in event.headers:
+                    if name == b":status":
+                        self.codes[event.stream_id] = value
+                        break
+            elif kind is StreamEnded:
+                self.bodies.pop(event.stream_id, None)
+                out.append((ENDED, event.stream_id, self.codes.pop(event.stream_id, None)))
+            elif kind is StreamRefused:
+                self.codes.pop(event.stream_id, None)
+                self.bodies.pop(event.stream_id, None)
+                out.append((REFUSED, event.stream_id, 0))
+            elif kind is StreamReset:
+                if event.error_code != ErrorCodes.REFUSED_STREAM:  # a refusal: StreamRefused follows
+                    out.append((RESET, event.stream_id, int(event.error_code)))
+            elif kind is GoawayReceived:
+                out.append((GOAWAY, event.last_stream_id, event.error_code))
+            elif kind is ConnectionTerminated:
+                # Last, after the refusals ClientConnection reports behind it: those are retried.
+                terminated = (TERMINATED, int(event.error_code or 0), event.additional_data)
+            elif kind is WindowUpdated and self.bodies:
+                self.send_bodies()
+        if terminated is not None:
+            out.append(terminated)
+        return out
+
+
+def _error_name(code: int) -> str:
+    try:
+        return repr(ErrorCodes(code))
+    except ValueError:
+        return str(code)
+
+
 class _LoadConnection(asyncio.Protocol):
     """One connection of the run: keeps up to ``streams`` requests in flight, one write per read."""
 
     def __init__(self, run: _Run) -> None:
         self.run = run
-        self.h2 = ClientConnection(_config())
+        self.wire = run.new_wire()
         self.transport: asyncio.Transport | None = None
         self.flight: dict[int, tuple[float, int]] = {}  # stream id -> (start, attempt)
-        self.codes: dict[int, bytes] = {}
-        self.bodies: dict[int, memoryview] = {}  # request body bytes not sent yet
         self.heard = False
         self.saw_goaway = False
         self.closed = False
@@ -298,8 +416,6 @@ class _LoadConnection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.run.conns.add(self)
-        self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(_READ_WINDOW)
         self.fill()
         self.flush()
 
@@ -314,54 +430,45 @@ class _LoadConnection(asyncio.Protocol):
                 self.close()
                 return
         try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
+            events = self.wire.receive(data)
+        except WireError as exc:
+            self.flush()
             self.lose(f"HTTP/2 protocol error: {exc}")
             return
-        h2c = self.h2
         flight = self.flight
-        for event in events:
-            kind = event.__class__
-            if kind is DataReceived:
-                if event.flow_controlled_length:
-                    h2c.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            elif kind is ResponseReceived:
-                for name, value in event.headers:
-                    if name == b":status":
-                        self.codes[event.stream_id] = value
-                        break
-            elif kind is StreamEnded:
-                entry = flight.pop(event.stream_id, None)
-                if entry is not None:
-                    run.in_flight -= 1
-                    result = run.result
-                    result.succeeded += 1
-                    result.requests += 1
-                    run.status[self.codes.pop(event.stream_id, b"0").decode()] += 1
-                    result.latencies.append(time.monotonic() - entry[0])
-                    self.bodies.pop(event.stream_id, None)
-            elif kind is StreamRefused:
-                run.streams_refused += 1
-                entry = flight.pop(event.stream_id, None)
-                if entry is not None:
-                    self.forget(event.stream_id)
-                    run.retry(entry[1])
-            elif kind is StreamReset:
-                if event.error_code != ErrorCodes.REFUSED_STREAM and event.stream_id in flight:
-                    self.forget(event.stream_id)
-                    del flight[event.stream_id]
-                    run.failed(f"stream {event.stream_id} reset by the server ({event.error_code!r})")
-            elif kind is GoawayReceived:
-                if not self.saw_goaway:
-                    self.saw_goaway = True
-                    run.goaways_received += 1
-                    asyncio.get_running_loop().create_task(run.open())  # its replacement, at once
-            elif kind is ConnectionTerminated:
-                self.flush()
-                self.lose(f"the server ended the connection ({event.error_code!r})")
-                return
-            elif kind is WindowUpdated and self.bodies:
-                self.send_bodies()
+        if events:
+            now = time.monotonic()  # every response in one read arrived at the same time
+            result = run.result
+            status = run.status
+            latencies = result.latencies
+            for kind, first, second in events:
+                if kind == ENDED:
+                    entry = flight.pop(first, None)
+                    if entry is not None:
+                        run.in_flight -= 1
+                        result.succeeded += 1
+                        result.requests += 1
+                        status[second] += 1
+                        latencies.append(now - entry[0])
+                elif kind == REFUSED:
+                    run.streams_refused += 1
+                    entry = flight.pop(first, None)
+                    if entry is not None:
+                        run.in_flight -= 1
+                        run.retry(entry[1])
+                elif kind == RESET:
+                    if flight.pop(first, None) is not None:
+                        run.in_flight -= 1
+                        run.failed(f"stream {first} reset by the server ({_error_name(second)})")
+                elif kind == GOAWAY:
+                    if not self.saw_goaway:
+                        self.saw_goaway = True
+                        run.goaways_received += 1
+                        asyncio.get_running_loop().create_task(run.open())  # its replacement, at once
+                elif kind == TERMINATED:
+                    self.flush()
+                    self.lose(f"the server ended the connection ({_error_name(first)})")
+                    return
         self.fill()
         self.flush()
         if self.saw_goaway and not flight:
@@ -396,21 +503,23 @@ class _LoadConnection(asyncio.Protocol):
         """Start requests until ``streams`` are in flight (none once the server sent GOAWAY)."""
         if self.closed or self.saw_goaway or not self.run.running:
             return
-        h2c, run, flight = self.h2, self.run, self.flight
-        limit = min(run.streams, h2c.remote_settings.max_concurrent_streams)
-        fields, body = run.fields, run.body
+        wire, run, flight = self.wire, self.run, self.flight
+        if not wire.can_open:
+            # Stream ids used up (2**31 of them): retire this connection like a drained one.
+            self.saw_goaway = True
+            asyncio.get_running_loop().create_task(run.open())
+            return
+        limit = min(run.streams, wire.max_concurrent_streams)
+        if len(flight) >= limit:
+            return
+        now = time.monotonic()
+        send = wire.send_request
         while len(flight) < limit:
             attempt = run.next_attempt()
             if not attempt:
                 return
-            stream_id = h2c.get_next_available_stream_id()
-            h2c.send_headers(stream_id, fields, end_stream=not body)
-            flight[stream_id] = (time.monotonic(), attempt)
+            flight[send()] = (now, attempt)
             run.in_flight += 1
-            if body:
-                self.bodies[stream_id] = memoryview(body)
-        if self.bodies:
-            self.send_bodies()
 
     def take_retries(self) -> bool:
         if self.closed or self.saw_goaway or len(self.flight) >= self.run.streams:
@@ -419,39 +528,13 @@ class _LoadConnection(asyncio.Protocol):
         self.flush()
         return True
 
-    def send_bodies(self) -> None:
-        h2c = self.h2
-        for stream_id, view in list(self.bodies.items()):
-            try:
-                size = min(h2c.local_flow_control_window(stream_id), h2c.max_outbound_frame_size, len(view))
-            except h2.exceptions.StreamClosedError:
-                del self.bodies[stream_id]
-                continue
-            while size > 0:
-                last = size == len(view)
-                h2c.send_data(stream_id, view[:size].tobytes(), end_stream=last)
-                view = view[size:]
-                if last:
-                    break
-                size = min(h2c.local_flow_control_window(stream_id), h2c.max_outbound_frame_size, len(view))
-            if view:
-                self.bodies[stream_id] = view
-            else:
-                del self.bodies[stream_id]
-
-    def forget(self, stream_id: int) -> None:
-        self.codes.pop(stream_id, None)
-        self.bodies.pop(stream_id, None)
-        self.run.in_flight -= 1
-
     def expire(self, started_before: float) -> None:
         late = [stream_id for stream_id, (start, _) in self.flight.items() if start < started_before]
         for stream_id in late:
             del self.flight[stream_id]
-            self.forget(stream_id)
+            self.run.in_flight -= 1
             self.run.failed(f"no response on stream {stream_id} within {self.run.timeout:g} s")
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
+            self.wire.reset(stream_id)
         if late:
             self.fill()
             self.flush()
@@ -460,7 +543,7 @@ class _LoadConnection(asyncio.Protocol):
     # -- the socket
 
     def flush(self) -> None:
-        data = self.h2.data_to_send()
+        data = self.wire.data_to_send()
         if data and self.transport is not None and not self.closed:
             self.transport.write(data)
 
@@ -468,7 +551,7 @@ class _LoadConnection(asyncio.Protocol):
         """Fail every request in flight with ``reason`` and close."""
         for stream_id in list(self.flight):
             del self.flight[stream_id]
-            self.forget(stream_id)
+            self.run.in_flight -= 1
             self.run.failed(reason)
         self.close()
         self.run.check_done()
@@ -493,15 +576,21 @@ async def run_load_async(
     timeout: float = 30.0,
     insecure: bool = False,
     progress: Callable[[LoadResult], None] | None = None,
+    engine: str = "auto",
 ) -> LoadResult:
     """Run the load in the current event loop; see :func:`run_load`.
 
-    Each connection is an asyncio protocol around a :class:`~goaway_ext.ClientConnection`
-    (the GOAWAY-following core H2Client uses too), without a task or a future
-    per request: the request's header list is built once, every read is
-    answered with one write, and h2's header validation is off (the server
-    under test is trusted). A GOAWAY opens the replacement connection at
-    once; refused streams are sent again on it.
+    Each connection is an asyncio protocol without a task or a future per
+    request; every read is answered with one write. Its protocol half is the
+    fast wire (``engine="fast"``, the default for requests without a body):
+    the request's header block is encoded once and sent with a new frame
+    header per request, responses are cut into frames by the core and their
+    header blocks decoded once per distinct block (see ``goaway_ext._loadwire``),
+    so the load generator spends a fraction of the server's CPU per request.
+    With a body, or ``engine="h2"``, it is a :class:`~goaway_ext.ClientConnection`
+    with h2's header validation off (the server under test is trusted). Either
+    way a GOAWAY opens the replacement connection at once and refused streams
+    are sent again on it.
     """
     if requests is None and duration is None:
         raise ValueError("give a request count, a duration, or both")
@@ -511,13 +600,18 @@ async def run_load_async(
         raise ValueError(f"connections and streams must be at least 1, got {connections!r} and {streams!r}")
     if duration is not None and duration <= 0:
         raise ValueError(f"duration must be positive, got {duration!r}")
+    if engine not in _ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(_ENGINES)}, got {engine!r}")
+    if engine == "fast" and body:
+        raise ValueError("engine 'fast' sends no request body; use engine 'auto' or 'h2' with a body")
     host, port, path, context = _target(url)
     if context is not None and insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     result = LoadResult(connections=connections)
     budget = _Budget(requests, None)
-    run = _Run(host, port, path, context, method, body, streams, timeout, budget, result)
+    run = _Run(host, port, path, context, method, body, streams, timeout, budget, result,
+               "h2" if engine == "h2" or body else "fast")
     started = time.monotonic()
 
     def count() -> None:
@@ -563,7 +657,9 @@ async def run_load_async(
             conn.close()
         await asyncio.sleep(0)
     count()
-    result.status = dict(run.status)
+    for code, seen in run.status.items():
+        key = "0" if code is None else code.decode("ascii", "replace")
+        result.status[key] = result.status.get(key, 0) + seen
     result.errors = dict(run.errors)
     return result
 
@@ -597,6 +693,7 @@ def run_load(
     timeout: float = 30.0,
     insecure: bool = False,
     progress: Callable[[LoadResult], None] | None = None,
+    engine: str = "auto",
 ) -> LoadResult:
     """Send ``requests`` (or run for ``duration`` seconds) over ``connections`` x ``streams``.
 
@@ -609,7 +706,7 @@ def run_load(
     if processes > connections:
         raise ValueError(f"processes ({processes}) cannot exceed connections ({connections})")
     common: dict[str, Any] = {"streams": streams, "duration": duration, "method": method, "body": body,
-                              "timeout": timeout, "insecure": insecure}
+                              "timeout": timeout, "insecure": insecure, "engine": engine}
     if processes == 1:
         return asyncio.run(
             run_load_async(url, requests=requests, connections=connections, progress=progress, **common)
@@ -678,6 +775,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="request body (a string; sent as UTF-8)")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-wait timeout in seconds (default 30)")
     parser.add_argument("-k", "--insecure", action="store_true", help="do not verify the server's certificate")
+    parser.add_argument("--engine", choices=_ENGINES, default="auto",
+                        help="fast: requests encoded once, responses read without h2 (no body); h2: through h2; "
+                             "auto (default): fast unless --data is given")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
 
@@ -717,7 +817,7 @@ def run_command(args: argparse.Namespace) -> int:
             args.url, requests=requests, connections=args.clients, streams=args.max_concurrent_streams,
             duration=args.duration, processes=args.processes, method=args.method,
             body=b"" if args.data is None else args.data.encode("utf-8"), timeout=args.timeout,
-            insecure=args.insecure, progress=None if args.no_progress else show,
+            insecure=args.insecure, progress=None if args.no_progress else show, engine=args.engine,
         )
     except (ValueError, H2ClientError, TimeoutError) as exc:
         if tty and not args.no_progress:

@@ -1,0 +1,107 @@
+"""``python -m goaway_ext load`` against a real ``serve`` over sockets, on both of its engines.
+
+The fast engine (requests encoded once, responses read without ``h2``) and the
+``h2`` engine must keep the same promises: at chance 0 nothing drains; at a
+draining chance, in every drain mode, every request is answered (refused ones
+retried on the replacement connection), nothing fails, and each GOAWAY is
+counted once (connections opened = GOAWAYs + connections held).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from goaway_ext.loadgen import run_load
+
+REQUESTS = 1500
+
+
+class Serve:
+    """``serve`` in a subprocess on 127.0.0.1, stopped by :meth:`stop`."""
+
+    def __init__(self, *args: str) -> None:
+        command = [sys.executable, "-m", "goaway_ext", "serve", "--host", "127.0.0.1", "--port", "0",
+                   "--linger", "0.2", "--log-level", "WARNING", *args]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        lines: queue.Queue[str] = queue.Queue()
+
+        def pump() -> None:
+            assert self.process.stdout is not None
+            for line in self.process.stdout:
+                lines.put(line)
+
+        threading.Thread(target=pump, daemon=True).start()
+        seen = []
+        while True:
+            try:
+                line = lines.get(timeout=30)
+            except queue.Empty:
+                self.stop()
+                raise RuntimeError(f"serve did not start: {seen}") from None
+            seen.append(line)
+            if line.startswith("listening on "):
+                self.url = f"http://127.0.0.1:{int(line.rsplit(':', 1)[1])}/"
+                return
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+# Mode idle waits for a moment without streams, which a loaded connection never has, and
+# falls back to graceful after --grace: a short grace makes its drains happen in the run.
+@pytest.fixture(scope="module", params=[("0", "graceful"), ("0.05", "graceful"), ("0.05", "single"),
+                                        ("0.05", "idle")], ids=lambda p: f"chance{p[0]}-{p[1]}")
+def server(request: pytest.FixtureRequest) -> Iterator[tuple[Serve, float]]:
+    chance, mode = request.param
+    serve = Serve("--chance", chance, "--allow-high-chance", "--mode", mode,
+                  *(["--grace", "0.1"] if mode == "idle" else []))
+    try:
+        yield serve, float(chance)
+    finally:
+        serve.stop()
+
+
+@pytest.mark.parametrize("engine", ["fast", "h2"])
+def test_every_request_answered(server: tuple[Serve, float], engine: str) -> None:
+    serve, chance = server
+    result = run_load(serve.url, requests=REQUESTS, connections=4, streams=8, timeout=20, engine=engine)
+    assert result.failed == 0 and result.succeeded == REQUESTS == result.requests, result.errors
+    assert result.status == {"200": REQUESTS}
+    assert result.connections_opened == result.goaways_received + 4
+    if chance:
+        assert result.goaways_received > 0  # 1500 draws at 5%: none at all has odds of 1e-33
+        # Streams above a GOAWAY's last-stream-id come back refused and are sent again.
+        assert result.requests_retried <= result.streams_refused
+    else:
+        assert result.goaways_received == result.streams_refused == result.requests_retried == 0
+    assert 0 < result.latency()["min"] <= result.latency()["p99"] <= result.latency()["max"]
+
+
+@pytest.mark.parametrize("server", [("0", "graceful")], indirect=True, ids=["chance0-graceful"])
+def test_a_body_goes_through_h2_and_the_cli_names_the_engine(server: tuple[Serve, float]) -> None:
+    serve, _ = server
+    body = b"x" * 100_000  # more than the stream's first window: h2's flow control sends it in parts
+    result = run_load(serve.url + "echo", requests=40, connections=2, streams=4, method="POST", body=body,
+                      timeout=20)
+    assert result.failed == 0 and result.status == {"200": 40}, result.errors
+    with pytest.raises(ValueError, match="engine 'fast' sends no request body"):
+        run_load(serve.url, requests=1, body=b"x", engine="fast")
+    with pytest.raises(ValueError, match="engine must be one of auto, fast, h2, got 'h3'"):
+        run_load(serve.url, requests=1, engine="h3")
+    for engine in ("fast", "h2"):
+        done = subprocess.run([sys.executable, "-m", "goaway_ext", "load", serve.url, "-n", "30", "-c", "2", "-m", "3",
+                               "--engine", engine, "--no-progress"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "requests: 30 total, 30 succeeded, 0 failed" in done.stdout, done.stderr
