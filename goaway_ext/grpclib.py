@@ -417,12 +417,19 @@ class GoawayServer(grpclib.server.Server):
     turn an existing one into it with :func:`enable_goaway`. ``close()``
     drains every connection instead of cancelling every RPC, so a rolling
     restart loses no request; ``goaway_stats`` counts connections and drains.
+
+    With a policy that has ``fair_share``, the server moves the controller on
+    a timer (``FairShare.update()`` every ``interval`` seconds, from
+    :meth:`start` to :meth:`close`), as ``H2Server`` does; give the
+    controller ``local=lambda: server.serving_connections`` so it counts its
+    own load as the connections that are not draining.
     """
 
     goaway_policy: GoawayPolicy
     goaway_stats: GrpcServerStats
     _goaway_protocols: set[_ServerProtocol]
     _goaway_closing: bool
+    _goaway_fair_task: asyncio.Task[None] | None
 
     def __init__(self, *args: Any, policy: GoawayPolicy | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -437,6 +444,33 @@ class GoawayServer(grpclib.server.Server):
         self.goaway_stats = GrpcServerStats()
         self._goaway_protocols = set()
         self._goaway_closing = False
+        self._goaway_fair_task = None
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open now (a fair-share load signal, as ``H2Server.open_connections``)."""
+        return len(self._goaway_protocols)
+
+    @property
+    def serving_connections(self) -> int:
+        """Open connections not draining: what a fair-share controller counts as its own load."""
+        return sum(1 for protocol in self._goaway_protocols if protocol._h2 is None or not protocol._h2.is_draining)
+
+    async def start(self, *args: Any, **kwargs: Any) -> None:
+        """grpclib's ``start``; then, with a fair-share policy, the controller's update timer."""
+        await super().start(*args, **kwargs)
+        if self.goaway_policy.fair_share is not None and self._goaway_fair_task is None:
+            self._goaway_fair_task = asyncio.get_running_loop().create_task(self._goaway_run_fair_share())
+
+    async def _goaway_run_fair_share(self) -> None:
+        fair = self.goaway_policy.fair_share
+        assert fair is not None
+        while True:
+            try:
+                fair.update()
+            except Exception:  # a broken view must not stop serving; the chance stays where it was
+                _log.exception("fair-share update failed")
+            await asyncio.sleep(fair.interval)
 
     def _protocol_factory(self) -> H2Protocol:
         stock = super()._protocol_factory()  # grpclib's handler bookkeeping stays grpclib's
@@ -452,6 +486,9 @@ class GoawayServer(grpclib.server.Server):
         if self._server is None or self._server_closed_fut is None:
             raise RuntimeError("Server is not started")
         self._goaway_closing = True
+        if self._goaway_fair_task is not None:
+            self._goaway_fair_task.cancel()
+            self._goaway_fair_task = None
         self._server.close()
         if not self._server_closed_fut.done():
             self._server_closed_fut.set_result(None)
@@ -473,7 +510,9 @@ def enable_goaway(server: grpclib.server.Server, policy: GoawayPolicy | None = N
 
     The one line for an existing grpclib server. Its handlers, codec and
     configuration stay as they are; only the connections change. ``policy``
-    defaults to one that only makes ``close()`` graceful.
+    defaults to one that only makes ``close()`` graceful. A policy with
+    ``fair_share`` works as in ``H2Server``: the server calls its
+    ``update()`` every ``interval`` seconds while it serves.
     """
     if not isinstance(server, grpclib.server.Server):
         raise TypeError(f"server must be a grpclib.server.Server, got {server!r}")

@@ -19,6 +19,7 @@ import h2.events
 import pytest
 from grpc_peers import (
     CHAT,
+    UNARY,
     EchoService,
     RawCodec,
     grpcio_client_load,
@@ -646,3 +647,42 @@ def test_bidi_streams_in_flight_survive_grpcio_recycles() -> None:
     results, opened = run(main())
     assert results == [[b"C%d-T%d" % (k, t) for t in range(10)] for k in range(6)]
     assert opened >= 2
+
+
+def test_a_fair_share_policy_moves_its_chance_while_the_server_serves() -> None:
+    import time
+
+    from goaway_ext.fairshare import FairShare, StaticFleetView
+
+    view = StaticFleetView(time.monotonic)
+    view.set("b1", 10)
+    view.set("b2", 0)  # an empty peer: b1 sheds at the ceiling once update() ran
+    fair = FairShare(view, "b1", clock=time.monotonic, ceiling=1.0, allow_high_chance=True, interval=0.05,
+                     max_drain_rate=1.0)
+
+    async def main() -> tuple[int, int, tuple[int, int], bool]:
+        server = GoawayServer([EchoService()], codec=RawCodec(),
+                              policy=GoawayPolicy(fair_share=fair, mode="single", linger=30.0))
+        assert fair.chance == 0.0  # nothing moves it before the server starts
+        await server.start("127.0.0.1", 0)
+        channel = GoawayChannel("127.0.0.1", port_of(server), codec=RawCodec())
+        echo = grpclib.client.UnaryUnaryMethod(channel, UNARY, bytes, bytes)
+        ok, counts = 0, (0, 0)
+        try:
+            for _ in range(500):
+                assert await echo(b"x") == b"x"
+                ok += 1
+                # The drained connection lingers (30 s): open, no longer serving.
+                counts = (server.open_connections, server.serving_connections)
+                if server.goaway_stats.goaways_total:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            channel.close()
+            server.close()
+            await server.wait_closed()
+        return ok, server.goaway_stats.goaways_total, counts, server._goaway_fair_task is None
+
+    ok, goaways, counts, stopped = run(main())
+    assert fair.chance == 1.0 and fair.state == "shedding"
+    assert goaways >= 1 and ok >= 1 and counts == (1, 0) and stopped
