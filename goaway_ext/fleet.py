@@ -448,6 +448,7 @@ class LoadPublisher:
         self._max_connections = max_connections
         self._listener = socket.create_server((host, port), backlog=128)
         self._listener.setblocking(False)
+        self._port: int = self._listener.getsockname()[1]
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._selector = selectors.DefaultSelector()
@@ -468,9 +469,8 @@ class LoadPublisher:
 
     @property
     def port(self) -> int:
-        """The TCP port the publisher listens on."""
-        port: int = self._listener.getsockname()[1]
-        return port
+        """The TCP port the publisher listens on (still known after :meth:`close`)."""
+        return self._port
 
     @property
     def max_connections(self) -> int:

@@ -245,15 +245,21 @@ def install_protocol() -> None:
 def uninstall_protocol() -> None:
     """Put hypercorn's own ``H2Protocol`` back (for tests and benchmarks).
 
-    Also stops the fair-share update threads this process started: new
-    connections are stock hypercorn's, so no controller has anything to move.
+    Also stops the fair-share threads this process started (update threads
+    and load publishers): new connections are stock hypercorn's, so no
+    controller has anything to move and no load is worth publishing.
     """
     hypercorn.protocol.H2Protocol = _STOCK_H2_PROTOCOL  # type: ignore[attr-defined]
     with _SETUPS_LOCK:
         setups = list(_SETUPS.values())
+        hosts = list(_HOSTS.items())
+        _HOSTS.clear()
     for setup in setups:
         if setup.fleet is not None and setup.fleet.runner is not None:
             setup.fleet.runner.close()
+    for _config, host in hosts:
+        if host.publisher is not None:
+            host.publisher.close()
 
 
 def enable_goaway(config: Config, policy: GoawayPolicy | None = None) -> Config:

@@ -221,3 +221,118 @@ def test_two_workers_are_one_server_of_the_fleet_and_the_loaded_host_sheds(tmp_p
                     break
                 time.sleep(0.02)
             assert _load(publish) == 0.0
+
+
+def _admin(stats: Path, command: str) -> str:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(stats))
+        sock.sendall(command.encode() + b"\n")
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    return answer.decode()
+
+
+def test_two_workers_behind_a_real_haproxy_shed_to_the_server_it_brings_back(tmp_path: Path) -> None:
+    # b1: hypercorn, 2 workers, reading HAProxy's `show stat` (goaway_fair_share = "haproxy");
+    # b2: `serve`. b2 is in maintenance while 8 clients connect (all to b1), then comes back:
+    # b1 holds everything, b2 nothing, so b1's workers shed and the clients' reconnects reach b2.
+    import os
+    import signal
+
+    from goaway_ext.asyncio_client import H2Client
+    from goaway_ext.demo.haproxy import find_haproxy, render_config
+
+    binary = find_haproxy()
+    if binary is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("HAProxy is required under CI=true (make test installs it)")
+        pytest.skip("HAProxy is not installed (apt-get install haproxy; make test installs it as root)")
+    stats = tmp_path / "haproxy.sock"
+    b2 = subprocess.Popen([sys.executable, "-m", "goaway_ext", "serve", "--port", "0", "--chance", "0", "--name",
+                           "b2", "--log-level", "WARNING"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True, start_new_session=True)
+    haproxy: subprocess.Popen[bytes] | None = None
+    try:
+        assert b2.stdout is not None
+        b2_port = int(b2.stdout.readline().rsplit(":", 1)[1])
+        config = (f'goaway_fair_share = "haproxy"\ngoaway_name = "b1"\ngoaway_haproxy_socket = "{stats}"\n'
+                  'goaway_haproxy_backend = "demo_servers"\ngoaway_fair_interval = 0.2\n'
+                  'goaway_fair_max_drain_rate = 1.0\nkeep_alive_timeout = 60\n')
+        with hypercorn_server(workers=2, config=config, tmp_path=tmp_path) as b1:
+            b1.wait_for_log("Running on", count=2, timeout=30)
+            front = _free_port()
+            (tmp_path / "haproxy.cfg").write_text(render_config(
+                front, [("b1", "127.0.0.1", b1.port), ("b2", "127.0.0.1", b2_port)], stats))
+            haproxy = subprocess.Popen([binary, "-db", "-f", str(tmp_path / "haproxy.cfg")],
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, start_new_session=True)
+            view = HAProxyFleetView(str(stats), "demo_servers", timeout=2.0)
+
+            def serving() -> dict[str, float]:
+                view.poll_once()
+                snap = view.snapshot()
+                return {} if snap is None else {s.name: s.connections for s in snap.servers}
+
+            for _ in range(600):
+                if set(serving()) == {"b1", "b2"}:
+                    break
+                assert haproxy.poll() is None, "haproxy exited"
+                time.sleep(0.1)
+            else:
+                pytest.fail(f"HAProxy never reported b1 and b2 up: {view.last_error!r}")
+            _admin(stats, "disable server demo_servers/b2")
+
+            async def scenario() -> tuple[int, int, dict[str, float]]:
+                clients = [H2Client("127.0.0.1", front, timeout=10.0) for _ in range(8)]
+                for client in clients:
+                    await client.__aenter__()
+                try:
+                    for client in clients:  # every connection lands on b1 (hypercorn names its worker)
+                        assert (await client.request("GET", "/")).header("x-worker-pid")
+                    _admin(stats, "enable server demo_servers/b2")
+                    for _ in range(600):  # back in the rotation once its health check passes
+                        if "b2" in await asyncio.to_thread(serving):
+                            break
+                        await asyncio.sleep(0.05)
+                    requests, loads = 0, {}
+                    for round_ in range(3000):
+                        for response in await asyncio.gather(*(c.request("GET", "/") for c in clients)):
+                            assert response.status == 200
+                        requests += len(clients)
+                        # A client reconnects through HAProxy at its next request after a GOAWAY.
+                        if sum(c.goaways_received for c in clients) >= 3 and round_ % 10 == 0:
+                            loads = await asyncio.to_thread(serving)
+                            if loads.get("b2", 0) >= 1:
+                                break
+                    return sum(c.goaways_received for c in clients), requests, loads
+                finally:
+                    for client in clients:
+                        await client.__aexit__(None, None, None)
+
+            goaways, requests, loads = asyncio.run(asyncio.wait_for(scenario(), 90))
+            assert goaways >= 3, f"b1 never shed: {goaways} GOAWAYs in {requests} requests"
+            assert loads.get("b2", 0) >= 1, loads
+            b1.wait_for_log("reason=chance")
+    finally:
+        for proc in (b2, haproxy):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+
+
+def test_the_host_publishes_from_the_process_that_enabled_it_until_uninstall() -> None:
+    from goaway_ext import hypercorn as integration
+
+    config = Config.from_mapping({"goaway_fair_share": "peers", "goaway_name": "b1", "goaway_peers": "127.0.0.1:1",
+                                  "goaway_publish_load": "127.0.0.1:0"})
+    try:
+        enable_goaway(config)
+        publisher = integration._HOSTS[config].publisher
+        assert publisher is not None
+        assert _load(publisher.port) == 0.0  # no connection yet, but already listed for the peers
+    finally:
+        uninstall_protocol()
+    with pytest.raises(ConnectionRefusedError):
+        _load(publisher.port)
