@@ -25,10 +25,15 @@ noise on a shared machine (±20% between rounds) does not move them.
 - bytes per idle connection: ``tracemalloc`` of one connection object after
   its handshake and one request (in memory), RSS of ``serve`` holding N idle
   connections, tracemalloc of the hypercorn worker holding N.
+- the load generator: instructions per request at ``-c 1 -m 1`` of ``python -m
+  goaway_ext load`` (fast and h2 engines), of h2load, and of ``serve`` itself
+  (is the client cheap enough that the server is the bottleneck?); then
+  interleaved rounds at ``-c 10 -m 10`` with ``serve`` and the client pinned to
+  separate cores: each client's CPU per request against ``serve``'s in the same
+  run, and req/s against h2load's (best/best and the median of paired rounds).
 - wall-clock rows (best of interleaved rounds): ``Sampler.sample()`` against
   ``random.random() < p``, ``encode_goaway`` against hyperframe, the scanner
-  against its pure twin, ``python -m goaway_ext load`` against h2load on the
-  same ``serve``; and the size of the compiled module.
+  against its pure twin; and the size of the compiled module.
 
 Usage: python benches/bench_instructions.py [--quick] [--only ROW-PREFIX ...] [--idle N]
 """
@@ -123,7 +128,14 @@ def run_client_replay(variant: str, count: int, recording: str) -> None:
 
     with open(recording, "rb") as file:
         chunks: list[bytes] = pickle.load(file)["server"]
+    if variant == "loadwire":
+        run_loadwire_replay(count, chunks)
+        return
     config = H2Configuration(client_side=True, header_encoding=None)
+    if variant == "h2engine":  # the load generator's h2 engine: validation off
+        from goaway_ext.loadgen import _config
+
+        config = _config()
     client = H2Connection(config) if variant == "plain" else ClientConnection(config)
     client.initiate_connection()
     client.data_to_send()
@@ -137,6 +149,22 @@ def run_client_replay(variant: str, count: int, recording: str) -> None:
         for event in client.receive_data(chunk):
             if event.__class__ is DataReceived:
                 client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+
+
+def run_loadwire_replay(count: int, chunks: list[bytes]) -> None:
+    """The load generator's fast wire on the same recorded server bytes: send a GET, read its response."""
+    from goaway_ext._loadwire import ENDED, LoadWire
+
+    wire = LoadWire(REQUEST)
+    wire.data_to_send()
+    for chunk in chunks[:2]:
+        wire.receive(chunk)
+        wire.data_to_send()
+    for chunk in chunks[2 : 2 + count]:
+        stream_id = wire.send_request()
+        wire.data_to_send()
+        if wire.receive(chunk) != [(ENDED, stream_id, b"200")]:
+            raise SystemExit(f"the fast wire misread the response on stream {stream_id}")
 
 
 def record(path: Path, requests: int) -> None:
@@ -374,29 +402,106 @@ def wall_core() -> dict[str, float]:
     return {"decision": decision, "encode": times["hyper"] / times["encode"], "scanner": worst}
 
 
-def load_vs_h2load(rounds: int, requests: int) -> tuple[float, float, float] | None:
-    """(h2load req/s, load req/s, ratio) against one ``serve`` at chance 0, -c 10 -m 10, best of rounds."""
-    from _h2load import h2load_rps
+# -- the load generator ------------------------------------------------------------------------
 
-    from goaway_ext.loadgen import run_load
+# The clients compared on the same ``serve`` (chance 0): our load generator's two engines and h2load.
+LOAD_CLIENTS = ("load", "load --engine h2", "h2load")
 
-    h2load = shutil.which("h2load")
-    if h2load is None:
-        return None
+
+def _client_argv(name: str, url: str, requests: int, connections: int, streams: int) -> list[str]:
+    counts = ["-n", str(requests), "-c", str(connections), "-m", str(streams)]
+    if name == "h2load":
+        return ["h2load", *counts, url]
+    engine = ["--engine", "h2"] if name.endswith("h2") else []
+    return [sys.executable, "-m", "goaway_ext", "load", url, *counts, "--no-progress", *engine]
+
+
+def _callgrind_command(argv: list[str], tmp: Path) -> int:
+    out = tmp / f"cg-{time.monotonic_ns()}.out"
+    subprocess.run(["valgrind", "--tool=callgrind", "-q", f"--callgrind-out-file={out}", *argv], check=True,
+                   env=_env(), timeout=1800, stdout=subprocess.DEVNULL)
+    return _total(out)
+
+
+def load_instructions(short: int, long: int, tmp: Path) -> dict[str, float]:
+    """Instructions per request at ``-c 1 -m 1`` of each client (under callgrind, ``serve`` native) and of ``serve``.
+
+    One stream at a time makes every request one read and one write whatever
+    the speed of either side, so the count does not depend on how responses
+    batch up under valgrind. ``serve``'s own row runs it under callgrind with
+    h2load (native) as the client.
+    """
+    per: dict[str, float] = {}
     server = Serve(False, [])
     try:
         url = f"http://127.0.0.1:{server.port}/"
-        h2load_rps(h2load, server.port, requests // 4)
-        theirs, ours = [], []
-        for _ in range(rounds):
-            theirs.append(h2load_rps(h2load, server.port, requests))
-            result = run_load(url, requests=requests, connections=10, streams=10)
-            if result.failed:
-                raise SystemExit(f"load reported failures: {result.errors}")
-            ours.append(result.requests_per_second)
+        for name in LOAD_CLIENTS:
+            counts = [_callgrind_command(_client_argv(name, url, n, 1, 1), tmp) for n in (short, long)]
+            per[name] = (counts[1] - counts[0]) / (long - short)
     finally:
         server.stop()
-    return max(theirs), max(ours), max(ours) / max(theirs)
+
+    def h2load_work(port: int, amount: int) -> None:
+        subprocess.run(_client_argv("h2load", f"http://127.0.0.1:{port}/", amount, 1, 1), check=True,
+                       stdout=subprocess.DEVNULL, timeout=600)
+
+    per["serve"] = serve_per_unit(False, h2load_work, short, long, tmp)
+    return per
+
+
+def _process_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_rounds(rounds: int, requests: int) -> dict[str, Any]:
+    """Interleaved rounds of each client against one ``serve`` at chance 0, ``-c 10 -m 10``.
+
+    ``serve`` is pinned to core 0 and the client to core 1 (``taskset``, when
+    there are two cores), as h2load and a server would be on a real test bed.
+    In each round every client makes a short and a long run: req/s comes from
+    the long one; CPU per request (the client's getrusage, ``serve``'s /proc)
+    is the difference between the two divided by the extra requests, so the
+    client's start-up (interpreter, imports, connections) cancels.
+    """
+    import re
+
+    pinned = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+    server = Serve(False, ["taskset", "-c", "0"] if pinned else [])
+    short = requests // 10
+    rps: dict[str, list[float]] = {name: [] for name in LOAD_CLIENTS}
+    cpu: dict[str, list[float]] = {name: [] for name in LOAD_CLIENTS}
+    serve_cpu: dict[str, list[float]] = {name: [] for name in LOAD_CLIENTS}
+
+    def one(name: str, url: str, count: int) -> tuple[float, float, float]:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        served = _process_cpu(server.process.pid)
+        argv = _client_argv(name, url, count, 10, 10)
+        done = subprocess.run((["taskset", "-c", "1"] if pinned else []) + argv, capture_output=True, text=True,
+                              timeout=900, env=_env())
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        served = _process_cpu(server.process.pid) - served
+        failed = re.search(r"(\d+) failed", done.stdout)
+        rate = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", done.stdout)
+        if failed is None or int(failed.group(1)) or rate is None:
+            raise SystemExit(f"{name} failed:\n{done.stdout}\n{done.stderr}")
+        return float(rate.group(1)), after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, served
+
+    try:
+        url = f"http://127.0.0.1:{server.port}/"
+        subprocess.run(_client_argv("h2load", url, requests // 4, 10, 10), check=True, stdout=subprocess.DEVNULL)
+        for i in range(rounds):
+            order = list(LOAD_CLIENTS) if i % 2 == 0 else list(reversed(LOAD_CLIENTS))
+            for name in order:
+                _, client_short, serve_short = one(name, url, short)
+                rate, client_long, serve_long = one(name, url, requests)
+                rps[name].append(rate)
+                cpu[name].append((client_long - client_short) / (requests - short) * 1e6)
+                serve_cpu[name].append((serve_long - serve_short) / (requests - short) * 1e6)
+    finally:
+        server.stop()
+    return {"rps": rps, "cpu": cpu, "serve_cpu": serve_cpu, "pinned": pinned}
 
 
 def module_size() -> tuple[int, bool] | None:
@@ -484,6 +589,13 @@ def main() -> None:
             ours = client_ours + server_chance
             table.add(f"client + server pair per request (sum of both sides), chance {CHANCE}", kinstr(base),
                       kinstr(ours), ours / base, "<= 1.004", ours / base <= 1.004)
+        if have_valgrind and want("load"):
+            recording = tmp / "load.bin"
+            record(recording, long + 10)
+            engine = in_process_per_unit("client", "h2engine", short, long, tmp, str(recording))
+            fast = in_process_per_unit("client", "loadwire", short, long, tmp, str(recording))
+            table.add("`load` protocol work per request, in memory: fast wire vs its h2 engine (ClientConnection)",
+                      kinstr(engine), kinstr(fast), fast / engine, "(no target)", None)
         if have_valgrind and want("serve"):
             import bench_hypercorn_cost as hc
 
@@ -543,13 +655,38 @@ def main() -> None:
             table.add("scanner: pure twin time / compiled, worst input (wall)", "1.0", "-", core["scanner"],
                       ">= 10", core["scanner"] >= 10)
     if want("load"):
-        outcome = load_vs_h2load(2 if args.quick else 3, 5000 if args.quick else 20000)
-        if outcome is None:
-            print("h2load not installed: the load row skipped")
+        import statistics
+
+        if shutil.which("h2load") is None:
+            print("h2load not installed: the load rows skipped")
         else:
-            theirs, ours, ratio = outcome
-            table.add("`load` vs h2load req/s against serve, chance 0, -c 10 -m 10 (wall, best)",
-                      f"{theirs:,.0f} req/s", f"{ours:,.0f} req/s", ratio, ">= 0.9", ratio >= 0.9)
+            engines = (("load", "fast engine", "<= 0.5"), ("load --engine h2", "h2 engine (before: h2 per request)",
+                                                            None))
+            if have_valgrind:
+                with tempfile.TemporaryDirectory() as tmpdir:
+                    per = load_instructions(*((100, 600) if args.quick else (200, 1200)), Path(tmpdir))
+                table.add("`serve` instructions per request, -c 1 -m 1 (h2load as client) vs h2load's own",
+                          kinstr(per["h2load"]), kinstr(per["serve"]), per["serve"] / per["h2load"], "(no target)",
+                          None)
+                for name, label, target in engines:
+                    ratio = per[name] / per["serve"]
+                    table.add(f"`load` {label}, instructions per request, -c 1 -m 1, vs `serve`'s "
+                              f"(h2load: {kinstr(per['h2load'])})", kinstr(per["serve"]), kinstr(per[name]), ratio,
+                              target or "(before)", None if target is None else ratio <= 0.5)
+            measured = load_rounds(2 if args.quick else 5, 5000 if args.quick else 20000)
+            rps, cpu, serve_cpu = measured["rps"], measured["cpu"], measured["serve_cpu"]
+            pinning = "serve and client pinned to separate cores" if measured["pinned"] else "not pinned"
+            for name, label, target in engines:
+                mine, theirs = statistics.median(cpu[name]), statistics.median(serve_cpu[name])
+                table.add(f"`load` {label}, CPU per request vs `serve`'s in the same runs, -c 10 -m 10 (median)",
+                          f"{theirs:.1f} us", f"{mine:.1f} us (h2load: {statistics.median(cpu['h2load']):.1f} us)",
+                          mine / theirs, target or "(before)", None if target is None else mine / theirs <= 0.5)
+                paired = statistics.median(a / b for a, b in zip(rps[name], rps["h2load"], strict=True))
+                best = max(rps[name]) / max(rps["h2load"])
+                table.add(f"`load` {label} vs h2load req/s, chance 0, -c 10 -m 10, {pinning} "
+                          f"(best/best; median of paired rounds {paired:.3f})", f"{max(rps['h2load']):,.0f} req/s",
+                          f"{max(rps[name]):,.0f} req/s", best, ">= 0.9" if target else "(before)",
+                          min(best, paired) >= 0.9 if target else None)
     table.print()
 
 

@@ -6,9 +6,12 @@ generator's CPU (header validation and HPACK encoding per request, HPACK
 decoding and an event object per frame), which made ``load`` the bottleneck
 against a fast server. :class:`LoadWire` does the same job with less:
 
-- the request's header block is encoded once (:func:`encode_request_block`)
-  without touching the HPACK dynamic table, so the same bytes serve every
-  request; only the 9-byte frame header with the stream id changes;
+- the request's header blocks are encoded once (:func:`encode_request_blocks`):
+  the first request of a connection puts the fields the static table lacks
+  (``:authority``, usually) into the server's HPACK table, and every later
+  request names all its fields by index, the same bytes each time, so only
+  the 9-byte frame header with the stream id changes (and the server decodes
+  an index, not a literal, as with h2load's requests);
 - responses are cut into frames by the core's :func:`~goaway_ext._core.split_frames`
   (one call per read, compiled on the Cython core);
 - a response header block made only of indexed fields does not change the
@@ -54,7 +57,7 @@ from hpack.table import HeaderTable
 from ._core import DEFAULT_MAX_FRAME_SIZE, decode_goaway, encode_goaway, encode_rst_stream, split_frames
 
 __all__ = ["ENDED", "GOAWAY", "REFUSED", "RESET", "TERMINATED", "LoadWire", "ResponseStatus", "WireError",
-           "encode_request_block"]
+           "encode_request_block", "encode_request_blocks"]
 
 ENDED, REFUSED, RESET, GOAWAY, TERMINATED = range(5)
 
@@ -131,8 +134,50 @@ for _index, (_name, _value) in enumerate(HeaderTable.STATIC_TABLE, start=1):
     _STATIC_NAMES.setdefault(_name, _index)
 
 
+def _table_entry_size(name: bytes, value: bytes) -> int:
+    return len(name) + len(value) + 32  # RFC 7541 §4.1
+
+
+def encode_request_blocks(fields: Iterable[tuple[bytes, bytes]],
+                          table_size: int = 4096) -> tuple[bytes, bytes, int]:
+    """``(first, steady, size)``: the first request's header block, every later one's, and the table they use.
+
+    ``first`` sets the dynamic table's size to ``size`` (RFC 7541 §6.3; just
+    what the inserted fields take, so nothing is ever evicted) and sends each
+    field the static table does not hold whole as a literal with incremental
+    indexing (§6.2.1). ``steady`` is then all indexed fields (§6.1): with
+    nothing else ever inserted, the entries keep their indexes (the last one
+    inserted is 62) for the life of the connection. When the fields would
+    not fit ``table_size``, both blocks are :func:`encode_request_block`'s
+    and ``size`` is 0.
+    """
+    fields = list(fields)
+    inserted = [(name, value) for name, value in fields if (name, value) not in _STATIC_FIELDS]
+    size = sum(_table_entry_size(name, value) for name, value in inserted)
+    if size > table_size:
+        block = encode_request_block(fields)
+        return block, block, 0
+    first = bytearray(_integer(size, 5, 0x20))
+    steady = bytearray()
+    position = {field: len(inserted) - i for i, field in enumerate(inserted)}  # 1 = the newest
+    for name, value in fields:
+        full = _STATIC_FIELDS.get((name, value))
+        if full is not None:
+            first += _integer(full, 7, 0x80)
+            steady += _integer(full, 7, 0x80)
+            continue
+        named = _STATIC_NAMES.get(name)
+        if named is not None:
+            first += _integer(named, 6, 0x40)
+        else:
+            first += b"\x40" + _string(name)
+        first += _string(value)
+        steady += _integer(len(HeaderTable.STATIC_TABLE) + position[(name, value)], 7, 0x80)
+    return bytes(first), bytes(steady), size
+
+
 def encode_request_block(fields: Iterable[tuple[bytes, bytes]]) -> bytes:
-    """One HPACK header block for ``fields`` that never uses the dynamic table.
+    """One HPACK header block for ``fields`` that never uses the dynamic table (the fallback of the blocks above).
 
     It starts with a dynamic table size update to 0 (RFC 7541 §6.3), so it is
     valid whatever SETTINGS_HEADER_TABLE_SIZE the server announces, then each
@@ -225,19 +270,19 @@ class LoadWire:
     WINDOW_UPDATE once half a window has arrived.
     """
 
-    __slots__ = ("_block", "_buf", "_continuation", "_half", "_out", "_received", "_request_head", "_status",
-                 "_unacked", "goaway_last_stream_id", "max_concurrent_streams", "next_stream_id", "streams",
-                 "terminated")
+    __slots__ = ("_block", "_buf", "_continuation", "_fields", "_first", "_half", "_out", "_received",
+                 "_request_head", "_status", "_table_size", "_unacked", "goaway_last_stream_id",
+                 "max_concurrent_streams", "next_stream_id", "streams", "terminated")
 
     def __init__(self, fields: Iterable[tuple[bytes, bytes]], *, window: int = 1 << 24) -> None:
         if not _DEFAULT_WINDOW <= window <= _MAX_WINDOW:
             raise ValueError(f"window must be in {_DEFAULT_WINDOW}..{_MAX_WINDOW}, got {window!r}")
-        self._block = encode_request_block(fields)
-        length = len(self._block)
-        if length > DEFAULT_MAX_FRAME_SIZE:
-            raise ValueError(f"the request's header block is {length} bytes, more than one frame carries")
-        self._request_head = bytes([length >> 16, (length >> 8) & 0xFF, length & 0xFF, _HEADERS,
-                                    _END_STREAM | _END_HEADERS])
+        self._fields = list(fields)
+        first, steady, self._table_size = encode_request_blocks(self._fields)
+        if len(first) > DEFAULT_MAX_FRAME_SIZE:
+            raise ValueError(f"the request's header block is {len(first)} bytes, more than one frame carries")
+        self._first: bytes | None = first  # sent once, on the connection's first request
+        self._use_block(steady)
         self._out = bytearray()
         self._buf = b""
         self._continuation: tuple[int, int, bytearray] | None = None
@@ -260,6 +305,12 @@ class LoadWire:
         if window > _DEFAULT_WINDOW:
             self._out += _frame(_WINDOW_UPDATE, 0, 0, _U32.pack(window - _DEFAULT_WINDOW))
 
+    def _use_block(self, block: bytes) -> None:
+        self._block = block
+        length = len(block)
+        self._request_head = bytes([length >> 16, (length >> 8) & 0xFF, length & 0xFF, _HEADERS,
+                                    _END_STREAM | _END_HEADERS])
+
     @property
     def can_open(self) -> bool:
         """May a new stream be opened here (no GOAWAY, not ended, stream ids left)?"""
@@ -270,9 +321,13 @@ class LoadWire:
         stream_id = self.next_stream_id
         self.next_stream_id = stream_id + 2
         out = self._out
-        out += self._request_head
-        out += _U32.pack(stream_id)
-        out += self._block
+        if self._first is None:
+            out += self._request_head
+            out += _U32.pack(stream_id)
+            out += self._block
+        else:
+            out += _frame(_HEADERS, _END_STREAM | _END_HEADERS, stream_id, self._first)
+            self._first = None
         self.streams[stream_id] = None
         return stream_id
 
@@ -421,8 +476,13 @@ class LoadWire:
                 self.max_concurrent_streams = value
             elif code == _SETTINGS_INITIAL_WINDOW_SIZE and value > _MAX_WINDOW:
                 raise self._fail(_FLOW_CONTROL_ERROR, f"SETTINGS_INITIAL_WINDOW_SIZE {value}")
-            # HEADER_TABLE_SIZE needs nothing: our blocks never use the table. The
-            # others only matter to a sender of DATA, and this one sends none.
+            elif code == _SETTINGS_HEADER_TABLE_SIZE and value < self._table_size:
+                # Our entries no longer fit the server's table. From the ACK on, every block
+                # empties the table (a size update to 0, RFC 7541 §4.2) and uses no index into it.
+                self._table_size = 0
+                self._first = None
+                self._use_block(encode_request_block(self._fields))
+            # The other settings only matter to a sender of DATA, and this one sends none.
         self._out += _frame(_SETTINGS, _ACK, 0, b"")
 
     def _goaway(self, payload: bytes, events: list[tuple[int, int, Any]]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import threading
@@ -105,3 +106,17 @@ def test_a_body_goes_through_h2_and_the_cli_names_the_engine(server: tuple[Serve
         done = subprocess.run([sys.executable, "-m", "goaway_ext", "load", serve.url, "-n", "30", "-c", "2", "-m", "3",
                                "--engine", engine, "--no-progress"], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0 and "requests: 30 total, 30 succeeded, 0 failed" in done.stdout, done.stderr
+
+
+@pytest.mark.parametrize("engine", ["fast", "h2"])
+def test_over_tls(engine: str) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (serve --tls makes its self-signed certificate with it)")
+    serve = Serve("--chance", "0.05", "--allow-high-chance", "--tls")
+    try:
+        url = serve.url.replace("http://", "https://")
+        result = run_load(url, requests=300, connections=2, streams=5, timeout=20, insecure=True, engine=engine)
+    finally:
+        serve.stop()
+    assert result.failed == 0 and result.status == {"200": 300}, result.errors
+    assert result.goaways_received > 0 and result.connections_opened == result.goaways_received + 2

@@ -40,7 +40,9 @@ from goaway_ext._loadwire import (
     LoadWire,
     ResponseStatus,
     WireError,
+    _indexed_only,
     encode_request_block,
+    encode_request_blocks,
 )
 
 FIELDS = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"127.0.0.1:8080"), (b":path", b"/")]
@@ -75,6 +77,41 @@ def test_request_block_is_plain_hpack_and_leaves_the_table_alone() -> None:
     assert encode_request_block(FIELDS) == b"\x20\x82\x86\x01\x0e127.0.0.1:8080\x84"
     with pytest.raises(TypeError, match="must be bytes"):
         encode_request_block([(":path", "/")])  # type: ignore[list-item]
+
+
+def test_request_blocks_index_what_the_static_table_lacks() -> None:
+    fields = [*FIELDS, (b"x-custom", b"v" * 300)]
+    first, steady, size = encode_request_blocks(fields)
+    assert size == (10 + 14 + 32) + (8 + 300 + 32)
+    assert first.startswith(b"\x3f") and _indexed_only(steady)  # size update, then the steady block: indexes only
+    assert steady == b"\x82\x86\xbf\x84\xbe"  # :authority was inserted first (63), x-custom last (62)
+    decoder = hpack.Decoder()
+    for block in (first, steady, steady, steady):
+        assert [(bytes(n), bytes(v)) for n, v in decoder.decode(block, raw=True)] == fields
+    assert len(decoder.header_table.dynamic_entries) == 2
+    big = [*FIELDS, (b"x-big", b"b" * 5000)]
+    assert encode_request_blocks(big) == (encode_request_block(big), encode_request_block(big), 0)
+
+
+@pytest.mark.parametrize("table_size", [4096, 56, 55, 0])
+def test_a_smaller_server_table_switches_to_literals(table_size: int) -> None:
+    # :authority 127.0.0.1:8080 takes 56 bytes of the table: a table of 56 or more keeps it.
+    wire = LoadWire(FIELDS)
+    server, _ = server_for(wire)
+    wire.receive(server.data_to_send())
+    seen = []
+    for round_ in range(4):
+        if round_ == 2:
+            server.update_settings({SettingCodes.HEADER_TABLE_SIZE: table_size})
+            wire.receive(server.data_to_send())
+        ids = [wire.send_request() for _ in range(3)]
+        out = wire.data_to_send()
+        seen.extend(e.headers for e in server.receive_data(out) if isinstance(e, h2.events.RequestReceived))
+        for stream_id in ids:
+            answer(server, stream_id, b"200")
+        assert [e[2] for e in wire.receive(server.data_to_send())] == [b"200"] * 3
+    assert seen == [FIELDS] * 12
+    assert (wire._block == encode_request_block(FIELDS)) == (table_size < 56)
 
 
 def test_h2_server_reads_every_request() -> None:
