@@ -22,14 +22,18 @@ least-loaded server of its fleet:
   ceiling;
 - when the fleet view is missing, stale, or does not list this server, the
   chance falls back to the plain ``fallback`` chance (kube-apiserver's rule);
-- shedding starts above ``least * (1 + tolerance)`` but stops at this
-  server's fair share (the fleet's connections times its part of the
-  capacity): hysteresis. A drain is admitted only while this server still
-  holds more than its share, counted live (its own serving connections when
-  ``local`` is given, else the view's count minus the drains admitted since
-  the last update). The view is up to an interval old; without the stop, a
-  server one connection above its share sheds two before the view shows the
-  first move, and the fleet trades that connection back and forth for ever;
+- shedding starts above ``least * (1 + tolerance)``; once no server is
+  starved (every one holds at least ``1 - tolerance`` of its share), it stops
+  at this server's fair share (the fleet's connections times its part of the
+  capacity): hysteresis. A drain is then admitted only while this server
+  still holds more than its share, counted live (its own serving connections
+  when ``local`` is given, else the view's count minus the drains admitted
+  since the last update). The view is up to an interval old; without the
+  stop, a server one connection above its share sheds two before the view
+  shows the first move, and the fleet trades that connection back and forth
+  for ever. While a server is starved there is no stop: under round robin it
+  gets only 1/B of the fleet's reconnects, so servers at their share must
+  shed too for it to fill at the rate the ceiling allows;
 - whatever the chance, at most ``max_drain_rate`` of this server's
   connections start a drain per second (a token bucket). Both checks run only
   when the sampler fires, so the per-request cost is the core's countdown, as
@@ -222,8 +226,9 @@ class FairShare:
     still serving, used instead of the view's entry for it: a balancer still
     counts a draining connection until its last stream ends (a watch can
     take seconds), and a server that counted those would shed again what it
-    already shed. A drain is admitted only while this server holds more
-    than its fair share (see :attr:`stop_at`). ``max_drain_rate`` bounds drains per second as a fraction of this
+    already shed. Once no server is starved, a drain is admitted only while
+    this server holds more than its fair share (see :attr:`stop_at`).
+    ``max_drain_rate`` bounds drains per second as a fraction of this
     server's connections (at least one drain may start per second whenever
     the chance is above 0, so a small server can still shed).
     """
@@ -372,8 +377,10 @@ class FairShare:
         """Connections at or under which this server admits no drain until the next update.
 
         Its fair share of the fleet's connections at the last update (total
-        times its part of the capacity); ``-inf`` while the view is unusable
-        (the fallback chance is not load-aware, so nothing stops it).
+        times its part of the capacity); ``-inf`` while a server of the fleet
+        is starved (below ``1 - tolerance`` of its share: it fills only from
+        the fleet's reconnects) and while the view is unusable (the fallback
+        chance is not load-aware, so nothing stops it).
         """
         return self._stop_at
 
@@ -449,8 +456,14 @@ class FairShare:
                              gain=self._gain)
         total = mine.connections + sum(server.connections for server in others)
         capacity = mine.capacity + sum(server.capacity for server in others)
-        share = total * mine.capacity / capacity
-        return chance, ("shedding" if chance > 0.0 else "balanced"), mine.connections, share
+        per_capacity = total / capacity
+        # A server starved by more than the tolerance fills only from the fleet's reconnects (round
+        # robin sends it 1/B of them): everyone above the least keeps shedding, at the ceiling's rate.
+        # Once every server is within the tolerance of its share, only count noise is left, and a
+        # server stops at its share: going past it would only move the imbalance.
+        starved = least < per_capacity * (1.0 - self._tolerance) - 1e-9
+        stop_at = -math.inf if starved else per_capacity * mine.capacity
+        return chance, ("shedding" if chance > 0.0 else "balanced"), mine.connections, stop_at
 
     def update(self, now: float | None = None) -> float:
         """Read the view, set the effective chance on every live connection; return the chance.

@@ -282,22 +282,33 @@ def test_live_local_count_stops_shedding_and_lets_inflow_extend_it() -> None:
     # With local=, the server's own live count decides: under round robin some of the
     # reconnects come back, so a server keeps shedding while it is still above its share.
     clock = ManualClock(0.0)
-    live = [30.0]
-    view = _fleet(clock, {"me": 30, "a": 30, "b": 0})
+    live = [24.0]
+    view = _fleet(clock, {"me": 24, "a": 20, "b": 19})
     fair = FairShare(view, "me", clock=clock, ceiling=1.0, allow_high_chance=True, max_drain_rate=1.0,
                      local=lambda: live[0])
-    fair.update()
-    assert fair.stop_at == pytest.approx(20.0)
-    clock.now = 1.0  # a full bucket: 30 tokens
+    assert fair.update() > 0.0
+    assert fair.stop_at == pytest.approx(21.0)
+    clock.now = 1.0  # a full bucket: 24 tokens
     admitted = 0
     while fair.admit():
         admitted += 1
         live[0] -= 1
-    assert admitted == 10 and live[0] == 20.0
-    live[0] += 3  # three reconnects of other servers landed here
-    assert fair.admit() and fair.admit() and fair.admit()
-    live[0] -= 3
+    assert admitted == 3 and live[0] == 21.0
+    live[0] += 2  # two reconnects of other servers landed here
+    assert fair.admit() and fair.admit()
+    live[0] -= 2
     assert not fair.admit()
+
+
+def test_a_starved_server_makes_everyone_above_it_shed_past_the_share() -> None:
+    # One server far below its share (more than the tolerance) fills only from the fleet's
+    # reconnects, 1/B of them under round robin: servers at their share must shed too.
+    clock = ManualClock(0.0)
+    view = _fleet(clock, {"me": 30, "a": 30, "b": 0})
+    fair = FairShare(view, "me", clock=clock, ceiling=1.0, allow_high_chance=True, max_drain_rate=1.0,
+                     local=lambda: 15.0)
+    assert fair.update() == 1.0 and fair.stop_at == -math.inf
+    assert fair.admit()
 
 
 def test_fallback_is_not_stopped_by_a_share() -> None:

@@ -147,6 +147,11 @@ def _chances(text: str) -> list[float]:
     return values
 
 
+def _ceilings(text: str) -> list[float]:
+    check = _number("--fair-ceiling", float, 0.0, 1.0, low_open=True)
+    return [check(part) for part in text.split(",")]
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Declare the demo's options on the ``demo`` sub-command."""
     parser.description = (
@@ -181,8 +186,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", choices=("fair-share",), action="append", default=[],
                         help="also run the load-aware fair-share policy: each backend sheds only while it holds "
                              "more than the least-loaded backend (plus --fair-tolerance)")
-    parser.add_argument("--fair-ceiling", type=_number("--fair-ceiling", float, 0.0, 1.0, low_open=True),
-                        default=0.02, help="fair-share: largest per-request chance (default 0.02)")
+    parser.add_argument("--fair-ceiling", type=_ceilings, default=[0.02],
+                        help="fair-share: largest per-request chance (default 0.02); a comma-separated list "
+                             "runs one fair-share policy per value")
     parser.add_argument("--fair-tolerance", type=_number("--fair-tolerance", float, 0.0, 10.0), default=0.10,
                         help="fair-share: relative excess over the least-loaded backend that is left alone "
                              "(default 0.10)")
@@ -223,10 +229,11 @@ def policies_from_args(args: argparse.Namespace) -> list[PolicySpec]:
     if args.max_age is not None:
         specs.append(PolicySpec(f"max-age={args.max_age:g}s", max_age=args.max_age))
     if "fair-share" in args.policy:
-        fair = FairShareOptions(ceiling=args.fair_ceiling, tolerance=args.fair_tolerance,
-                                max_drain_rate=args.fair_max_drain_rate, signal=args.fair_signal)
-        signal = "" if fair.signal == "connections" else f" signal={fair.signal}"
-        specs.append(PolicySpec(f"fair-share ceiling={fair.ceiling:g}{signal}", fair=fair))
+        for ceiling in args.fair_ceiling:
+            fair = FairShareOptions(ceiling=ceiling, tolerance=args.fair_tolerance,
+                                    max_drain_rate=args.fair_max_drain_rate, signal=args.fair_signal)
+            signal = "" if fair.signal == "connections" else f" signal={fair.signal}"
+            specs.append(PolicySpec(f"fair-share ceiling={fair.ceiling:g}{signal}", fair=fair))
     return specs
 
 

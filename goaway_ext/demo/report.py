@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -167,18 +168,23 @@ class RunResult:
                 shares[b].append(value)
         return times, shares
 
-    def last_back_after(self, smooth: float = 2.0, within: float = 0.2) -> float | None:
+    def last_back_after(
+        self, smooth: float = 2.0, within: float = 0.2, capacities: Sequence[float] | None = None
+    ) -> float | None:
         """Seconds from the last backend's return until its share reached ``1 - within`` of the fair share.
 
         The share is taken over a sliding window of ``smooth`` seconds, whose
         end is the time reported; None when it never got there (or no restart).
+        The fair share is ``1 / backends``, or the backend's part of the total
+        when ``capacities`` gives each backend's relative capacity.
         """
         ups = [(t, name) for t, name, what in self.events if what == "up"]
         if not ups:
             return None
         back, name = ups[-1]
         index = self.backends.index(name)
-        target = (1.0 - within) / len(self.backends)
+        part = 1.0 / len(self.backends) if capacities is None else capacities[index] / sum(capacities)
+        target = (1.0 - within) * part
         times, shares = self.share_series(smooth)
         for t, share in zip(times, shares[index], strict=True):
             if t - smooth >= back and share >= target:

@@ -336,26 +336,32 @@ def never_notes(results: Sequence[RunResult], params: SimulationParameters,
 
 
 def format_simulation_table(results: list[RunResult], params: SimulationParameters, *,
-                            scenario: str = "rolling") -> str:
+                            scenario: str = "rolling", capacities: Sequence[float] | None = None) -> str:
     """One row per policy: final balance, time to rebalance, and what it costs in reconnects.
 
+    "last at 80% after" is the time from the last backend's return until its
+    share of requests (over 2 s) reached 80% of its fair share (capacity-
+    weighted when ``capacities`` is given): the filling of the backend that
+    came back empty, without the lag of the final window's sliding ratio.
     The last column is the rate that goes on for ever: GOAWAYs per client per
     hour over the final window only (a load-aware policy goes quiet there).
     """
     span = params.duration
-    header = ["policy", "min share", "max share", "max/min", f"under {BALANCED_RATIO} after",
+    header = ["policy", "min share", "max share", "max/min", f"under {BALANCED_RATIO} after", "last at 80% after",
               "GOAWAYs/s (fleet)", "per backend/s", "per client/h", f"per client/h, last {params.window:g} s"]
     rows = []
     for r in results:
         s = r.summary()
         shares = list(s.shares.values())
         sent = r.goaways_sent or 0
+        back = r.last_back_after(capacities=capacities)
         rows.append([
             r.policy,
             f"{100 * min(shares):.2f}%",
             f"{100 * max(shares):.2f}%",
             "inf" if math.isinf(s.ratio) else f"{s.ratio:.2f}",
             "never" if s.rebalanced_after is None else f"{s.rebalanced_after:.0f} s",
+            "never" if back is None else f"{back:.1f} s",
             f"{sent / span:.2f}",
             f"{sent / span / params.backends:.3f}",
             f"{3600 * sent / span / params.clients:.1f}",
@@ -405,7 +411,7 @@ def run_simulation_command(args: argparse.Namespace, specs: Sequence[PolicySpec]
             result = simulate(params, spec.policy(args.seed), spec.label, plan)
         result.options = {**spec.options(), **result.options}
         results.append(result)
-    print(format_simulation_table(results, params, scenario=scenario))
+    print(format_simulation_table(results, params, scenario=scenario, capacities=capacities))
     if slow:
         fair = 100 * 0.5 / sum(capacities)
         for r in results:
