@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -128,9 +129,13 @@ def test_simulate_command_runs_fair_share_in_both_scenarios() -> None:
 
 
 def test_model_options_are_refused_in_a_real_run() -> None:
-    out = subprocess.run([sys.executable, "-m", "goaway_ext", "demo", "--scenario", "surge"],
+    out = subprocess.run([sys.executable, "-m", "goaway_ext", "demo", "--heavy-client", "0.2"],
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "--scenario is a model option" in out.stderr
+    assert out.returncode == 2 and "--heavy-client is a model option" in out.stderr
+    # The surge re-points HAProxy's servers at the new replicas: the built-in proxy cannot.
+    out = subprocess.run([sys.executable, "-m", "goaway_ext", "demo", "--scenario", "surge", "--lb", "builtin"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--scenario surge needs HAProxy" in out.stderr
 
 
 def _readme_rows() -> dict[tuple[str, str], list[str]]:
@@ -216,3 +221,36 @@ def test_real_demo_fair_share_rebalances_and_goes_quieter_than_chance(lb: str) -
             last[line.split(":")[0]] = int(line.rsplit(":", 1)[1])
     assert set(last) == {"chance=0.01", "fair-share ceiling=0.02"}, done.stdout
     assert last["fair-share ceiling=0.02"] < last["chance=0.01"], done.stdout
+
+
+def test_round_robin_fill_is_bounded_by_the_ceiling() -> None:
+    # docs/simulation.md: round robin sends 1/B of the reconnects to the backend that came back
+    # empty, and the other backends' clients reconnect at most ceiling x rate per second each, so
+    # its connections grow at most like N (1 - exp(-c r t / B)): 80% of its share takes at least
+    # (B / (c r)) ln(1 / (1 - 0.8 / B)). The rule gets close to that bound, not under it.
+    plan = _plan("rolling")
+    params = _params(plan)
+    for ceiling in (0.02, 0.04):
+        fair = _fair(params, plan, FairShareOptions(ceiling=ceiling, max_drain_rate=0.1))
+        bound = BACKENDS / (ceiling * 1.0) * math.log(1 / (1 - 0.8 / BACKENDS))
+        back = fair.last_back_after()
+        assert back is not None and bound <= back <= 1.3 * bound + 2.0, (ceiling, back, bound)
+        assert fair.goaways_between(params.duration - params.window, params.duration) == 0
+
+
+def test_leastconn_fills_the_empty_backend_at_once() -> None:
+    plan = _plan("rolling")
+    fair = _fair(_params(plan, balance="leastconn"), plan, FairShareOptions())
+    back = fair.last_back_after()
+    assert back is not None and back < 10.0
+
+
+def test_surge_plot_is_labelled_as_a_surge() -> None:
+    from goaway_ext.demo.report import restart_label
+
+    for scenario, words in (("surge", "surge upgrade: 8 backends replaced at once"),
+                            ("rolling", "rolling restart of 8 backends")):
+        plan = _plan(scenario)
+        result = simulate(_params(plan), PolicySpec("none").policy(1), "none", plan)
+        result.options["scenario"] = scenario
+        assert restart_label(result).startswith(words)

@@ -199,8 +199,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fair-signal", choices=("connections", "requests"), default="connections",
                         help="with --simulate: the load signal of the simulated fleet view (default connections)")
     parser.add_argument("--scenario", choices=("rolling", "surge"), default="rolling",
-                        help="rolling restart (one backend after another), or surge upgrade (with --simulate: "
-                             "every backend replaced at once, the new ones attached one after another)")
+                        help="rolling restart (one backend after another), or surge upgrade (every backend "
+                             "replaced at once, the new ones attached one after another; a real run needs HAProxy)")
     parser.add_argument("--balance", choices=("roundrobin", "leastconn"), default="roundrobin",
                         help="with --simulate: how the model's balancer places new connections (default roundrobin)")
     parser.add_argument("--heavy-client", type=_number("--heavy-client", float, 0.0, 0.9), default=0.0,
@@ -280,9 +280,11 @@ def _resolve_defaults(args: argparse.Namespace) -> str | None:
     if not sim:
         if args.balance != "roundrobin" and args.lb == "builtin":
             return "--balance leastconn needs HAProxy (--lb haproxy); the built-in proxy is round robin"
+        if args.scenario == "surge" and args.lb == "builtin":
+            return ("--scenario surge needs HAProxy (--lb haproxy): the demo re-points its servers at the new "
+                    "replicas through the runtime API")
         for option, value, default in (("--heavy-client", args.heavy_client, 0.0),
                                        ("--slow-backends", args.slow_backends, 0),
-                                       ("--scenario", args.scenario, "rolling"),
                                        ("--fair-signal", args.fair_signal, "connections")):
             if value != default:
                 return f"{option} is a model option for now: add --simulate (a real run does the rolling restart)"
@@ -331,17 +333,23 @@ def _run_real(args: argparse.Namespace, specs: list[PolicySpec]) -> int:
               "(looked for /usr/sbin/haproxy and haproxy on PATH); install it with `apt-get install haproxy`, "
               "or use the built-in balancer (--lb builtin)", file=sys.stderr)
         return 2
+    if args.scenario == "surge" and args.lb != "haproxy":
+        print("python -m goaway_ext demo: error: --scenario surge needs HAProxy, which is not installed "
+              "(apt-get install haproxy)", file=sys.stderr)
+        return 2
     config = DemoConfig(
         backends=args.backends, clients=args.clients, rate=args.rate, duration=args.duration,
         warmup=args.warmup, window=args.window, seed=args.seed, lb=args.lb, balance=args.balance,
+        scenario=args.scenario,
     )
     registry = ProcessGroupRegistry()
     progress = ProgressLine()
     results: list[RunResult] = []
     started = time.monotonic()
+    what = "surge upgrade" if config.scenario == "surge" else "rolling restart"
     progress.message(
         f"goaway_ext demo: {config.backends} backends behind the {config.lb} balancer, {config.clients} clients "
-        f"x {config.rate:g} req/s + 1 watch each; rolling restart after {config.warmup:g} s, then "
+        f"x {config.rate:g} req/s + 1 watch each; {what} after {config.warmup:g} s, then "
         f"{config.duration:g} s of load; policies: {', '.join(s.label for s in specs)}"
     )
 
@@ -382,11 +390,12 @@ def _run_real(args: argparse.Namespace, specs: list[PolicySpec]) -> int:
         registry.kill_all()
     if status:
         return status
-    print(format_table([r.summary() for r in results], config.window))
+    print(format_table([r.summary() for r in results], config.window, scenario=config.scenario))
     for r in results:
         back = r.last_back_after()
         last = r.goaways_between(r.duration - config.window, r.duration)
-        print(f"{r.policy}: the backend restarted last reached 80% of its fair share "
+        print(f"{r.policy}: the backend {'attached' if config.scenario == 'surge' else 'restarted'} last "
+              f"reached 80% of its fair share "
               f"{'never' if back is None else f'{back:.1f} s'} after coming back (2 s window); "
               f"GOAWAYs received in the last {config.window:g} s: {last}")
     from .simulate import SimulationParameters, never_notes

@@ -191,6 +191,19 @@ class HAProxyBalancer:
             f"haproxy did not accept connections on port {self.port} within {timeout:.0f} s:\n{tail}"
         )
 
+    async def _command(self, command: str) -> str:
+        """One runtime API command; HAProxy's answer."""
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(self._socket)), 2.0)
+        try:
+            writer.write(command.encode() + b"\n")
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 2.0)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        return answer.decode(errors="replace").strip()
+
     async def set_enabled(self, index: int, enabled: bool) -> None:
         """Put server ``index`` in or out of the rotation through the runtime API.
 
@@ -198,18 +211,38 @@ class HAProxyBalancer:
         ones stay, so the backend can drain them itself.
         """
         name = self._backends[index][0]
-        command = f"{'enable' if enabled else 'disable'} server demo_servers/{name}\n"
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(self._socket)), 2.0)
-        try:
-            writer.write(command.encode())
-            await writer.drain()
-            answer = await asyncio.wait_for(reader.read(), 2.0)
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-        if answer.strip():
-            raise BackendStartError(f"haproxy refused {command.strip()!r}: {answer.decode(errors='replace').strip()}")
+        command = f"{'enable' if enabled else 'disable'} server demo_servers/{name}"
+        answer = await self._command(command)
+        if answer:
+            raise BackendStartError(f"haproxy refused {command!r}: {answer}")
+
+    async def set_address(self, index: int, host: str, port: int) -> None:
+        """Point server ``index`` at another process (``set server ... addr``): a new replica.
+
+        Connections already open stay with the old process; new ones go to
+        the new address. The surge scenario attaches each new replica so.
+        """
+        name = self._backends[index][0]
+        command = f"set server demo_servers/{name} addr {host} port {port}"
+        answer = await self._command(command)
+        if "changed" not in answer and "no need to change" not in answer:
+            raise BackendStartError(f"haproxy refused {command!r}: {answer}")
+        self._backends[index] = (name, host, port)
+
+    async def wait_serving(self, index: int, timeout: float = 10.0) -> None:
+        """Wait until HAProxy's health check reports server ``index`` UP (new connections go there)."""
+        from ..fleet import parse_show_stat
+
+        name = self._backends[index][0]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            servers = parse_show_stat(await self._command("show stat"), "demo_servers")
+            if any(server.name == name for server in servers):
+                return
+            if loop.time() > deadline:
+                raise BackendStartError(f"haproxy did not report server {name} UP within {timeout:.0f} s")
+            await asyncio.sleep(0.05)
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop HAProxy (SIGTERM: immediate stop; the clients are already done)."""

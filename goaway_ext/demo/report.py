@@ -249,7 +249,7 @@ def _ratio(counts: list[int]) -> float:
     return max(counts) / min(counts)
 
 
-def format_table(summaries: list[Summary], window: float) -> str:
+def format_table(summaries: list[Summary], window: float, *, scenario: str = "rolling") -> str:
     """The final table, one row per policy, as plain text."""
     if not summaries:
         return ""
@@ -278,9 +278,10 @@ def format_table(summaries: list[Summary], window: float) -> str:
             str(s.failed_requests),
             str(s.watches_interrupted),
         ])
+    what = "surge upgrade (the last new backend attached)" if scenario == "surge" else "rolling restart"
     title = (
         f"Shares of requests per backend in the last {window:g} s; "
-        f"'under {BALANCED_RATIO} after' counts from the end of the rolling restart."
+        f"'under {BALANCED_RATIO} after' counts from the end of the {what}."
     )
     return title + "\n" + format_columns(header, rows)
 
@@ -373,6 +374,14 @@ def write_json(
     path.write_text(json.dumps(document, indent=1) + "\n")
 
 
+def restart_label(result: RunResult) -> str:
+    """What the shaded span of a plot panel says: the rolling restart, or the surge upgrade."""
+    stops = sum(1 for _, _, what in result.events if what == "stop")
+    if result.options.get("scenario") == "surge":
+        return f"surge upgrade: {stops} backends replaced at once, attached one after another"
+    return f"rolling restart of {stops} backends"
+
+
 class PlotUnavailable(RuntimeError):
     """``--plot`` needs matplotlib, an optional extra that is not installed."""
 
@@ -419,11 +428,12 @@ def write_plot(path: Path, results: list[RunResult], smooth: float = 2.0) -> Non
         stops = [t for t, _, what in result.events if what == "stop"]
         ups = [t for t, _, what in result.events if what == "up"]
         label_at = ax.get_xaxis_transform()  # x in data, y in axes fraction
-        if many and stops:
-            # One shaded span for the whole rolling restart instead of a label per backend.
+        surge = result.options.get("scenario") == "surge"
+        if stops and (many or surge):
+            # One shaded span for the whole restart instead of a label per backend.
             ax.axvspan(min(stops), max(ups or stops), color="grey", alpha=0.15, linewidth=0)
-            ax.text(min(stops), 0.97, f" rolling restart of {len(stops)} backends", transform=label_at,
-                    fontsize=7, va="top", ha="left", alpha=0.8)
+            ax.text(min(stops), 0.97, f" {restart_label(result)}", transform=label_at, fontsize=7, va="top",
+                    ha="left", alpha=0.8)
         else:
             for t, name, what in result.events:
                 if what == "stop":

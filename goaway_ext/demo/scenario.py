@@ -11,6 +11,14 @@ Timeline (seconds from the start of the load):
 3. ``duration`` more seconds of the same load; the final ``window`` is what the
    table reports.
 
+The surge scenario (``scenario="surge"``, HAProxy only) replaces step 2: a new
+replica of every backend starts beside the old one (a 100% surge, on ports of
+its own); at the end of the warm-up every server leaves the rotation, server
+``b1`` is pointed at its new replica (``set server ... addr``) and attached,
+every old process gets SIGTERM at once, and the other new replicas are
+attached one after another, ``RESTART_DOWNTIME + RESTART_GAP`` seconds apart
+(the model's surge plan): the first one attached takes every client.
+
 Every response names its backend (``x-backend``), which is how requests are
 attributed. A request that raises, or answers anything but 200, is a failure; a
 watch that ends any other way than a clean END_STREAM is an interruption. Both
@@ -64,6 +72,7 @@ class DemoConfig:
     lb: str
     bucket: float = 0.5
     balance: str = "roundrobin"
+    scenario: str = "rolling"
 
 
 class _Load:
@@ -206,13 +215,18 @@ async def run_scenario(
     fleet: list[list[str]] = [[] for _ in names]
     if spec.fair is not None:
         fleet = _fleet_args(names, config.lb, run_dir)
-    backends = [
-        Backend(name, [*spec.serve_args(), *fleet[i], *_seed_args(config.seed, i)], registry, run_dir)
-        for i, name in enumerate(names)
-    ]
+    if config.scenario == "surge" and config.lb != "haproxy":
+        raise ValueError("the surge scenario needs HAProxy (--lb haproxy): it re-points servers at new replicas")
+
+    def replica(i: int) -> Backend:
+        return Backend(names[i], [*spec.serve_args(), *fleet[i], *_seed_args(config.seed, i)], registry, run_dir)
+
+    backends = [replica(i) for i in range(len(names))]
+    # The surge's new replicas run beside the old ones from the start (their ports are their own).
+    new = [replica(i) for i in range(len(names))] if config.scenario == "surge" else []
     result = RunResult(
         policy=spec.label, backends=names, bucket=config.bucket, duration=0.0, window=config.window, lb=config.lb,
-        options=spec.options(),
+        options={**spec.options(), "scenario": config.scenario},
     )
     balancer: RoundRobinProxy | HAProxyBalancer | None = None
     load: _Load | None = None
@@ -220,7 +234,7 @@ async def run_scenario(
     goaways = 0
     stats_known = True
     try:
-        await asyncio.gather(*(b.start() for b in backends))
+        await asyncio.gather(*(b.start() for b in [*backends, *new]))
         if config.lb == "haproxy":
             balancer = HAProxyBalancer([(b.name, b.host, b.port) for b in backends], registry, run_dir,
                                        balance=config.balance)
@@ -236,13 +250,25 @@ async def run_scenario(
         # known at the start and the progress total never moves. A slow restart only delays
         # the next slot; the load after the last one still lasts at least ``duration``.
         slot = RESTART_DOWNTIME + RESTART_GAP
-        expected_total = config.warmup + config.backends * slot + config.duration
+        if config.scenario == "surge":
+            expected_total = config.warmup + _PRE_STOP_DELAY + (config.backends - 1) * slot + config.duration
+        else:
+            expected_total = config.warmup + config.backends * slot + config.duration
         state = {"note": "warm-up", "total": expected_total}
         load = _Load(config, balancer.port, result, clock)
         load.start()
         progress_task = asyncio.create_task(_show_progress(progress, spec.label, result, clock, state))
         await _sleep_until(clock, config.warmup)
-        for index, backend in enumerate(backends):
+        if config.scenario == "surge":
+            assert isinstance(balancer, HAProxyBalancer)
+            state["note"] = "surge upgrade"
+            goaways_old = await _surge(balancer, backends, new, result, clock, slot)
+            if goaways_old is None:
+                stats_known = False
+            else:
+                goaways += goaways_old
+            backends, new = new, backends
+        for index, backend in enumerate(backends if config.scenario == "rolling" else []):
             await _sleep_until(clock, config.warmup + index * slot)
             state["note"] = f"restarting {backend.name}"
             # Out of the rotation first, then SIGTERM: no new connection lands on a server
@@ -281,8 +307,44 @@ async def run_scenario(
             with contextlib.suppress(BaseException):
                 await progress_task
         progress.finish()
-        await _shutdown(load, balancer, backends)
+        await _shutdown(load, balancer, [*backends, *new])
     return result
+
+
+async def _surge(
+    balancer: HAProxyBalancer, old: list[Backend], new: list[Backend], result: RunResult,
+    clock: Callable[[], float], gap: float,
+) -> int | None:
+    """Replace every backend at once, attach the new replicas ``gap`` s apart; the old ones' policy drains.
+
+    Every server leaves the rotation, ``b1`` is re-pointed at its new replica
+    and attached (and UP in HAProxy's health check) before the old processes
+    get SIGTERM, so the clients they drain have somewhere to go: all of them
+    land on ``b1``. Returns the GOAWAYs the old processes' policy had sent, or
+    None when one of them could not say.
+    """
+    for index in range(len(old)):
+        await balancer.set_enabled(index, False)
+    await balancer.set_address(0, new[0].host, new[0].port)
+    await balancer.set_enabled(0, True)
+    await balancer.wait_serving(0)
+    await asyncio.sleep(_PRE_STOP_DELAY)
+    sent = await asyncio.gather(*(_collect_stats(b) for b in old))
+    now = clock()
+    for backend in old:
+        # b1's old process "stops" a millisecond before its new one is up, as in the model's surge plan,
+        # so replaying this schedule moves its old connections with the others'.
+        result.events.append((now - 0.001 if backend is old[0] else now, backend.name, "stop"))
+    result.events.append((now, new[0].name, "up"))
+    start = now
+    stopping = asyncio.gather(*(b.stop(_STOP_TIMEOUT) for b in old))
+    for index in range(1, len(new)):
+        await _sleep_until(clock, start + index * gap)
+        await balancer.set_address(index, new[index].host, new[index].port)
+        await balancer.set_enabled(index, True)
+        result.events.append((clock(), new[index].name, "up"))
+    await stopping
+    return None if any(n is None for n in sent) else sum(n for n in sent if n is not None)
 
 
 async def _shutdown(

@@ -409,7 +409,7 @@ def run_simulation_command(args: argparse.Namespace, specs: Sequence[PolicySpec]
             result = simulate(params, fleet.policies, spec.label, plan, fleet=fleet, clock=clock)
         else:
             result = simulate(params, spec.policy(args.seed), spec.label, plan)
-        result.options = {**spec.options(), **result.options}
+        result.options = {**spec.options(), "scenario": scenario, **result.options}
         results.append(result)
     print(format_simulation_table(results, params, scenario=scenario, capacities=capacities))
     if slow:
