@@ -156,7 +156,7 @@ def test_readme_fair_share_table_is_what_the_model_prints(scenario: str) -> None
     # README "Fair share": the model's table, reproduced by one command per scenario.
     out = subprocess.run(
         [sys.executable, "-m", "goaway_ext", "demo", "--simulate", "--no-baseline", "--chance", "0.02",
-         "--max-age", "120", "--policy", "fair-share", "--fair-ceiling", "0.1", "--fair-max-drain-rate", "0.1",
+         "--max-age", "120", "--policy", "fair-share", "--fair-ceiling", "0.02,0.09", "--fair-max-drain-rate", "0.1",
          "--scenario", scenario],
         capture_output=True, text=True, timeout=900, check=True,
     ).stdout
@@ -165,12 +165,12 @@ def test_readme_fair_share_table_is_what_the_model_prints(scenario: str) -> None
     for line in out.splitlines():
         for (where, policy), cells in rows.items():
             if where == scenario and line.startswith(policy + "  "):
-                after, whole, last = cells
+                after, back, whole, last = cells
                 fields = line[len(policy):].split()
-                assert " ".join(fields[3:5]) == after, line
+                assert " ".join(fields[3:5]) == after and " ".join(fields[5:7]) == back, line
                 assert fields[-2] == whole and fields[-1] == last, line
                 seen += 1
-    assert seen == 3, out
+    assert seen == 4, out
 
 
 def test_readme_fair_share_sentences_name_real_things() -> None:

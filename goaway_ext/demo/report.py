@@ -42,7 +42,11 @@ class RunResult:
     ``(time, backend, what)`` for the rolling restart (``"stop"`` and ``"up"``);
     ``restart_done`` is when the last restarted backend was accepting again.
     ``goaway_counts[i]`` is the number of policy GOAWAYs sent in bucket ``i``
-    (empty when the run could not count them).
+    (empty when the run could not count them). ``capacities``, when set, is
+    each backend's relative capacity: the max/min ratio then compares
+    requests per unit of capacity (a half-capacity backend is balanced at
+    half the requests), and the fair share of :meth:`last_back_after` is
+    capacity-weighted.
     """
 
     policy: str
@@ -65,6 +69,7 @@ class RunResult:
     errors: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     goaway_counts: list[int] = field(default_factory=list)
+    capacities: list[float] | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunResult:
@@ -122,6 +127,15 @@ class RunResult:
                 totals[b] += n
         return totals
 
+    def _weighted_ratio(self, counts: list[int]) -> float:
+        """max/min of requests per unit of capacity (plain max/min without capacities)."""
+        if self.capacities is None:
+            return _ratio(counts)
+        if not counts or min(counts) == 0:
+            return math.inf
+        per_unit = [n / c for n, c in zip(counts, self.capacities, strict=True)]
+        return max(per_unit) / min(per_unit)
+
     def _buckets_in_run(self) -> int:
         """Buckets up to the end of the run (requests that finish while the clients stop are left out)."""
         return min(len(self.counts), round(self.duration / self.bucket))
@@ -135,7 +149,7 @@ class RunResult:
             policy=self.policy,
             lb=self.lb,
             shares=dict(zip(self.backends, shares, strict=True)),
-            ratio=_ratio(final),
+            ratio=self._weighted_ratio(final),
             rebalanced_after=self.rebalanced_after(),
             goaways_sent=self.goaways_sent,
             goaways_received=self.goaways_received,
@@ -152,7 +166,7 @@ class RunResult:
         steps = round(smooth / self.bucket)
         for i in range(steps, self._buckets_in_run() + 1):
             t = i * self.bucket
-            series.append((t, _ratio(self.window_counts(t - smooth, t))))
+            series.append((t, self._weighted_ratio(self.window_counts(t - smooth, t))))
         return series
 
     def share_series(self, smooth: float) -> tuple[list[float], list[list[float]]]:
@@ -183,6 +197,8 @@ class RunResult:
             return None
         back, name = ups[-1]
         index = self.backends.index(name)
+        if capacities is None:
+            capacities = self.capacities
         part = 1.0 / len(self.backends) if capacities is None else capacities[index] / sum(capacities)
         target = (1.0 - within) * part
         times, shares = self.share_series(smooth)

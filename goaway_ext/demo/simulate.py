@@ -280,6 +280,7 @@ def simulate(
     if params.heavy:
         result.options["heavy_client_moves"] = len(heavy_moves)
         result.options["heavy_client_moves_final"] = sum(t >= params.duration - params.window for t in heavy_moves)
+        result.options["heavy_client_backend"] = names[backend_of[0]]
     return result
 
 
@@ -410,20 +411,34 @@ def run_simulation_command(args: argparse.Namespace, specs: Sequence[PolicySpec]
         else:
             result = simulate(params, spec.policy(args.seed), spec.label, plan)
         result.options = {**spec.options(), "scenario": scenario, **result.options}
+        if slow:
+            result.capacities = list(capacities)
         results.append(result)
-    print(format_simulation_table(results, params, scenario=scenario, capacities=capacities))
+    print(format_simulation_table(results, params, scenario=scenario, capacities=capacities if slow else None))
     if slow:
+        print(f"(max/min and 'under {BALANCED_RATIO} after' compare requests per unit of capacity: the "
+              f"half-capacity backends are balanced at half the requests of the others)")
         fair = 100 * 0.5 / sum(capacities)
+        full = 100 * 1.0 / sum(capacities)
         for r in results:
             shares = r.summary().shares
+            rest = statistics.fmean(shares[n] for n in names[slow:])
             print(f"{r.policy}: half-capacity backends {', '.join(names[:slow])} carry "
                   f"{', '.join(f'{100 * shares[n]:.2f}%' for n in names[:slow])} of the requests "
-                  f"(their capacity-fair share: {fair:.2f}%)")
+                  f"(capacity-fair: {fair:.2f}%), the others {100 * rest:.2f}% on average (capacity-fair: {full:.2f}%)")
     if params.heavy:
+        print(f"(the heavy client's backend answers its {100 * params.heavy:g}% on top of a share of the other "
+              f"clients: no placement of one connection evens requests, so max/min of requests stays high; "
+              f"what matters is that connections stay even and the client stays put)")
         for r in results:
-            print(f"{r.policy}: the heavy client ({100 * params.heavy:g}% of all requests) moved "
-                  f"{r.options.get('heavy_client_moves', 0)} times, {r.options.get('heavy_client_moves_final', 0)} "
-                  f"of them in the last {params.window:g} s")
+            shares = r.summary().shares
+            home = str(r.options.get("heavy_client_backend"))
+            rest = statistics.fmean(v for n, v in shares.items() if n != home)
+            moves, final = r.options.get("heavy_client_moves", 0), r.options.get("heavy_client_moves_final", 0)
+            verdict = "it stays put" if not final else "it keeps moving"
+            print(f"{r.policy}: the heavy client ({100 * params.heavy:g}% of all requests) ends on {home}, which "
+                  f"carries {100 * shares[home]:.2f}% of the requests (the others {100 * rest:.2f}% on average); "
+                  f"it moved {moves} times, {final} of them in the last {params.window:g} s: {verdict}")
     # A fair-share policy's noise floor is that of no GOAWAY at all: it is silent once balanced.
     floors = [spec.policy(args.seed) if spec.fair is None else GoawayPolicy(seed=args.seed) for spec in specs]
     for note in never_notes(results, params, floors):
