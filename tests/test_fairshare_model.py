@@ -186,7 +186,7 @@ def test_readme_fair_share_sentences_name_real_things() -> None:
     assert fairshare.DEFAULT_MAX_STALENESS == 5.0 and "(5 s)" in section
     assert fairshare.DEFAULT_MAX_DRAIN_RATE == 0.05 and "(5%, at least one)" in section
     assert fleet.LOAD_PATH == "/goaway-ext/load" and fleet.LOAD_PATH in section
-    assert fleet.MAX_ANSWER_BYTES == 1 << 20 and "over 1 MiB" in section
+    assert fleet.MAX_LOAD_BYTES == 16 << 10 and "more than 16 KiB" in " ".join(section.split())
     for flag in ("--fair-ceiling", "--fair-tolerance", "--fair-max-drain-rate", "--fair-interval",
                  "--fair-max-staleness", "--haproxy-socket", "--haproxy-backend", "--publish-load", "--peers"):
         assert flag in section
