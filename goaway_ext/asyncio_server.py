@@ -1210,9 +1210,11 @@ async def _serve(args: argparse.Namespace, policy: GoawayPolicy, context: ssl.SS
         host, port = await server.start(args.host, args.port)
     except OSError as exc:
         raise bind_error(args.host, args.port, exc) from None
-    print(f"listening on {host}:{port}", flush=True)
     if fair is not None:
+        # Before "listening on": whoever waits for that line (the demo) then knows that the load
+        # publisher's port was free too, or sees the process exit with the reason.
         fair.start(server)
+    print(f"listening on {host}:{port}", flush=True)
     log.info("serving %s as %s with %r%s", "https" if context else "h2c", server.name, policy,
              " (plain h2 baseline)" if args.plain_h2 else "")
     await server.serve_forever(shutdown_timeout=args.shutdown_timeout)

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 from ..asyncio_client import H2Client, H2ClientError
 from .haproxy import HAProxyBalancer, free_port
-from .processes import Backend, ProcessGroupRegistry
+from .processes import Backend, BackendStartError, ProcessGroupRegistry
 from .proxy import RoundRobinProxy
 from .report import ProgressLine, RunResult
 from .simulate import RESTART_DOWNTIME, RESTART_GAP
@@ -55,6 +55,9 @@ REQUEST_TIMEOUT = 10.0
 _HOST = "127.0.0.1"
 #: Between leaving the rotation and SIGTERM: connections the balancer is opening right now arrive.
 _PRE_STOP_DELAY = 0.2
+#: Fleet starts tried when a peer's publish port was taken before it could bind it (see ``_fleet_args``).
+_PORT_ATTEMPTS = 3
+_ADDRESS_IN_USE = "Address already in use"
 _STOP_TIMEOUT = 15.0
 
 
@@ -234,7 +237,21 @@ async def run_scenario(
     goaways = 0
     stats_known = True
     try:
-        await asyncio.gather(*(b.start() for b in [*backends, *new]))
+        for attempt in range(_PORT_ATTEMPTS):
+            started = await asyncio.gather(*(b.start() for b in [*backends, *new]), return_exceptions=True)
+            failed = [exc for exc in started if isinstance(exc, BaseException)]
+            if not failed:
+                break
+            collided = spec.fair is not None and config.lb != "haproxy" and any(
+                isinstance(exc, BackendStartError) and _ADDRESS_IN_USE in str(exc) for exc in failed)
+            if not collided or attempt == _PORT_ATTEMPTS - 1:
+                raise failed[0]
+            # Another process took a publish port between free_port() and the backend's bind:
+            # stop whatever started, choose every peer port again, start again.
+            await asyncio.gather(*(b.kill() for b in [*backends, *new]))
+            fleet = _fleet_args(names, config.lb, run_dir)
+            backends = [replica(i) for i in range(len(names))]
+            new = [replica(i) for i in range(len(names))] if config.scenario == "surge" else []
         if config.lb == "haproxy":
             balancer = HAProxyBalancer([(b.name, b.host, b.port) for b in backends], registry, run_dir,
                                        balance=config.balance)
@@ -363,7 +380,15 @@ async def _shutdown(
 
 
 def _fleet_args(names: list[str], lb: str, run_dir: Path) -> list[list[str]]:
-    """The fleet view of each fair-share backend: HAProxy's stats socket, or (built-in proxy) its peers."""
+    """The fleet view of each fair-share backend: HAProxy's stats socket, or (built-in proxy) its peers.
+
+    Every peer must know the others' publish ports before any starts, so they
+    are chosen here with :func:`free_port`; another process can take one
+    before its backend binds it. ``serve`` starts its publisher before it
+    prints ``listening on``, so such a backend exits at start with "Address
+    already in use" in its log, and :func:`run_scenario` chooses every port
+    again (:data:`_PORT_ATTEMPTS` times in all).
+    """
     if lb == "haproxy":
         socket_path = str(run_dir / "haproxy.sock")  # where HAProxyBalancer puts it
         return [["--fair-share", "haproxy", "--haproxy-socket", socket_path, "--haproxy-backend", "demo_servers"]
