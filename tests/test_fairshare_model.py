@@ -254,3 +254,23 @@ def test_surge_plot_is_labelled_as_a_surge() -> None:
         result = simulate(_params(plan), PolicySpec("none").policy(1), "none", plan)
         result.options["scenario"] = scenario
         assert restart_label(result).startswith(words)
+
+
+def test_a_fair_share_run_is_replayed_with_its_own_options() -> None:
+    # `demo --simulate --compare` replays a fair-share run with one controller per backend
+    # (before, the options were dropped and the run was replayed as "no GOAWAY").
+    from goaway_ext.demo.simulate import compare_with_run
+
+    spec = PolicySpec("fair-share ceiling=0.02", fair=FairShareOptions(max_drain_rate=0.2))
+    again = PolicySpec.from_options(spec.label, spec.options())
+    assert again.fair == spec.fair
+    plan = rolling_restart_plan(3, start=3.0, downtime=RESTART_DOWNTIME, gap=RESTART_GAP)
+    params = SimulationParameters(backends=3, clients=30, rate=20.0, duration=20.0, window=5.0, seed=7,
+                                  balance="leastconn")
+    clock = [0.0]
+    fleet = SimulatedFleet(["b1", "b2", "b3"], clock, spec.fair, refresh=0.5, seed=7)  # type: ignore[arg-type]
+    run = simulate(params, fleet.policies, spec.label, plan, fleet=fleet, clock=clock)
+    agreement = compare_with_run(run, None, clients=30, rate=20.0, seeds=5, fair=again.fair, balance="leastconn")
+    assert agreement.within and agreement.model_goaways > 0, agreement
+    with pytest.raises(ValueError, match="fair="):
+        compare_with_run(run, None, clients=30, rate=20.0, seeds=1)

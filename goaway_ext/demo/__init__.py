@@ -71,8 +71,9 @@ class PolicySpec:
     @classmethod
     def from_options(cls, label: str, options: dict[str, Any]) -> PolicySpec:
         """The inverse of :meth:`options`."""
+        fair = options.get("fair_share")
         return cls(label, chance=float(options.get("chance") or 0.0), max_requests=options.get("max_requests"),
-                   max_age=options.get("max_age"))
+                   max_age=options.get("max_age"), fair=None if fair is None else FairShareOptions(**fair))
 
     def serve_args(self) -> list[str]:
         """The ``python -m goaway_ext serve`` options for this policy."""
