@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import queue
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +122,42 @@ def test_over_tls(engine: str) -> None:
         serve.stop()
     assert result.failed == 0 and result.status == {"200": 300}, result.errors
     assert result.goaways_received > 0 and result.connections_opened == result.goaways_received + 2
+
+
+def test_through_haproxy(tmp_path: Path) -> None:
+    # HAProxy's HPACK coder is C and strict (a size update or an index it did not
+    # expect is a COMPRESSION_ERROR), and its response blocks are not h2's.
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        pytest.skip("haproxy is not installed (make test installs it as root)")
+    serve = Serve("--chance", "0")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    backend = serve.url.split("//", 1)[1].rstrip("/")
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(f"""global
+    maxconn 512
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend front
+    bind fd@{listener.fileno()} proto h2
+    default_backend back
+backend back
+    server s1 {backend} proto h2
+""")
+    proxy = subprocess.Popen([haproxy, "-f", str(config), "-db"], pass_fds=[listener.fileno()],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/"
+    listener.close()  # HAProxy holds it; connections wait in its backlog until it accepts
+    try:
+        for engine in ("fast", "h2"):
+            result = run_load(url, requests=400, connections=2, streams=8, timeout=20, engine=engine)
+            assert result.failed == 0 and result.status == {"200": 400}, (engine, result.errors)
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=10)
+        serve.stop()
