@@ -497,6 +497,8 @@ The per-request work of a serving connection, in one call; see ``_core_py.Reques
     cdef bint _limited
     cdef long long _seen
     cdef str _reason
+    cdef object _receive
+    cdef object _after
 
     def __init__(self, request_type, *, sampler=None, max_requests=None, decider=None, admit=None, reset_type=None):
         if not isinstance(request_type, type):
@@ -568,11 +570,37 @@ The per-request work of a serving connection, in one call; see ``_core_py.Reques
             return True
         return False
 
+    def attach(self, receive, after):
+        """Give :meth:`receive` the connection's read (bytes -> event list) and its slow path."""
+        if not callable(receive):
+            raise TypeError(f"receive must be callable, got {receive!r}")
+        if not callable(after):
+            raise TypeError(f"after must be callable, got {after!r}")
+        self._receive = receive
+        self._after = after
+
+    def receive(self, data):
+        """``receive(data)`` then :meth:`scan`; the list as is when that is 0, else ``after(events, index)``."""
+        cdef object events
+        cdef Py_ssize_t index
+        if self._receive is None:
+            raise RuntimeError("RequestGate.receive() needs attach() first")
+        events = self._receive(data)
+        if type(events) is not list:
+            raise TypeError(f"receive must return a list, got {events!r}")
+        index = self._scan(<list>events)
+        if index == 0:
+            return events
+        return self._after(events, index)
+
     def scan(self, list events):
         """Count the requests in ``events``; return the 1-based index of the one that starts a drain.
 
         Else 0, or -1 when ``events`` held a ``reset_type`` event.
         """
+        return self._scan(events)
+
+    cdef Py_ssize_t _scan(self, list events) except -2:
         cdef Py_ssize_t index
         cdef Py_ssize_t n = len(events)
         cdef object request_type = self._request_type

@@ -413,8 +413,8 @@ class RequestGate:
     no drain returns -1, so the connection looks at the count only then.
     """
 
-    __slots__ = ("_admit", "_decider", "_left", "_reason", "_request_type", "_reset_type", "_resets", "_sampler",
-                 "_seen")
+    __slots__ = ("_admit", "_after", "_decider", "_left", "_reason", "_receive", "_request_type", "_reset_type",
+                 "_resets", "_sampler", "_seen")
 
     def __init__(
         self,
@@ -445,6 +445,8 @@ class RequestGate:
         self._left = None if max_requests is None else _check_int("max_requests", max_requests, 1, _GAP_CAP)
         self._seen = 0
         self._reason = ""
+        self._receive: Callable[[Any], list[Any]] | None = None
+        self._after: Callable[[list[Any], int], list[Any]] | None = None
 
     @property
     def seen(self) -> int:
@@ -489,6 +491,32 @@ class RequestGate:
             self._reason = "chance"
             return True
         return False
+
+    def attach(self, receive: Callable[[Any], list[Any]], after: Callable[[list[Any], int], list[Any]]) -> None:
+        """Give :meth:`receive` the connection's read (bytes -> event list) and its slow path.
+
+        Why: a serving ``ServerConnection`` puts the gate's bound :meth:`receive`
+        in place of its own ``receive_data`` (in the compiled core that is one
+        C call around ``h2``'s, no Python frame of ours per read).
+        """
+        if not callable(receive):
+            raise TypeError(f"receive must be callable, got {receive!r}")
+        if not callable(after):
+            raise TypeError(f"after must be callable, got {after!r}")
+        self._receive = receive
+        self._after = after
+
+    def receive(self, data: Any) -> list[Any]:
+        """``receive(data)`` then :meth:`scan`; the list as is when that is 0, else ``after(events, index)``."""
+        if self._receive is None or self._after is None:
+            raise RuntimeError("RequestGate.receive() needs attach() first")
+        events = self._receive(data)
+        if events.__class__ is not list:
+            raise TypeError(f"receive must return a list, got {events!r}")
+        index = self.scan(events)
+        if index == 0:
+            return events
+        return self._after(events, index)
 
     def scan(self, events: list[Any]) -> int:
         """Count the requests in ``events``; return the 1-based index of the one that starts a drain.

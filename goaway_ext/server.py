@@ -33,6 +33,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import MethodType
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -166,8 +167,8 @@ class ServerConnection(H2Connection):
         "_acked", "_age_deadline", "_clock", "_close_at", "_drain_duration", "_drain_started", "_final_id", "_gate",
         "_goaways_sent", "_grace_deadline", "_idle_limit", "_idle_mark", "_idle_since", "_late", "_mode", "_pending",
         "_pending_split", "_ping_deadline", "_ping_opaque", "_ping_prefix", "_pings", "_policy", "_probe_high",
-        "_queued", "_queued_at", "_reason", "_reset_window", "_resets", "_silent", "_state", "_streams_cut",
-        "_streams_refused", "_window_bad", "_window_total",
+        "_queued", "_queued_at", "_reason", "_reset_window", "_resets", "_shortcuts", "_silent", "_state",
+        "_streams_cut", "_streams_refused", "_window_bad", "_window_total",
     )
 
     def __init__(
@@ -229,6 +230,22 @@ class ServerConnection(H2Connection):
         self._streams_refused = 0
         self._streams_cut = 0
         self._drain_duration: float | None = None
+        # While serving, receive_data and data_to_send need nothing of ours but
+        # the gate's scan: the instance gets h2's data_to_send and the gate's
+        # compiled receive (h2's receive_data + scan) as attributes, which
+        # shadow the class's methods (plain functions, non-data descriptors)
+        # and save a Python frame per read and per write. _move drops them when
+        # the drain starts. A subclass that overrides either method keeps it.
+        cls = type(self)
+        shortcuts = 0
+        if cls.receive_data is _OWN_RECEIVE_DATA:
+            self._gate.attach(MethodType(_H2_RECEIVE_DATA, self), self._scanned)
+            self.receive_data = self._gate.receive  # type: ignore[method-assign]
+            shortcuts = 1
+        if cls.data_to_send is _OWN_DATA_TO_SEND:
+            self.data_to_send = MethodType(_H2_DATA_TO_SEND, self)  # type: ignore[method-assign]
+            shortcuts |= 2
+        self._shortcuts = shortcuts
 
     # -- public state ---------------------------------------------------------------
 
@@ -293,20 +310,24 @@ class ServerConnection(H2Connection):
             index = self._gate.scan(events)
             if not index:
                 return events
-            if index < 0:  # no drain, but the client reset streams: the rapid-reset check
-                if self._too_many_resets():
-                    self._calm(self._clock())
-                    events.extend(self._queued)
-                    self._queued.clear()
-                return events
-            self._start(self._gate.reason)
-            out = events[:index]
-            out.extend(self._queued)
-            self._queued.clear()
-            return self._receive_draining(events, index, out)
+            return self._scanned(events, index)
         out = self._queued  # events of a drain started outside receive_data come first
         self._queued = []
         return self._receive_draining(events, 0, out)
+
+    def _scanned(self, events: list[ServerEvent], index: int) -> list[ServerEvent]:
+        """A serving read whose scan returned ``index`` (not 0): a drain starts, or a reset came in."""
+        if index < 0:  # no drain, but the client reset streams: the rapid-reset check
+            if self._too_many_resets():
+                self._calm(self._clock())
+                events.extend(self._queued)
+                self._queued.clear()
+            return events
+        self._start(self._gate.reason)
+        out = events[:index]
+        out.extend(self._queued)
+        self._queued.clear()
+        return self._receive_draining(events, index, out)
 
     def data_to_send(self, amount: int | None = None) -> bytes:
         """Bytes for the socket: ``h2``'s frames, then ours (GOAWAY, PING), whole.
@@ -494,6 +515,12 @@ class ServerConnection(H2Connection):
     def _move(self, state: DrainState) -> None:
         if state not in _NEXT[self._state]:  # a bug here, never the peer's doing
             raise AssertionError(f"drain state {self._state.name} -> {state.name} is not allowed")
+        if self._shortcuts:  # leaving SERVING: the class's draining methods take over
+            if self._shortcuts & 1:
+                delattr(self, "receive_data")
+            if self._shortcuts & 2:
+                delattr(self, "data_to_send")
+            self._shortcuts = 0
         self._state = state
 
     def _queue(self, event: ServerEvent, now: float) -> None:
@@ -707,3 +734,8 @@ class ServerConnection(H2Connection):
             out.extend(self._queued)
             self._queued.clear()
         return out
+
+
+# What __init__ compares with to know whether a subclass overrides them.
+_OWN_RECEIVE_DATA = ServerConnection.receive_data
+_OWN_DATA_TO_SEND = ServerConnection.data_to_send
