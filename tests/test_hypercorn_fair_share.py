@@ -176,7 +176,10 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_two_workers_are_one_server_of_the_fleet_and_the_loaded_host_sheds(tmp_path: Path) -> None:
+@pytest.mark.parametrize("worker_class", ["asyncio", "trio"])
+def test_two_workers_are_one_server_of_the_fleet_and_the_loaded_host_sheds(tmp_path: Path, worker_class: str) -> None:
+    if worker_class == "trio":
+        pytest.importorskip("trio")
     from goaway_ext.asyncio_client import H2Client
 
     publish = _free_port()
@@ -184,7 +187,7 @@ def test_two_workers_are_one_server_of_the_fleet_and_the_loaded_host_sheds(tmp_p
         config = (f'goaway_fair_share = "peers"\ngoaway_name = "b1"\ngoaway_peers = ["127.0.0.1:{quiet_peer.port}"]\n'
                   f'goaway_publish_load = "127.0.0.1:{publish}"\ngoaway_fair_interval = 0.2\n'
                   'goaway_fair_max_drain_rate = 1.0\nkeep_alive_timeout = 60\n')  # idle clients stay
-        with hypercorn_server(workers=2, config=config, tmp_path=tmp_path) as server:
+        with hypercorn_server("--worker-class", worker_class, workers=2, config=config, tmp_path=tmp_path) as server:
             server.wait_for_log("Running on", count=2, timeout=30)  # both workers accept
             async def scenario() -> tuple[set[str], list[float], int]:
                 clients: list[H2Client] = []
