@@ -20,7 +20,7 @@ GRPCLIB_OLDEST := 0.4.7
 GRPCLIB_NEWEST := 0.4.9
 
 .PHONY: help install system-tools test lint typecheck pytest pytest-cython pytest-python \
-        contract contract-hypercorn contract-grpclib wheel wheel-test demo bench bench-tools fuzz soak asan clean \
+        contract contract-venv contract-hypercorn contract-grpclib wheel wheel-test demo bench bench-tools fuzz soak asan clean \
         coverage coverage-tools coverage-core coverage-report
 
 help:
@@ -60,12 +60,22 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy --strict goaway_ext
 
+# Both passes run the whole suite in TEST_WORKERS pytest-xdist processes. Most tests
+# wait on sockets, subprocesses and timers rather than the CPU, so twice as many
+# workers as cores keeps two cores busy; worksteal hands the long tail (the demo
+# runs) to whichever worker is free. Every test picks its own ports (bind port 0),
+# temporary files (tmp_path) and environment (passed to its subprocesses), so the
+# workers share nothing. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 4
+XDIST := -n $(TEST_WORKERS) --dist worksteal
+
 pytest-cython: install
-	GOAWAY_EXT_REQUIRE_EXTENSIONS=1 $(PY) -m pytest -q tests
+	GOAWAY_EXT_REQUIRE_EXTENSIONS=1 $(PY) -m pytest -q $(XDIST) tests
 
 # The pure-Python pass runs under coverage (the .py twin holds the same logic as the
-# compiled core), following every Python subprocess (.coveragerc: patch = subprocess).
-# The compiled pass stays plain. coverage-report prints the figure and fails below
+# compiled core), following every Python subprocess (.coveragerc: patch = subprocess),
+# pytest-xdist's workers included. The compiled pass stays plain. coverage-report prints
+# the figure and fails below
 # COVERAGE_FLOOR (raise it when the figure rises). coverage-core measures _core_c.pyx
 # alone in a separate small build with Cython's linetrace (make coverage-core
 # coverage-report after a clean build/coverage); it is not yet part of make test.
@@ -77,7 +87,7 @@ coverage-tools: install
 
 pytest-python: install coverage-tools
 	rm -rf build/coverage && mkdir -p build/coverage
-	$(COVERAGE_ENV) GOAWAY_EXT_NO_EXTENSIONS=1 $(VENV)/bin/coverage run -m pytest -q tests
+	$(COVERAGE_ENV) GOAWAY_EXT_NO_EXTENSIONS=1 $(VENV)/bin/coverage run -m pytest -q $(XDIST) tests
 
 # _core_c.pyx built with linetrace in build/cov-core (never the installed module),
 # run under the tests that drive the core directly; only the .pyx is recorded here
@@ -104,45 +114,48 @@ coverage: pytest-python coverage-core coverage-report
 
 pytest: pytest-cython pytest-python
 
-# The h2 seam (see goaway_ext/server.py and client.py) on the oldest and newest h2.
-contract: install
+# Contract tests: one venv (.venv-contract) for every pinned set, one pip install of the
+# pinned versions before each run. The package is not installed there: a .pth file puts
+# this source tree (with the compiled core `make install` built for the same interpreter)
+# on its path, so no set pays for a venv, pytest and a Cython compile of its own.
+CONTRACT_VENV := .venv-contract
+CPY := $(CONTRACT_VENV)/bin/python
+CPIP := $(CPY) -m pip --disable-pip-version-check -q
+CONTRACT_PYTEST := GOAWAY_EXT_REQUIRE_EXTENSIONS=1 $(CPY) -m pytest -q -p no:cacheprovider
+
+contract-venv: install
+	[ -x $(CPY) ] || $(PYTHON) -m venv $(CONTRACT_VENV)
+	$(CPIP) install pytest hypothesis
+	echo "$(CURDIR)" > "$$($(CPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/goaway_ext_source.pth"
+
+# The h2 seam (see goaway_ext/server.py and client.py) on the oldest and newest h2,
+# and the httpx transport on the httpcore releases it supports.
+contract: contract-venv
 	@for v in $(H2_OLDEST) $(H2_NEWEST); do \
-	  env_dir=.venv-h2-$$v; \
-	  [ -x $$env_dir/bin/python ] || $(PYTHON) -m venv $$env_dir; \
-	  $$env_dir/bin/python -m pip --disable-pip-version-check -q install "h2==$$v" pytest hypothesis Cython setuptools || exit 1; \
-	  GOAWAY_EXT_REQUIRE_EXTENSIONS=1 $$env_dir/bin/python -m pip --disable-pip-version-check -q install --no-deps -e . || exit 1; \
+	  $(CPIP) install "h2==$$v" || exit 1; \
 	  echo "== contract tests on h2 $$v"; \
-	  $$env_dir/bin/python -m pytest -q -m "not slow" tests/test_contract_h2*.py || exit 1; \
+	  $(CONTRACT_PYTEST) -m "not slow" tests/test_contract_h2*.py || exit 1; \
 	done
 	@for v in $(HTTPCORE_VERSIONS); do \
-	  env_dir=.venv-httpcore-$$v; \
-	  [ -x $$env_dir/bin/python ] || $(PYTHON) -m venv $$env_dir; \
-	  $$env_dir/bin/python -m pip --disable-pip-version-check -q install "httpcore==$$v" "httpx>=0.27,<0.29" "h2==$(H2_NEWEST)" pytest hypothesis Cython setuptools || exit 1; \
-	  GOAWAY_EXT_REQUIRE_EXTENSIONS=1 $$env_dir/bin/python -m pip --disable-pip-version-check -q install --no-deps -e . || exit 1; \
+	  $(CPIP) install "httpcore==$$v" "httpx>=0.27,<0.29" "h2==$(H2_NEWEST)" || exit 1; \
 	  echo "== contract tests on httpcore $$v"; \
-	  $$env_dir/bin/python -m pytest -q tests/test_contract_httpcore.py || exit 1; \
+	  $(CONTRACT_PYTEST) tests/test_contract_httpcore.py || exit 1; \
 	done
 
 # The hypercorn hook (see goaway_ext/hypercorn.py) on the oldest and newest hypercorn.
-contract-hypercorn: install
+contract-hypercorn: contract-venv
 	@for v in $(HYPERCORN_OLDEST) $(HYPERCORN_NEWEST); do \
-	  env_dir=.venv-hypercorn-$$v; \
-	  [ -x $$env_dir/bin/python ] || $(PYTHON) -m venv $$env_dir; \
-	  $$env_dir/bin/python -m pip --disable-pip-version-check -q install "hypercorn==$$v" pytest Cython setuptools || exit 1; \
-	  GOAWAY_EXT_REQUIRE_EXTENSIONS=1 $$env_dir/bin/python -m pip --disable-pip-version-check -q install --no-deps -e . || exit 1; \
+	  $(CPIP) install "hypercorn==$$v" "h2==$(H2_NEWEST)" || exit 1; \
 	  echo "== contract tests on hypercorn $$v"; \
-	  $$env_dir/bin/python -m pytest -q -p no:cacheprovider tests/test_hypercorn_contract.py || exit 1; \
+	  $(CONTRACT_PYTEST) tests/test_hypercorn_contract.py || exit 1; \
 	done
 
 # The grpclib integration (see goaway_ext/grpclib.py) on the oldest and newest grpclib.
-contract-grpclib: install
+contract-grpclib: contract-venv
 	@for v in $(GRPCLIB_OLDEST) $(GRPCLIB_NEWEST); do \
-	  env_dir=.venv-grpclib-$$v; \
-	  [ -x $$env_dir/bin/python ] || $(PYTHON) -m venv $$env_dir; \
-	  $$env_dir/bin/python -m pip --disable-pip-version-check -q install "grpclib==$$v" pytest Cython setuptools || exit 1; \
-	  GOAWAY_EXT_REQUIRE_EXTENSIONS=1 $$env_dir/bin/python -m pip --disable-pip-version-check -q install --no-deps -e . || exit 1; \
+	  $(CPIP) install "grpclib==$$v" "h2==$(H2_NEWEST)" || exit 1; \
 	  echo "== contract tests on grpclib $$v"; \
-	  $$env_dir/bin/python -m pytest -q -p no:cacheprovider tests/test_grpclib_contract.py || exit 1; \
+	  $(CONTRACT_PYTEST) tests/test_grpclib_contract.py || exit 1; \
 	done
 
 wheel: install
@@ -153,15 +166,33 @@ wheel: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/auditwheel repair -w wheelhouse dist/goaway_ext-*.whl
 	@ls -l wheelhouse
 
-# Install the repaired wheel into a fresh venv and run the suite from outside
-# the source tree, so the installed package (not ./goaway_ext) is what runs.
+# Install the repaired wheel into a fresh venv and run, from outside the source tree
+# (so the installed package, not ./goaway_ext, is what runs), the tests of what the
+# wheel changes. The modules' code is the code both full passes above already ran;
+# what the wheel adds is packaging (metadata, licence, console scripts, package data),
+# the compiled core as auditwheel left it, and imports from site-packages. So: the
+# packaging and core-guard tests, the compiled core's own tests, every README example,
+# and one real-socket exchange per layer (serve with curl and nghttp, H2Client, the
+# httpx transport, the load generator's processes, hypercorn, grpclib). The README's
+# chance-advice table is the model's arithmetic (CPU only, nothing the wheel changes).
+WHEEL_TESTS := tests/test_packaging.py tests/test_core_guard.py \
+  tests/test_core_codec.py tests/test_core_sampler.py tests/test_core_gate.py tests/test_scanner.py \
+  tests/test_readme.py --deselect tests/test_readme.py::test_chance_advice_matches_the_model \
+  tests/test_server_real_clients.py::test_curl_every_response_complete_with_goaway_on_every_request \
+  tests/test_server_real_clients.py::test_nghttp_watch_in_flight_reads_whole_body \
+  tests/test_client_real.py::test_h2client_with_eager_reconnect \
+  tests/test_client_real.py::test_httpx_async_transport_watches_and_requests_survive \
+  tests/test_client_real.py::test_load_progress_with_processes_shows_goaways \
+  tests/test_hypercorn_real_peers.py::test_curl_reads_a_stream_in_flight_at_shutdown_in_full \
+  tests/test_grpclib.py::test_readme_grpc_example_runs
+
 wheel-test: wheel
 	rm -rf build/wheel-venv build/wheel-tests
 	$(PYTHON) -m venv build/wheel-venv
 	whl=$$(ls wheelhouse/goaway_ext-*.whl) && build/wheel-venv/bin/python -m pip --disable-pip-version-check -q install "$$whl[test]"
 	mkdir -p build/wheel-tests && cp -r tests docs README.md CHANGELOG.md LICENSE build/wheel-tests/
 	cd build/wheel-tests && GOAWAY_EXT_REQUIRE_EXTENSIONS=1 GOAWAY_EXT_FROM_WHEEL=1 \
-	  ../wheel-venv/bin/python -m pytest -q -p no:cacheprovider tests
+	  ../wheel-venv/bin/python -m pytest -q -p no:cacheprovider $(XDIST) $(WHEEL_TESTS)
 
 # Longer fuzz runs (the same tests make test runs with 300 examples / 100 state
 # machine runs): the core, the connections fed garbage, the stateful drain model.
@@ -219,4 +250,4 @@ bench-tools:
 	  else echo "note: valgrind missing (not root): the instruction rows will be skipped"; fi; }
 
 clean:
-	rm -rf build dist wheelhouse .venv-h2-* .venv-httpcore-* .venv-hypercorn-* .venv-grpclib-* goaway_ext/_core_c.c goaway_ext/*.so *.egg-info
+	rm -rf build dist wheelhouse .venv-contract .venv-h2-* .venv-httpcore-* .venv-hypercorn-* .venv-grpclib-* goaway_ext/_core_c.c goaway_ext/*.so *.egg-info

@@ -89,13 +89,22 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     tool = missing_tool_in(reason)
     if tool is None:
         return
-    _skipped_tools[tool] = _skipped_tools.get(tool, 0) + 1
+    # Carried with the report to the pytest-xdist controller, which prints the summary.
+    report.missing_real_peer_tool = tool
     if in_ci():
         report.outcome = "failed"
         report.longrepr = (
             f"CI=true and the real-peer tool {tool!r} is missing, so this test would have been skipped: "
             f"{reason}\nmake test installs it (Makefile system-tools); a CI image without it must fail loudly."
         )
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # Runs where the terminal summary is written: in the only process, or in the
+    # pytest-xdist controller for every report its workers send.
+    tool = getattr(report, "missing_real_peer_tool", None)
+    if tool is not None:
+        _skipped_tools[tool] = _skipped_tools.get(tool, 0) + 1
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
