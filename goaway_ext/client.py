@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from types import MethodType
 from typing import Any
 
 import h2.config
@@ -57,6 +58,10 @@ __all__ = ["ClientConnection"]
 
 _REFUSED_STREAM = ErrorCodes.REFUSED_STREAM
 _StreamReset = h2.events.StreamReset
+# h2's own methods, called directly: cheaper than super() on every read and request.
+_H2_RECEIVE_DATA = h2.connection.H2Connection.receive_data
+_H2_SEND_HEADERS = h2.connection.H2Connection.send_headers
+_H2_NEXT_STREAM_ID = h2.connection.H2Connection.get_next_available_stream_id
 
 
 class ClientConnection(h2.connection.H2Connection):
@@ -87,6 +92,20 @@ class ClientConnection(h2.connection.H2Connection):
         self._goaway_last_stream_id: int | None = None
         self._goaway_error_code: int | None = None
         self._refused: set[int] = set()
+        # Until a GOAWAY arrives, send_headers and get_next_available_stream_id
+        # have nothing to guard: the instance gets h2's own as attributes, which
+        # shadow the class's methods (plain functions, non-data descriptors) and
+        # save a Python frame and a super() per request. The first GOAWAY drops
+        # them (see _receive_goaway). A subclass that overrides either keeps it.
+        cls = type(self)
+        shortcuts = 0
+        if cls.send_headers is _OWN_SEND_HEADERS:
+            self.send_headers = MethodType(_H2_SEND_HEADERS, self)  # type: ignore[method-assign]
+            shortcuts = 1
+        if cls.get_next_available_stream_id is _OWN_NEXT_STREAM_ID:
+            self.get_next_available_stream_id = MethodType(_H2_NEXT_STREAM_ID, self)  # type: ignore[method-assign]
+            shortcuts |= 2
+        self._shortcuts = shortcuts
 
     # -- what a pool asks -------------------------------------------------
 
@@ -116,7 +135,7 @@ class ClientConnection(h2.connection.H2Connection):
         """As ``h2``'s, but raises :class:`~goaway_ext.ConnectionDrainingError` after GOAWAY."""
         if self._goaway_last_stream_id is not None:
             raise self._draining_error()
-        return super().get_next_available_stream_id()
+        return _H2_NEXT_STREAM_ID(self)
 
     def send_headers(
         self,
@@ -135,7 +154,8 @@ class ClientConnection(h2.connection.H2Connection):
         """
         if self._goaway_last_stream_id is not None and stream_id > self.highest_outbound_stream_id:
             raise self._draining_error()
-        super().send_headers(
+        _H2_SEND_HEADERS(
+            self,
             stream_id,
             headers,
             end_stream=end_stream,
@@ -188,12 +208,17 @@ class ClientConnection(h2.connection.H2Connection):
             # Same outcome as h2's own check on an oversize frame.
             self.close_connection(error_code=ErrorCodes.FRAME_SIZE_ERROR)
             raise h2.exceptions.FrameTooLargeError(str(exc)) from exc
-        events: list[Any] = super().receive_data(for_h2) if for_h2 else []
-        # A C-level scan of the event types keeps the common case (no reset) cheap.
-        if events and _StreamReset in map(type, events):
-            events = self._add_refusals(events)
-        for last_stream_id, error_code, debug_data in goaways:
-            self._receive_goaway(last_stream_id, error_code, debug_data, events)
+        if not for_h2:
+            events: list[Any] = []
+        else:
+            events = _H2_RECEIVE_DATA(self, for_h2)
+            for event in events:
+                if type(event) is _StreamReset:
+                    events = self._add_refusals(events)
+                    break
+        if goaways:
+            for last_stream_id, error_code, debug_data in goaways:
+                self._receive_goaway(last_stream_id, error_code, debug_data, events)
         return events
 
     def _add_refusals(self, events: list[Any]) -> list[Any]:
@@ -223,6 +248,12 @@ class ClientConnection(h2.connection.H2Connection):
             )
         self._goaway_last_stream_id = last_stream_id
         self._goaway_error_code = error_code
+        if self._shortcuts:  # from now on the class's guarded methods answer
+            if self._shortcuts & 1:
+                del self.send_headers
+            if self._shortcuts & 2:
+                del self.get_next_available_stream_id
+            self._shortcuts = 0
         refused = self._open_outbound_above(last_stream_id)
         log.debug("GOAWAY(last_stream_id=%d, error_code=%d) received; %d stream(s) above it refused",
                   last_stream_id, error_code, len(refused))
@@ -256,3 +287,8 @@ class ClientConnection(h2.connection.H2Connection):
             for stream_id, stream in self.streams.items()
             if stream_id > last_stream_id and stream_id % 2 == 1 and not stream.closed
         )
+
+
+# What __init__ compares with to know whether a subclass overrides them.
+_OWN_SEND_HEADERS = ClientConnection.send_headers
+_OWN_NEXT_STREAM_ID = ClientConnection.get_next_available_stream_id
