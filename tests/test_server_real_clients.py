@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -33,8 +34,10 @@ from goaway_ext import FrameScanner
 
 CURL = shutil.which("curl")
 NGHTTP = shutil.which("nghttp")
+H2LOAD = shutil.which("h2load")
 need_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed (Debian package curl)")
 need_nghttp = pytest.mark.skipif(NGHTTP is None, reason="nghttp is not installed (Debian package nghttp2-client)")
+need_h2load = pytest.mark.skipif(H2LOAD is None, reason="h2load is not installed (Debian package nghttp2-client)")
 
 
 class Server:
@@ -163,6 +166,34 @@ def test_nghttp_watch_in_flight_reads_whole_body(serve: Any) -> None:
     # Three streams, all at or below the final last-stream-id, all answered.
     assert out.stdout.count(":status: 200") == 2 and out.stdout.count(":status: 405") == 1
     assert out.stdout.count("recv DATA frame") >= 3
+
+
+@need_curl
+@need_h2load
+def test_h2load_every_request_that_reached_serve_is_answered(serve: Any) -> None:
+    """h2load multiplexes 4 streams on each of 4 connections while serve drains them gracefully.
+
+    h2load (nghttp2 1.52) does not reconnect after a GOAWAY: it stops using that
+    connection and counts its remaining requests as failed, including a few it had
+    submitted that nghttp2 then never sent. So the check is the server's side: every
+    request serve received got a 2xx that h2load read in full, none was cut or refused.
+    """
+    server = serve("--chance", "0.05", "--allow-high-chance", "--mode", "graceful", "--linger", "0.2", "--seed", "5")
+    assert H2LOAD is not None
+    out = subprocess.run([H2LOAD, "-n", "2000", "-c", "4", "-m", "4", f"{server.url}/"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr
+    found = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+                      r"(\d+) errored, (\d+) timeout", out.stdout)
+    assert found is not None, out.stdout
+    total, _started, _done, succeeded, failed, _errored, timeout = map(int, found.groups())
+    counters = stats(server)  # counts this /stats request too
+    report = out.stdout + json.dumps(counters)
+    assert total == 2000 and succeeded + failed == total and timeout == 0, report
+    assert succeeded > 0 and counters["requests"] == succeeded + 1, report
+    assert f"status codes: {succeeded} 2xx, 0 3xx, 0 4xx, 0 5xx" in out.stdout, report
+    assert counters["goaways_sent"] > 0, report
+    assert counters["streams_cut"] == 0 and counters["streams_refused"] == 0, report
 
 
 @need_curl
