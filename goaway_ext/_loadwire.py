@@ -312,6 +312,11 @@ class LoadWire:
                                     _END_STREAM | _END_HEADERS])
 
     @property
+    def draining(self) -> bool:
+        """Has a graceful GOAWAY (NO_ERROR) arrived, and no error ended the connection?"""
+        return self.goaway_last_stream_id is not None and not self.terminated
+
+    @property
     def can_open(self) -> bool:
         """May a new stream be opened here (no GOAWAY, not ended, stream ids left)?"""
         return self.goaway_last_stream_id is None and not self.terminated and self.next_stream_id <= _MAX_WINDOW

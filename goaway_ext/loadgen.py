@@ -310,6 +310,10 @@ class _H2Wire:
         return not self.h2.is_draining and self.h2.state_machine.state != h2.connection.ConnectionState.CLOSED
 
     @property
+    def draining(self) -> bool:
+        return self.h2.is_draining and self.h2.goaway_error_code == 0
+
+    @property
     def max_concurrent_streams(self) -> int:
         return int(self.h2.remote_settings.max_concurrent_streams)
 
@@ -461,10 +465,7 @@ class _LoadConnection(asyncio.Protocol):
                         run.in_flight -= 1
                         run.failed(f"stream {first} reset by the server ({_error_name(second)})")
                 elif kind == GOAWAY:
-                    if not self.saw_goaway:
-                        self.saw_goaway = True
-                        run.goaways_received += 1
-                        asyncio.get_running_loop().create_task(run.open())  # its replacement, at once
+                    self.retire(goaway=True)
                 elif kind == TERMINATED:
                     self.flush()
                     self.lose(f"the server ended the connection ({_error_name(first)})")
@@ -505,9 +506,9 @@ class _LoadConnection(asyncio.Protocol):
             return
         wire, run, flight = self.wire, self.run, self.flight
         if not wire.can_open:
-            # Stream ids used up (2**31 of them): retire this connection like a drained one.
-            self.saw_goaway = True
-            asyncio.get_running_loop().create_task(run.open())
+            # A GOAWAY the wire read in this very read (another connection's retry got here
+            # before our own loop reached its event), or stream ids used up (2**31 of them).
+            self.retire(goaway=wire.draining)
             return
         limit = min(run.streams, wire.max_concurrent_streams)
         if len(flight) >= limit:
@@ -520,6 +521,14 @@ class _LoadConnection(asyncio.Protocol):
                 return
             flight[send()] = (now, attempt)
             run.in_flight += 1
+
+    def retire(self, goaway: bool) -> None:
+        """No new stream here from now on; open the replacement at once (a graceful GOAWAY is counted once)."""
+        if not self.saw_goaway:
+            self.saw_goaway = True
+            if goaway:
+                self.run.goaways_received += 1
+            asyncio.get_running_loop().create_task(self.run.open())
 
     def take_retries(self) -> bool:
         if self.closed or self.saw_goaway or len(self.flight) >= self.run.streams:

@@ -18,6 +18,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -161,3 +162,60 @@ backend back
         proxy.terminate()
         proxy.wait(timeout=10)
         serve.stop()
+
+
+@pytest.mark.parametrize("engine", ["fast", "h2"])
+def test_refusal_and_goaway_in_one_read(engine: str) -> None:
+    # Regression: a REFUSED_STREAM read before a GOAWAY in the same read made the retry
+    # reach this connection before its own loop saw the GOAWAY; the GOAWAY went uncounted
+    # (connections opened != GOAWAYs + connections held).
+    import asyncio
+
+    import h2.config
+    import h2.connection
+    import h2.events
+    from h2.errors import ErrorCodes
+
+    from goaway_ext import encode_goaway
+    from goaway_ext.loadgen import run_load_async
+
+    seen: list[int] = []
+
+    class Scripted(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            self.transport = transport
+            self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+            self.conn.initiate_connection()
+            transport.write(self.conn.data_to_send())
+            self.scripted = bool(seen)  # only the first connection is scripted
+            seen.append(1)
+
+        def data_received(self, data: bytes) -> None:
+            ids = [e.stream_id for e in self.conn.receive_data(data) if isinstance(e, h2.events.RequestReceived)]
+            if not self.scripted and len(ids) >= 2:
+                self.scripted = True
+                self.conn.reset_stream(ids[0], ErrorCodes.REFUSED_STREAM)
+                out = self.conn.data_to_send() + encode_goaway(ids[-1])
+                for stream_id in ids[1:]:
+                    self.conn.send_headers(stream_id, [(":status", "200")], end_stream=True)
+                self.transport.write(out + self.conn.data_to_send())
+                self.transport.close()
+                return
+            for stream_id in ids:
+                self.conn.send_headers(stream_id, [(":status", "200")], end_stream=True)
+            self.transport.write(self.conn.data_to_send())
+
+    async def scenario() -> Any:
+        server = await asyncio.get_running_loop().create_server(Scripted, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            return await asyncio.wait_for(run_load_async(f"http://127.0.0.1:{port}/", requests=40, connections=1,
+                                                         streams=4, timeout=10, engine=engine), 30)
+        finally:
+            server.close()
+
+    result = asyncio.run(scenario())
+    assert result.failed == 0 and result.status == {"200": 40}, result.errors
+    assert result.streams_refused >= 1 and result.requests_retried >= 1
+    assert result.goaways_received == 1 and result.connections_opened == 2

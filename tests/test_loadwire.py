@@ -273,6 +273,7 @@ def test_header_block_is_bounded() -> None:
 
 
 def test_status_cache_is_bounded_and_follows_the_table() -> None:
+    assert ResponseStatus().max_cached == 64  # the README says so
     status = ResponseStatus(max_cached=4)
     encoder = hpack.Encoder()
     for code in (b"200", b"204", b"206", b"304", b"400", b"404", b"500"):  # static entries: indexed-only
