@@ -26,6 +26,7 @@ __all__ = [
     "format_columns",
     "write_json",
     "write_plot",
+    "restart_label",
     "PlotUnavailable",
 ]
 
