@@ -103,6 +103,13 @@ def _with_port(code: str, port: int) -> str:
     return re.sub(r"\b8080\b", str(port), code)
 
 
+def _own_ports(code: str) -> str:
+    """A self-contained block with gRPC's conventional port gets a free one instead: the
+    block is the README's code but for that number, and it cannot collide with another
+    process on the machine (another test run, a local gRPC server)."""
+    return re.sub(r"\b50051\b", str(_free_port()), code)
+
+
 def _run(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -143,7 +150,7 @@ def test_block_runs_as_written(block: Block, tmp_path: Path) -> None:
         assert "Traceback" not in err, f"{block.id}:\n{err}"
         return
     assert marker == "", f"{block.id}: unknown marker {marker!r}"
-    done = _run(block.code, tmp_path)
+    done = _run(_own_ports(block.code), tmp_path)
     assert done.returncode == 0, f"{block.id} failed:\n{done.stdout}\n{done.stderr}"
 
 
