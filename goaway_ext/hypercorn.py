@@ -1117,13 +1117,17 @@ def main(argv: list[str] | None = None) -> int:
         except (TypeError, ValueError) as exc:
             print(f"{_PROG}: {_flag_names(str(exc), set(overrides))}", file=sys.stderr)
             return 2
-        line = f"goaway_ext: HTTP/2 connections follow {policy_for(config)!r}"
-        log.info(line)
+        lines = [f"goaway_ext: HTTP/2 connections follow {policy_for(config)!r}"]
+        host = _HOSTS.get(config)
+        if host is not None and host.publisher is not None:  # the port, also when the key asked for 0
+            lines.append(f"goaway_ext: publishing this host's load on port {host.publisher.port}")
         # A logger of our own: config.log would be cached on the config, which
         # then no longer pickles for spawned workers.
         error_logger = config.logger_class(config).error_logger
-        if error_logger is not None:
-            error_logger.info(line)
+        for line in lines:
+            log.info(line)
+            if error_logger is not None:
+                error_logger.info(line)
         return run(config)
 
     hypercorn_main.run = run_with_goaway  # type: ignore[attr-defined]

@@ -182,13 +182,15 @@ def test_two_workers_are_one_server_of_the_fleet_and_the_loaded_host_sheds(tmp_p
         pytest.importorskip("trio")
     from goaway_ext.asyncio_client import H2Client
 
-    publish = _free_port()
     with LoadPublisher("b2", lambda: 0.0) as quiet_peer:  # a peer that holds no connection
         config = (f'goaway_fair_share = "peers"\ngoaway_name = "b1"\ngoaway_peers = ["127.0.0.1:{quiet_peer.port}"]\n'
-                  f'goaway_publish_load = "127.0.0.1:{publish}"\ngoaway_fair_interval = 0.2\n'
+                  'goaway_publish_load = "127.0.0.1:0"\ngoaway_fair_interval = 0.2\n'
                   'goaway_fair_max_drain_rate = 1.0\nkeep_alive_timeout = 60\n')  # idle clients stay
         with hypercorn_server("--worker-class", worker_class, workers=2, config=config, tmp_path=tmp_path) as server:
             server.wait_for_log("Running on", count=2, timeout=30)  # both workers accept
+            server.wait_for_log("publishing this host's load on port")  # port 0: the parent says which
+            publish = int(next(line for line in server.log if "publishing this host's load" in line).split()[-1])
+
             async def scenario() -> tuple[set[str], list[float], int]:
                 clients: list[H2Client] = []
                 pids: set[str] = set()
