@@ -197,7 +197,7 @@ def test_two_workers_are_one_server_of_the_fleet_and_the_loaded_host_sheds(tmp_p
                 try:
                     # Connections until both workers hold some (the kernel picks the worker).
                     while len(clients) < 8 or len(pids) < 2:
-                        assert len(clients) < 64, f"every connection went to one worker: {pids}"
+                        assert len(clients) < 200, f"200 connections all went to one worker: {pids}"
                         client = H2Client("127.0.0.1", server.port, timeout=10.0)
                         await client.__aenter__()
                         clients.append(client)
