@@ -196,9 +196,11 @@ class ServerConnection(H2Connection):
         budget = policy.new_budget(clock())
         # Counting requests and asking decider, budget, sampler and fair share:
         # one call into the core per read (see RequestGate), not a Python loop.
-        self._reset_window = policy.rapid_reset_window
+        # The policy's private fields, read directly (same package): its
+        # properties cost a Python call each, per connection.
+        self._reset_window = policy._rapid_reset_window
         self._gate = RequestGate(RequestReceived, sampler=budget.sampler, max_requests=budget.max_requests,
-                                 decider=policy.decider, admit=budget.admit,
+                                 decider=policy._decider, admit=budget.admit,
                                  reset_type=None if self._reset_window is None else StreamReset)
         self._resets = 0  # client resets seen while draining (the gate counts those while serving)
         self._late = 0  # streams opened above the final last-stream-id
@@ -208,7 +210,7 @@ class ServerConnection(H2Connection):
         self._idle_limit = budget.max_idle
         self._idle_since: float | None = None  # max_idle: when the connection was last seen without streams
         self._idle_mark = 0  # requests_seen then: a request since means it was not idle all along
-        self._mode = policy.mode
+        self._mode = policy._mode
         self._state = _SERVING
         self._pending = bytearray()  # our frames, not yet handed out
         self._pending_split = False  # a frame of ours was cut by data_to_send(amount)
