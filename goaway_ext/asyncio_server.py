@@ -918,14 +918,18 @@ class H2Server:
         if proto in self._protocols:
             self._protocols.discard(proto)
             self._add(self._totals, proto)
-            if proto.drainable is not None:
-                metrics.ConnectionMeter().update(proto.drainable)
+            drainable = proto.drainable
+            # A connection that never left SERVING sent no GOAWAY and refused or
+            # cut no stream: nothing to report, and a stats snapshot per close
+            # costs about as much as the rest of the close.
+            if drainable is not None and drainable._state is not _SERVING:
+                metrics.ConnectionMeter().update(drainable)
 
     @staticmethod
     def _add(totals: dict[str, int], proto: _H2Protocol) -> None:
         totals["requests"] += proto.requests
         totals["drains"] += proto.drains
-        if proto.drainable is not None:
+        if proto.drainable is not None and proto.drainable._state is not _SERVING:  # else all three are 0
             s = proto.drainable.stats
             totals["goaways_sent"] += s.goaways_sent
             totals["streams_refused"] += s.streams_refused
