@@ -29,8 +29,8 @@ from hyperframe.frame import DataFrame, PingFrame, SettingsFrame
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from raw_h2 import RawClient  # noqa: E402
 from soak_support import rss_bytes, server_process  # noqa: E402
-from test_hostile import RawClient  # noqa: E402
 
 from goaway_ext import H2Client  # noqa: E402
 

@@ -37,8 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from hyperframe.frame import RstStreamFrame  # noqa: E402
+from raw_h2 import RawClient  # noqa: E402
+from raw_h2 import parse_frames as parse  # noqa: E402
 from soak_support import Footprint, run_in_memory, run_load_command, server_process  # noqa: E402
-from test_hostile import RawClient, parse, start  # noqa: E402
+from test_hostile import start  # noqa: E402
 
 import goaway_ext  # noqa: E402
 from goaway_ext import GoawayPolicy, ServerConnection  # noqa: E402

@@ -31,86 +31,27 @@ from collections.abc import Iterator
 from typing import Any
 
 import h2.events
-import hpack
 import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import (
-    DataFrame,
     Frame,
     GoAwayFrame,
     HeadersFrame,
     PingFrame,
     RstStreamFrame,
-    SettingsFrame,
 )
 from manual_clock import ManualClock
+from raw_h2 import MAX_ID, RawClient, parse_frames
 
 from goaway_ext import ConnectionDrained, GoawayPolicy, GoawaySent, H2Server, ServerConnection
 from goaway_ext.asyncio_server import builtin_app
 from goaway_ext.server import DrainState
-
-MAX_ID = 2**31 - 1
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-REQUEST = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"hostile")]
 
 
 class SmallMemoryServer(ServerConnection):
     """A ServerConnection whose h2 remembers 512 closed streams instead of 65,536."""
 
     MAX_CLOSED_STREAMS = 512
-
-
-class RawClient:
-    """Frames by hand: HEADERS through one HPACK encoder, anything else through hyperframe."""
-
-    def __init__(self) -> None:
-        self.encoder = hpack.Encoder()
-        self.next_id = 1
-
-    def preface(self) -> bytes:
-        return PREFACE + SettingsFrame(0).serialize()
-
-    def headers(self, stream_id: int | None = None, *, end_stream: bool = True,
-                headers: list[tuple[bytes, bytes]] | None = None) -> tuple[int, bytes]:
-        if stream_id is None:
-            stream_id = self.next_id
-            self.next_id += 2
-        frame = HeadersFrame(stream_id)
-        frame.data = self.encoder.encode(headers or REQUEST)
-        frame.flags.add("END_HEADERS")
-        if end_stream:
-            frame.flags.add("END_STREAM")
-        return stream_id, frame.serialize()
-
-    @staticmethod
-    def reset(stream_id: int, code: int = ErrorCodes.CANCEL) -> bytes:
-        frame = RstStreamFrame(stream_id)
-        frame.error_code = code
-        return frame.serialize()
-
-    @staticmethod
-    def end(stream_id: int) -> bytes:
-        frame = DataFrame(stream_id)
-        frame.flags.add("END_STREAM")
-        return frame.serialize()
-
-    @staticmethod
-    def ping_ack(opaque: bytes) -> bytes:
-        frame = PingFrame(0)
-        frame.opaque_data = opaque
-        frame.flags.add("ACK")
-        return frame.serialize()
-
-
-def parse(data: bytes) -> list[Frame]:
-    frames, pos = [], 0
-    while pos < len(data):
-        frame, length = Frame.parse_frame_header(memoryview(data[pos : pos + 9]))
-        frame.parse_body(memoryview(data[pos + 9 : pos + 9 + length]))
-        frames.append(frame)
-        pos += 9 + length
-    assert pos == len(data)
-    return frames
 
 
 def start(server: ServerConnection, client: RawClient) -> None:
@@ -153,7 +94,7 @@ def test_a_late_stream_reset_in_the_same_read_is_not_an_error() -> None:
     events = server.receive_data(data + client.reset(late))
     assert events == [GoawaySent(last_stream_id=first, final=True, reason="test")]
     server.send_headers(first, [(b":status", b"200")], end_stream=True)
-    frames = parse(server.data_to_send())
+    frames = parse_frames(server.data_to_send())
     assert [type(f) for f in frames] == [HeadersFrame, GoAwayFrame]
     assert server.is_drained
     # The refused count only counts the RST_STREAM actually sent.
@@ -182,7 +123,7 @@ def test_streams_opened_after_the_final_goaway_are_all_refused_in_flat_memory(tr
             sent.append(stream_id)
             wire += frame
         assert server.receive_data(wire) == []  # the application sees none of it
-        refused = [f.stream_id for f in parse(server.data_to_send())
+        refused = [f.stream_id for f in parse_frames(server.data_to_send())
                    if isinstance(f, RstStreamFrame) and f.error_code == ErrorCodes.REFUSED_STREAM]
         assert refused == sent
         assert len(server.streams) <= 51
@@ -203,7 +144,7 @@ def test_a_client_that_never_answers_the_ping_gets_the_final_goaway_after_ping_t
     server.receive_data(data)
     server.start_drain("test")
     assert server.handle_timer(clock.now) == [GoawaySent(last_stream_id=MAX_ID, final=False, reason="test")]
-    frames = parse(server.data_to_send())
+    frames = parse_frames(server.data_to_send())
     assert [type(f) for f in frames] == [GoAwayFrame, PingFrame]
     assert server.next_deadline() == clock.now + 2.0
     # Still in the notice: a stream that was racing the first GOAWAY is served.
@@ -213,12 +154,12 @@ def test_a_client_that_never_answers_the_ping_gets_the_final_goaway_after_ping_t
     assert server.handle_timer(clock.now) == [] and server.data_to_send() == b""
     clock.now += 0.01
     assert server.handle_timer(clock.now) == [GoawaySent(last_stream_id=second, final=True, reason="test")]
-    (goaway,) = parse(server.data_to_send())
+    (goaway,) = parse_frames(server.data_to_send())
     assert isinstance(goaway, GoAwayFrame) and goaway.last_stream_id == second
     # The ACK that never came, and the streams after it, change nothing.
     third, data = client.headers()
     assert server.receive_data(data) == []
-    assert [(type(f), f.stream_id) for f in parse(server.data_to_send())] == [(RstStreamFrame, third)]
+    assert [(type(f), f.stream_id) for f in parse_frames(server.data_to_send())] == [(RstStreamFrame, third)]
     assert h2.events.StreamEnded in [type(e) for e in server.receive_data(client.end(first))]
     for stream_id in (first, second):
         server.send_headers(stream_id, [(b":status", b"200")], end_stream=True)
@@ -237,7 +178,7 @@ def test_a_rapid_reset_flood_during_a_drain_keeps_memory_flat_and_does_not_stall
     server.receive_data(data)
     server.start_drain("test")
     server.handle_timer(clock.now)
-    ping = next(f for f in parse(server.data_to_send()) if isinstance(f, PingFrame))
+    ping = next(f for f in parse_frames(server.data_to_send()) if isinstance(f, PingFrame))
 
     def flood(count: int) -> Counter[str]:
         kinds: Counter[str] = Counter()
@@ -262,7 +203,7 @@ def test_a_rapid_reset_flood_during_a_drain_keeps_memory_flat_and_does_not_stall
     events = server.receive_data(client.ping_ack(ping.opaque_data))
     last = held + 2 * 2000
     assert events == [GoawaySent(last_stream_id=last, final=True, reason="test")]
-    assert parse(server.data_to_send())[-1].last_stream_id == last
+    assert parse_frames(server.data_to_send())[-1].last_stream_id == last
     # After it, the flood is all late streams, reset by the client in the same
     # read: the application sees nothing, and nothing is left to refuse.
     before = live_bytes()
@@ -300,7 +241,7 @@ async def _raw_session(policy: GoawayPolicy, request: bytes, *, limit: float) ->
             buffer += chunk
             while len(buffer) >= 9 and len(buffer) >= 9 + int.from_bytes(buffer[:3], "big"):
                 length = int.from_bytes(buffer[:3], "big")
-                log += [(loop.time() - began, f) for f in parse(buffer[: 9 + length])]
+                log += [(loop.time() - began, f) for f in parse_frames(buffer[: 9 + length])]
                 buffer = buffer[9 + length :]
         writer.close()
         return log

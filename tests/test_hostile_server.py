@@ -32,7 +32,8 @@ from hyperframe.frame import (
     SettingsFrame,
     WindowUpdateFrame,
 )
-from test_hostile import RawClient, parse
+from raw_h2 import RawClient
+from raw_h2 import parse_frames as parse
 
 from goaway_ext import GoawayPolicy, H2Client, H2Server
 from goaway_ext.asyncio_server import Request, ResponseStream, builtin_app

@@ -14,8 +14,9 @@ from __future__ import annotations
 import h2.events
 from h2.errors import ErrorCodes
 from hyperframe.frame import PingFrame
-from test_peer_goaway import Wire
-from test_server_memory import Pair, always, kinds, ours, parse
+from raw_h2 import RawClient
+from raw_h2 import parse_frames as parse
+from test_server_memory import Pair, always, kinds, ours
 
 from goaway_ext import ConnectionDrained, GoawaySent
 from goaway_ext.server import DrainState
@@ -118,7 +119,7 @@ def test_the_late_ack_of_a_client_that_came_back_starts_over() -> None:
     frames, _ = to_client(p)
     assert frames == ["HEADERS(3)", "DATA(3)+END", "PING"]
     # An ACK of the old PING (a client may send it twice) is ours but proves nothing.
-    assert p.server.receive_data(Wire.ping_ack(parse(held)[-1].opaque_data)) == []
+    assert p.server.receive_data(RawClient.ping_ack(parse(held)[-1].opaque_data)) == []
     p.to_server()
     p.clock.now += 2.0
     assert ours(p.server.handle_timer(p.clock.now))[0] == GoawaySent(last_stream_id=3, final=True, reason="chance")

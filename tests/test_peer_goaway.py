@@ -21,83 +21,30 @@ import asyncio
 import logging
 
 import h2.events
-import hpack
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, PingFrame, RstStreamFrame, SettingsFrame
+from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, PingFrame, RstStreamFrame
 from manual_clock import ManualClock
+from raw_h2 import MAX_ID, REQUEST, RawClient, parse_frames
 
 from goaway_ext import FrameScanner, GoawayPolicy, GoawaySent, H2Server, ServerConnection
 from goaway_ext.asyncio_server import builtin_app
 from goaway_ext.server import DrainState
-
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-REQUEST = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"peer")]
-MAX_ID = 2**31 - 1
-
-
-class Wire:
-    """A client that exists only as bytes: one HPACK encoder, frames from hyperframe."""
-
-    def __init__(self) -> None:
-        self.encoder = hpack.Encoder()
-
-    def preface(self) -> bytes:
-        return PREFACE + SettingsFrame(0).serialize()
-
-    def headers(self, stream_id: int, end_stream: bool = True) -> bytes:
-        frame = HeadersFrame(stream_id)
-        frame.data = self.encoder.encode(REQUEST)
-        frame.flags.add("END_HEADERS")
-        if end_stream:
-            frame.flags.add("END_STREAM")
-        return frame.serialize()
-
-    @staticmethod
-    def goaway(last_stream_id: int = 0, error_code: int = 0) -> bytes:
-        frame = GoAwayFrame(0)
-        frame.last_stream_id = last_stream_id
-        frame.error_code = error_code
-        return frame.serialize()
-
-    @staticmethod
-    def reset(stream_id: int) -> bytes:
-        frame = RstStreamFrame(stream_id)
-        frame.error_code = ErrorCodes.CANCEL
-        return frame.serialize()
-
-    @staticmethod
-    def ping_ack(opaque: bytes) -> bytes:
-        frame = PingFrame(0)
-        frame.opaque_data = opaque
-        frame.flags.add("ACK")
-        return frame.serialize()
-
-
-def parse(data: bytes) -> list[Frame]:
-    frames, pos = [], 0
-    while pos < len(data):
-        frame, length = Frame.parse_frame_header(memoryview(data[pos : pos + 9]))
-        frame.parse_body(memoryview(data[pos + 9 : pos + 9 + length]))
-        frames.append(frame)
-        pos += 9 + length
-    assert pos == len(data)
-    return frames
 
 
 def refusals(frames: list[Frame]) -> list[int]:
     return [f.stream_id for f in frames if isinstance(f, RstStreamFrame) and f.error_code == ErrorCodes.REFUSED_STREAM]
 
 
-def drained_server(mode: str) -> tuple[ServerConnection, Wire, ManualClock]:
+def drained_server(mode: str) -> tuple[ServerConnection, RawClient, ManualClock]:
     """Stream 1 served, the drain over: the final GOAWAY(1) is on the wire."""
     clock = ManualClock(100.0)
     server = ServerConnection(policy=GoawayPolicy(mode=mode, ping_timeout=1.0), clock=clock)
-    wire = Wire()
+    wire = RawClient()
     server.initiate_connection()
-    server.receive_data(wire.preface() + wire.headers(1))
+    server.receive_data(wire.preface() + wire.headers_frame(1))
     server.send_headers(1, [(b":status", b"200")], end_stream=True)
     server.start_drain("test")
     server.handle_timer(clock.now)
@@ -105,7 +52,7 @@ def drained_server(mode: str) -> tuple[ServerConnection, Wire, ManualClock]:
     server.handle_timer(clock.now)
     # idle mode may ask a PING first: answer every PING the way a client's h2 does.
     for _ in range(3):
-        pings = [f for f in parse(server.data_to_send()) if isinstance(f, PingFrame) and "ACK" not in f.flags]
+        pings = [f for f in parse_frames(server.data_to_send()) if isinstance(f, PingFrame) and "ACK" not in f.flags]
         if not pings:
             break
         for ping in pings:
@@ -119,11 +66,11 @@ def drained_server(mode: str) -> tuple[ServerConnection, Wire, ManualClock]:
 @pytest.mark.parametrize("mode", ["graceful", "single", "idle"])
 def test_late_headers_and_peer_goaway_in_one_read(mode: str) -> None:
     server, wire, _ = drained_server(mode)
-    data = wire.headers(3) + wire.goaway()
+    data = wire.headers_frame(3) + wire.goaway()
     plain = H2Connection(H2Configuration(client_side=False, header_encoding=None))
     plain.initiate_connection()
-    plain.receive_data(Wire().preface())
-    assert [type(e) for e in plain.receive_data(Wire().headers(3) + Wire.goaway())] == [
+    plain.receive_data(RawClient().preface())
+    assert [type(e) for e in plain.receive_data(RawClient().headers_frame(3) + RawClient.goaway())] == [
         h2.events.RequestReceived, h2.events.StreamEnded, h2.events.ConnectionTerminated]
 
     events = server.receive_data(data)  # raised ProtocolError before the fix
@@ -147,18 +94,18 @@ def test_late_headers_and_peer_goaway_right_after_our_ping_ack() -> None:
     # client's GOAWAY in the next (how the issue saw it on the wire).
     clock = ManualClock(100.0)
     server = ServerConnection(policy=GoawayPolicy(ping_timeout=30.0), clock=clock)
-    wire = Wire()
+    wire = RawClient()
     server.initiate_connection()
-    server.receive_data(wire.preface() + wire.headers(1, end_stream=False))
+    server.receive_data(wire.preface() + wire.headers_frame(1, end_stream=False))
     server.start_drain("test")
     assert server.handle_timer(clock.now) == [GoawaySent(last_stream_id=MAX_ID, final=False, reason="test")]
-    ping = next(f for f in parse(server.data_to_send()) if isinstance(f, PingFrame))
+    ping = next(f for f in parse_frames(server.data_to_send()) if isinstance(f, PingFrame))
     assert server.receive_data(wire.ping_ack(ping.opaque_data)) == [
         GoawaySent(last_stream_id=1, final=True, reason="test")]
     server.data_to_send()
-    events = server.receive_data(wire.headers(3) + wire.headers(5) + wire.goaway(0))
+    events = server.receive_data(wire.headers_frame(3) + wire.headers_frame(5) + wire.goaway(0))
     assert [type(e) for e in events] == [h2.events.ConnectionTerminated]
-    assert refusals(parse(server.data_to_send())) == [3, 5]
+    assert refusals(parse_frames(server.data_to_send())) == [3, 5]
     assert server.stats.streams_refused == 2
     # Stream 1 is still open (h2 cannot answer it any more: the peer left);
     # grace or the owner's close ends it. Our own frames still go out.
@@ -168,17 +115,17 @@ def test_late_headers_and_peer_goaway_right_after_our_ping_ack() -> None:
 def test_ping_ack_late_headers_and_peer_goaway_all_in_one_read() -> None:
     clock = ManualClock(100.0)
     server = ServerConnection(policy=GoawayPolicy(ping_timeout=30.0), clock=clock)
-    wire = Wire()
+    wire = RawClient()
     server.initiate_connection()
-    server.receive_data(wire.preface() + wire.headers(1))
+    server.receive_data(wire.preface() + wire.headers_frame(1))
     server.send_headers(1, [(b":status", b"200")], end_stream=True)
     server.start_drain("test")
     server.handle_timer(clock.now)
-    ping = next(f for f in parse(server.data_to_send()) if isinstance(f, PingFrame))
+    ping = next(f for f in parse_frames(server.data_to_send()) if isinstance(f, PingFrame))
     # HEADERS 3 arrives after the ACK in the same read: h2 has already counted
     # it when the ACK is handled, so the final GOAWAY covers it and it is served
     # (as far as h2 still can): never refused, never an exception.
-    events = server.receive_data(wire.ping_ack(ping.opaque_data) + wire.headers(3) + wire.goaway(0))
+    events = server.receive_data(wire.ping_ack(ping.opaque_data) + wire.headers_frame(3) + wire.goaway(0))
     assert [type(e) for e in events] == [
         GoawaySent, h2.events.RequestReceived, h2.events.StreamEnded, h2.events.ConnectionTerminated]
     assert events[0] == GoawaySent(last_stream_id=3, final=True, reason="test")
@@ -187,7 +134,7 @@ def test_ping_ack_late_headers_and_peer_goaway_all_in_one_read() -> None:
 
 def test_a_late_stream_reset_by_the_peer_in_the_same_read_as_its_goaway_is_not_refused() -> None:
     server, wire, _ = drained_server("single")
-    events = server.receive_data(wire.headers(3) + wire.reset(3) + wire.goaway())
+    events = server.receive_data(wire.headers_frame(3) + wire.reset(3) + wire.goaway())
     assert [type(e) for e in events] == [h2.events.ConnectionTerminated]
     assert server.data_to_send() == b""
     assert server.stats.streams_refused == 0
@@ -196,18 +143,18 @@ def test_a_late_stream_reset_by_the_peer_in_the_same_read_as_its_goaway_is_not_r
 def test_grace_after_the_peers_goaway_cuts_each_open_stream_once() -> None:
     clock = ManualClock(100.0)
     server = ServerConnection(policy=GoawayPolicy(mode="single", grace=5.0), clock=clock)
-    wire = Wire()
+    wire = RawClient()
     server.initiate_connection()
-    server.receive_data(wire.preface() + wire.headers(1, end_stream=False))
+    server.receive_data(wire.preface() + wire.headers_frame(1, end_stream=False))
     server.start_drain("test")
     server.handle_timer(clock.now)
     server.data_to_send()
-    events = server.receive_data(wire.headers(3) + wire.goaway(1))
+    events = server.receive_data(wire.headers_frame(3) + wire.goaway(1))
     assert [type(e) for e in events] == [h2.events.ConnectionTerminated]
-    assert refusals(parse(server.data_to_send())) == [3]
+    assert refusals(parse_frames(server.data_to_send())) == [3]
     clock.now += 5.0
     assert [type(e).__name__ for e in server.handle_timer(clock.now)] == ["ConnectionDrained"]
-    frames = parse(server.data_to_send())
+    frames = parse_frames(server.data_to_send())
     assert [(f.stream_id, f.error_code) for f in frames] == [(1, ErrorCodes.CANCEL)]
     assert server.stats.streams_cut == 1 and server.stats.streams_refused == 1
     assert server.close_at == clock.now
@@ -244,7 +191,7 @@ async def _late_headers_and_goaway_over_a_socket(mode: str) -> tuple[list[Frame]
         client.send_headers(3, REQUEST, end_stream=True)
         client.close_connection()
         late = client.data_to_send()
-        assert [type(f) for f in parse(late)] == [HeadersFrame, GoAwayFrame]
+        assert [type(f) for f in parse_frames(late)] == [HeadersFrame, GoAwayFrame]
         writer.write(late)
         start = len(raw)
         while True:
@@ -254,7 +201,7 @@ async def _late_headers_and_goaway_over_a_socket(mode: str) -> tuple[list[Frame]
             raw += chunk
         writer.close()
         totals = server.stats()
-        return parse(raw[start:]), totals
+        return parse_frames(raw[start:]), totals
     finally:
         await server.shutdown(timeout=2.0)
 

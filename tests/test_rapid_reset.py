@@ -19,7 +19,9 @@ import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, SettingsFrame
 from manual_clock import ManualClock
-from test_hostile import RawClient, parse, start
+from raw_h2 import RawClient
+from raw_h2 import parse_frames as parse
+from test_hostile import start
 
 from goaway_ext import ConnectionDrained, GoawayPolicy, GoawaySent, H2Server, ServerConnection
 from goaway_ext.asyncio_client import H2Client

@@ -23,23 +23,12 @@ from h2.events import (
 )
 from hyperframe.frame import Frame, GoAwayFrame, PingFrame, RstStreamFrame
 from manual_clock import ManualClock
+from raw_h2 import parse_frames
 
 from goaway_ext import ConnectionDrained, FrameScanner, GoawayPolicy, GoawaySent, ServerConnection
 from goaway_ext.server import DrainState
 
 MAX = 2**31 - 1
-
-
-def parse(data: bytes) -> list[Frame]:
-    frames = []
-    pos = 0
-    while pos < len(data):
-        frame, length = Frame.parse_frame_header(memoryview(data[pos : pos + 9]))
-        frame.parse_body(memoryview(data[pos + 9 : pos + 9 + length]))
-        frames.append(frame)
-        pos += 9 + length
-    assert pos == len(data), "server output must end on a frame boundary"
-    return frames
 
 
 def kinds(frames: list[Frame]) -> list[str]:
@@ -82,7 +71,7 @@ class Pair:
         return self.server.receive_data(self.client.data_to_send())
 
     def server_frames(self) -> list[Frame]:
-        return parse(self.server.data_to_send())
+        return parse_frames(self.server.data_to_send())
 
     def deliver(self, frames_bytes: bytes) -> list[Any]:
         data, found = self.scanner.feed(frames_bytes)
@@ -91,7 +80,7 @@ class Pair:
 
     def to_client(self) -> tuple[list[str], list[Any]]:
         raw = self.server.data_to_send()
-        return kinds(parse(raw)), self.deliver(raw)
+        return kinds(parse_frames(raw)), self.deliver(raw)
 
     def request(self, end_stream: bool = True, headers: list[tuple[bytes, bytes]] | None = None) -> int:
         sid = self.client.get_next_available_stream_id()
@@ -435,7 +424,7 @@ def test_data_to_send_amount_keeps_frames_whole() -> None:
         wire += chunk
         if len(wire) == 7 * 20:  # inside our GOAWAY: h2 queues a frame meanwhile
             p.server.ping(b"between!")
-    names = kinds(parse(wire))
+    names = kinds(parse_frames(wire))
     assert names == ["HEADERS(1)", "DATA(1)+END", f"GOAWAY({MAX})", "PING", "PING"]
 
 
@@ -450,7 +439,7 @@ def test_cut_frame_of_ours_is_finished_before_h2_bytes_on_unbounded_send() -> No
     wire = p.server.data_to_send(5)  # the first 5 bytes of it
     p.server.ping(b"between!")  # h2 queues a frame while ours is cut
     wire += p.server.data_to_send()
-    assert kinds(parse(wire)) == ["GOAWAY(0)", "PING"]
+    assert kinds(parse_frames(wire)) == ["GOAWAY(0)", "PING"]
 
 
 def test_goaway_bytes_equal_hyperframe() -> None:

@@ -46,12 +46,13 @@ import h2.events
 import pytest
 from h2.config import H2Configuration
 from h2.errors import ErrorCodes
-from hyperframe.frame import Frame, RstStreamFrame
+from hyperframe.frame import RstStreamFrame
 from hypothesis import HealthCheck, settings
 from hypothesis import event as note_event
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from manual_clock import ManualClock
+from raw_h2 import parse_frames
 
 from goaway_ext import (
     ClientConnection,
@@ -118,17 +119,6 @@ class ServerStream:
     @property
     def finished(self) -> bool:
         return self.reset_by_me or self.reset_by_peer or self.cut or (self.request_ended and self.response_ended)
-
-
-def parse_frames(data: bytes) -> list[Frame]:
-    frames, pos = [], 0
-    while pos < len(data):
-        frame, length = Frame.parse_frame_header(memoryview(data[pos : pos + 9]))
-        frame.parse_body(memoryview(data[pos + 9 : pos + 9 + length]))
-        frames.append(frame)
-        pos += 9 + length
-    assert pos == len(data), "server output must end on a frame boundary"
-    return frames
 
 
 def _pick(ids: list[int], index: int) -> int | None:
