@@ -462,3 +462,15 @@ def test_config_checks() -> None:
     with pytest.raises(TypeError, match="reason"):
         ServerConnection().start_drain(3)  # type: ignore[arg-type]
     assert ServerConnection().config.header_encoding is None
+
+
+def test_methods_are_looked_up_per_call_a_saved_one_misses_the_goaway() -> None:
+    # README "Server": a drain swaps the instance's fast paths for the draining methods, so
+    # looking data_to_send up on each call hands out the GOAWAY, and one saved before the drain
+    # is h2's and does not.
+    p = Pair()
+    saved = p.server.data_to_send
+    p.server.start_drain()
+    p.server.handle_timer(p.clock.now)
+    assert kinds(parse_frames(saved())) == []
+    assert kinds(parse_frames(p.server.data_to_send())) == [f"GOAWAY({MAX})", "PING"]
