@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import queue
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from serve_process import ServeProcess
 
 from goaway_ext.asyncio_client import H2Client
 from goaway_ext.httpx import AsyncGracefulTransport, GracefulTransport
@@ -31,42 +29,11 @@ WATCH_SECONDS = 2  # the server sends a chunk every 0.5 s
 WATCH_BODY_CHUNKS = 4
 
 
-class Server:
+class Server(ServeProcess):
     """A running ``serve`` subprocess and its port."""
 
     def __init__(self, *args: str) -> None:
-        command = [sys.executable, "-m", "goaway_ext", "serve", "--host", "127.0.0.1", "--port", "0",
-                   "--linger", "0.2", "--log-level", "WARNING", *args]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        lines: queue.Queue[str] = queue.Queue()
-
-        def pump() -> None:
-            assert self.process.stdout is not None
-            for line in self.process.stdout:
-                lines.put(line)
-
-        threading.Thread(target=pump, daemon=True).start()
-        self.output: list[str] = []
-        while True:
-            try:
-                line = lines.get(timeout=15)
-            except queue.Empty:
-                self.stop()
-                raise RuntimeError(f"server did not start: {self.output}") from None
-            self.output.append(line)
-            if line.startswith("listening on "):
-                self.port = int(line.rsplit(":", 1)[1])
-                break
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        super().__init__(*args, start_timeout=15)
 
 
 @pytest.fixture(scope="module")

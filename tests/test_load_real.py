@@ -9,59 +9,28 @@ counted once (connections opened = GOAWAYs + connections held).
 
 from __future__ import annotations
 
-import os
-import queue
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from serve_process import ServeProcess
 
 from goaway_ext.loadgen import run_load
 
 REQUESTS = 1500
 
 
-class Serve:
-    """``serve`` in a subprocess on 127.0.0.1, stopped by :meth:`stop`."""
+class Serve(ServeProcess):
+    """``serve`` with its URL ending in "/", as ``load`` takes it."""
 
     def __init__(self, *args: str) -> None:
-        command = [sys.executable, "-m", "goaway_ext", "serve", "--host", "127.0.0.1", "--port", "0",
-                   "--linger", "0.2", "--log-level", "WARNING", *args]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        lines: queue.Queue[str] = queue.Queue()
-
-        def pump() -> None:
-            assert self.process.stdout is not None
-            for line in self.process.stdout:
-                lines.put(line)
-
-        threading.Thread(target=pump, daemon=True).start()
-        seen = []
-        while True:
-            try:
-                line = lines.get(timeout=30)
-            except queue.Empty:
-                self.stop()
-                raise RuntimeError(f"serve did not start: {seen}") from None
-            seen.append(line)
-            if line.startswith("listening on "):
-                self.url = f"http://127.0.0.1:{int(line.rsplit(':', 1)[1])}/"
-                return
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        super().__init__(*args)
+        self.url += "/"
 
 
 # Mode idle waits for a moment without streams, which a loaded connection never has, and
