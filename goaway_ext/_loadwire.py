@@ -54,7 +54,7 @@ from typing import Any
 import hpack
 from hpack.table import HeaderTable
 
-from ._core import DEFAULT_MAX_FRAME_SIZE, decode_goaway, encode_goaway, encode_rst_stream, split_frames
+from ._core import DEFAULT_MAX_FRAME_SIZE, decode_goaway, encode_goaway, encode_ping, encode_rst_stream, split_frames
 
 __all__ = ["ENDED", "GOAWAY", "REFUSED", "RESET", "TERMINATED", "LoadWire", "ResponseStatus", "WireError",
            "encode_request_block", "encode_request_blocks"]
@@ -416,7 +416,7 @@ class LoadWire:
                 if length != 8:
                     raise self._fail(_FRAME_SIZE_ERROR, f"PING of {length} bytes")
                 if not flags & _ACK:
-                    self._out += _frame(_PING, _ACK, 0, payload)
+                    self._out += encode_ping(payload, ack=True)
             elif ftype == _GOAWAY:
                 if length < 8:
                     raise self._fail(_FRAME_SIZE_ERROR, f"GOAWAY of {length} bytes")
