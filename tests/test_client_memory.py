@@ -254,3 +254,16 @@ def test_memoryview_input() -> None:
     pair.respond(stream_id)
     events = pair.client.receive_data(memoryview(pair.server.data_to_send() + encode_goaway(stream_id)))
     assert kinds(events)[-1] == "GoawayReceived"
+
+
+def test_methods_are_looked_up_per_call_a_saved_one_misses_the_goaway() -> None:
+    # README "Server": until the first GOAWAY, send_headers is h2's, stored on the instance; the
+    # GOAWAY swaps it, so a lookup per call refuses a new stream and a method saved before does not.
+    pair = Pair()
+    saved = pair.client.send_headers
+    (first,) = pair.open(1)
+    pair.to_client(encode_goaway(first))
+    assert pair.client.is_draining
+    with pytest.raises(ConnectionDrainingError):
+        pair.client.send_headers(first + 2, REQUEST, end_stream=True)
+    saved(first + 2, REQUEST, end_stream=True)  # h2's own: no ConnectionDrainingError
