@@ -22,6 +22,8 @@ worker. So the host, not the worker, is one server of the fleet:
 
 Values come in as the argument names of ``serve --fair-share`` (``fair_share``,
 ``name``, ``haproxy_socket`` ...); errors name them as the caller spells them.
+``serve`` uses the same checks and controller, as a host of one process: both
+commands then refuse the same values with the same messages.
 """
 
 from __future__ import annotations
@@ -30,17 +32,22 @@ import multiprocessing
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from .fairshare import FairShare, StaticFleetView
 from .fleet import HAProxyFleetView, LoadPublisher, PeerFleetView, PollingFleetView
 
-__all__ = ["FleetSettings", "HostLoad", "LoadSlot", "FleetRunner", "ProcessFleet", "fleet_settings", "publish_address",
-           "start_publisher", "worker_fair_share"]
+__all__ = ["ConnectionCounts", "FLEET_VALUES", "FleetSettings", "HostLoad", "LoadSlot", "FleetRunner", "ProcessFleet",
+           "fleet_settings", "publish_address", "start_publisher", "worker_fair_share"]
 
 SOURCES = ("haproxy", "peers")
+
+#: The names :func:`fleet_settings` reads: ``serve``'s flags ``--fair-share``, ``--name`` ...
+#: with ``-`` as ``_``, and hypercorn's keys without their ``goaway_`` prefix.
+FLEET_VALUES = ("fair_share", "name", "haproxy_socket", "haproxy_backend", "peers", "publish_load", "fair_ceiling",
+                "fair_tolerance", "fair_max_drain_rate", "fair_interval", "fair_max_staleness")
 
 # FairShare's argument -> the serve-style name of the value that sets it.
 _FAIR_ARGUMENTS = {"ceiling": "fair_ceiling", "tolerance": "fair_tolerance", "max_drain_rate": "fair_max_drain_rate",
@@ -79,14 +86,24 @@ def publish_address(value: object, label: str) -> tuple[str, int]:
 
 
 def _relabel(message: str, label: Callable[[str], str]) -> str:
-    """A FairShare error in the caller's names: ``ceiling must`` -> ``goaway_fair_ceiling must``."""
+    """A FairShare error in the caller's names: ``ceiling must`` -> ``goaway_fair_ceiling must``.
+
+    A label that is a flag (``--fair-ceiling``) gets its value as typed,
+    ``--fair-ceiling 0.5`` rather than ``--fair-ceiling=0.5``.
+    """
     for argument, name in sorted(_FAIR_ARGUMENTS.items(), key=lambda item: -len(item[0])):
-        message = re.sub(rf"(?<![\w-]){argument}(?=[= ]|$)", label(name), message)
+        named = label(name)
+        if named.startswith("-"):
+            message = re.sub(rf"(?<![\w-]){argument}=", named + " ", message)
+        message = re.sub(rf"(?<![\w-]){argument}(?=[= ]|$)", named, message)
+    allow = label("allow_high_chance")
+    if allow.startswith("-"):
+        message = message.replace("allow_high_chance=True", allow)
     return message
 
 
 def fleet_settings(values: Mapping[str, Any], label: Callable[[str], str], *, chance: float,
-                   allow_high_chance: bool) -> FleetSettings | None:
+                   allow_high_chance: bool, standalone: Collection[str] = ()) -> FleetSettings | None:
     """Check the fair-share values (serve's argument names) and return them, or None when none is set.
 
     ``values`` maps ``fair_share``, ``name``, ``haproxy_socket``,
@@ -95,13 +112,16 @@ def fleet_settings(values: Mapping[str, Any], label: Callable[[str], str], *, ch
     ``fair_max_drain_rate``, ``fair_interval``, ``fair_max_staleness`` to
     values (absent or None: the default). ``label`` turns one of those names
     into what the user wrote (a config key, a flag), so every error names the
-    value as the user set it. ``chance`` is the fallback.
+    value as the user set it. ``chance`` is the fallback. A value set while
+    neither ``fair_share`` nor ``publish_load`` is would do nothing, and is
+    refused, unless it is in ``standalone`` (serve's ``--name`` is also its
+    ``x-backend`` header).
     """
     given = {key: value for key, value in values.items() if value is not None}
     source = given.get("fair_share")
     publish = given.get("publish_load")
     if source is None and publish is None:
-        extra = sorted(set(given) - {"fair_share"})
+        extra = sorted(set(given) - {"fair_share"} - set(standalone))
         if extra:
             raise ValueError(f"{label(extra[0])} is set but {label('fair_share')} is not: set "
                              f"{label('fair_share')} to 'haproxy' or 'peers' (or remove {label(extra[0])})")
@@ -123,7 +143,7 @@ def fleet_settings(values: Mapping[str, Any], label: Callable[[str], str], *, ch
                                  f"got {value!r}")
     elif "haproxy_socket" in given or "haproxy_backend" in given:
         key = "haproxy_socket" if "haproxy_socket" in given else "haproxy_backend"
-        raise ValueError(f"{label(key)} is only read with {label('fair_share')} haproxy, got {source!r}")
+        raise ValueError(f"{label(key)} is only read with {label('fair_share')} haproxy, {_source_is(source, label)}")
     if isinstance(peers_value, str):
         peers = tuple(p.strip() for p in peers_value.split(",") if p.strip())
     elif isinstance(peers_value, (list, tuple)) and all(isinstance(p, str) for p in peers_value):
@@ -141,7 +161,7 @@ def fleet_settings(values: Mapping[str, Any], label: Callable[[str], str], *, ch
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{label('peers')}: {exc}") from None
     elif peers:
-        raise ValueError(f"{label('peers')} is only read with {label('fair_share')} peers, got {source!r}")
+        raise ValueError(f"{label('peers')} is only read with {label('fair_share')} peers, {_source_is(source, label)}")
     address = None if publish is None else publish_address(publish, label("publish_load"))
     settings = FleetSettings(
         source=source, name=name, haproxy_socket=socket_path, haproxy_backend=backend, peers=peers, publish=address,
@@ -157,6 +177,11 @@ def fleet_settings(values: Mapping[str, Any], label: Callable[[str], str], *, ch
         except (TypeError, ValueError) as exc:
             raise type(exc)(_relabel(str(exc), label)) from None
     return settings
+
+
+def _source_is(source: str | None, label: Callable[[str], str]) -> str:
+    """The end of an "only read with" error: what ``fair_share`` is instead."""
+    return f"and {label('fair_share')} is not set" if source is None else f"got {label('fair_share')} {source!r}"
 
 
 def _controller(settings: FleetSettings, view: Any, *, chance: float, allow_high_chance: bool,
@@ -228,7 +253,17 @@ class HostLoad:
         return float(max(0.0, sum(self.array[1::2])))
 
 
-def start_publisher(settings: FleetSettings, host: HostLoad, label: str) -> LoadPublisher | None:
+class ConnectionCounts(Protocol):
+    """A host's connection counts, as the fleet sees them: a :class:`HostLoad`, or ``serve``'s one server."""
+
+    def open(self) -> float:
+        """Open connections: what the publisher and the peers read."""
+
+    def serving(self) -> float:
+        """Connections not draining: the controller's own load (``FairShare(local=)``)."""
+
+
+def start_publisher(settings: FleetSettings, host: ConnectionCounts, label: str) -> LoadPublisher | None:
     """The host's publisher when ``settings.publish`` is set; an OSError becomes a ValueError naming ``label``."""
     if settings.publish is None:
         return None
@@ -239,9 +274,12 @@ def start_publisher(settings: FleetSettings, host: HostLoad, label: str) -> Load
         raise ValueError(f"{label} {address}:{port}: cannot listen there ({exc.strerror or exc})") from None
 
 
-def worker_fair_share(settings: FleetSettings, host: HostLoad, *, chance: float, allow_high_chance: bool,
+def worker_fair_share(settings: FleetSettings, host: ConnectionCounts, *, chance: float, allow_high_chance: bool,
                       workers: int) -> tuple[FairShare, PollingFleetView] | None:
-    """A worker's controller and fleet view (not started), or None when the settings only publish."""
+    """A worker's controller and fleet view (not started), or None when the settings only publish.
+
+    ``serve`` is a host of one worker (``workers=1``: the whole drain rate).
+    """
     view: PollingFleetView
     if settings.source == "haproxy":
         assert settings.haproxy_socket is not None and settings.haproxy_backend is not None

@@ -20,12 +20,10 @@ import contextlib
 import json
 import logging
 import os
-import re
 import signal
 import ssl
 import subprocess
 import tempfile
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -1093,15 +1091,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                       help="with --fair-share peers: the peers' --publish-load addresses")
     fair.add_argument("--publish-load", default=None, metavar="[HOST:]PORT",
                       help="publish this server's open connections for its peers (GET /goaway-ext/load)")
-    fair.add_argument("--fair-ceiling", type=float, default=0.02,
+    fair.add_argument("--fair-ceiling", type=float, default=None,
                       help="largest effective chance (default 0.02; above needs --allow-high-chance)")
-    fair.add_argument("--fair-tolerance", type=float, default=0.10,
+    fair.add_argument("--fair-tolerance", type=float, default=None,
                       help="relative excess over the least-loaded server left alone (default 0.10)")
-    fair.add_argument("--fair-max-drain-rate", type=float, default=0.05,
+    fair.add_argument("--fair-max-drain-rate", type=float, default=None,
                       help="largest fraction of this server's connections drained per second (default 0.05)")
-    fair.add_argument("--fair-interval", type=float, default=1.0,
+    fair.add_argument("--fair-interval", type=float, default=None,
                       help="seconds between fleet-view polls and chance updates (default 1)")
-    fair.add_argument("--fair-max-staleness", type=float, default=5.0,
+    fair.add_argument("--fair-max-staleness", type=float, default=None,
                       help="seconds after which the fleet view is stale and --chance applies (default 5)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     parser.add_argument("--plain-h2", action="store_true", help=argparse.SUPPRESS)  # benchmarks: h2 baseline
@@ -1138,62 +1136,58 @@ def _tls_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext:
     return context
 
 
+def _fair_flag(name: str) -> str:
+    """A fair-share value's ``serve`` flag, for errors: ``fair_ceiling`` -> ``--fair-ceiling``."""
+    return "--" + name.replace("_", "-")
+
+
 class _FairShareSetup:
-    """What ``serve --fair-share`` starts beside the server: the fleet view, the publisher."""
+    """What ``serve --fair-share`` starts beside the server: the fleet view, the publisher.
+
+    The flags are checked and the controller is built by :mod:`goaway_ext._hostfleet`,
+    as hypercorn's ``goaway_*`` keys are: both refuse the same values, each error
+    naming the flag and the value. ``serve`` is a host of one process.
+    """
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from .fairshare import FairShare
-        from .fleet import HAProxyFleetView, PeerFleetView, PollingFleetView
+        from ._hostfleet import FLEET_VALUES, fleet_settings, worker_fair_share
 
         self.server: H2Server | None = None
         self.publisher: Any = None
-        self._publish = args.publish_load
-        if args.fair_share is not None and not args.name:
-            raise CommandError("--fair-share needs --name: this server's name in the fleet (HAProxy server name, "
-                               "or the name its peers see)")
-        self.name = args.name
-        view: PollingFleetView | None = None
-        if args.fair_share == "haproxy":
-            if not args.haproxy_socket or not args.haproxy_backend:
-                raise CommandError("--fair-share haproxy needs --haproxy-socket and --haproxy-backend")
-            view = HAProxyFleetView(args.haproxy_socket, args.haproxy_backend, interval=args.fair_interval)
-        elif args.fair_share == "peers":
-            if not args.peers:
-                raise CommandError("--fair-share peers needs --peers HOST:PORT,...")
-            view = PeerFleetView(args.name, self.local, [p for p in args.peers.split(",") if p],
-                                 interval=args.fair_interval)
-        self.view = view
-        self.fair = None
-        if view is not None:
-            self.fair = FairShare(view, args.name, clock=time.monotonic, fallback=args.chance,
-                                  ceiling=args.fair_ceiling, tolerance=args.fair_tolerance,
-                                  max_drain_rate=args.fair_max_drain_rate, interval=args.fair_interval,
-                                  max_staleness=args.fair_max_staleness, allow_high_chance=args.allow_high_chance,
-                                  local=self.serving)
+        self.view: Any = None
+        self.fair: Any = None
+        values = {name: getattr(args, name) for name in FLEET_VALUES}
+        # --name alone is no mistake: it is also the x-backend header.
+        self.settings = fleet_settings(values, _fair_flag, chance=args.chance,
+                                       allow_high_chance=args.allow_high_chance, standalone=("name",))
+        if self.settings is not None:
+            built = worker_fair_share(self.settings, self, chance=args.chance,
+                                      allow_high_chance=args.allow_high_chance, workers=1)
+            if built is not None:
+                self.fair, self.view = built
 
-    def local(self) -> float:
-        """This server's open connections (0 before it starts)."""
+    def open(self) -> float:
+        """This server's open connections (0 before it starts): what its peers read."""
         return float(self.server.open_connections) if self.server is not None else 0.0
 
     def serving(self) -> float:
-        """This server's connections that are not draining (0 before it starts)."""
+        """This server's connections that are not draining (0 before it starts): its own load."""
         return float(self.server.serving_connections) if self.server is not None else 0.0
 
     def start(self, server: H2Server) -> None:
         """Start polling and publishing for ``server``."""
-        from .fleet import LoadPublisher
+        from ._hostfleet import start_publisher
 
         self.server = server
         if self.view is not None:
             self.view.start()
-        if self._publish:
-            host, _, port = str(self._publish).rpartition(":")
+        if self.settings is not None:
             try:
-                self.publisher = LoadPublisher(self.name or server.name, self.local, host=host or "127.0.0.1",
-                                               port=int(port))
-            except (OSError, ValueError) as exc:
-                raise CommandError(f"--publish-load {self._publish}: {exc}") from None
-            print(f"publishing load on port {self.publisher.port}", flush=True)
+                self.publisher = start_publisher(self.settings, self, "--publish-load")
+            except ValueError as exc:
+                raise CommandError(str(exc)) from None
+            if self.publisher is not None:
+                print(f"publishing load on port {self.publisher.port}", flush=True)
 
     def close(self) -> None:
         """Stop the view's thread and the publisher."""
@@ -1247,12 +1241,7 @@ def run_command(args: argparse.Namespace) -> int:
         try:
             fair = _FairShareSetup(args)
         except (TypeError, ValueError) as exc:
-            message = str(exc)
-            for name, flag in _FAIR_FLAGS.items():
-                message = re.sub(rf"(?<![\w-]){name}=True\b", flag, message)
-                message = re.sub(rf"(?<![\w-]){name}=", flag + " ", message)
-                message = re.sub(rf"^{name}\b", flag, message)
-            raise CommandError(message) from None
+            raise CommandError(str(exc)) from None
         try:
             policy = GoawayPolicy(
                 0.0 if fair.fair is not None else args.chance, max_requests=args.max_requests,
@@ -1271,11 +1260,6 @@ def run_command(args: argparse.Namespace) -> int:
     except CommandError as exc:
         return fail("serve", exc)
 
-
-# FairShare arguments that ``serve`` takes as --fair-* flags.
-_FAIR_FLAGS = {"ceiling": "--fair-ceiling", "fallback": "--chance", "tolerance": "--fair-tolerance",
-               "max_drain_rate": "--fair-max-drain-rate", "interval": "--fair-interval",
-               "max_staleness": "--fair-max-staleness", "allow_high_chance": "--allow-high-chance"}
 
 # GoawayPolicy arguments that ``serve`` takes as flags of the same name.
 _POLICY_FLAGS = ("chance", "max_requests", "max_age", "max_idle", "jitter", "ping_timeout", "grace", "linger", "mode",

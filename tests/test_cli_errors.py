@@ -168,6 +168,82 @@ def test_serve_logs_the_effective_policy_in_one_line() -> None:
         assert setting in line, line
 
 
+# -- serve --fair-share ---------------------------------------------------------------------------
+# The same checks as hypercorn's goaway_* keys (goaway_ext._hostfleet.fleet_settings, whose
+# cases tests/test_hypercorn_fair_share.py runs), in serve's flags.
+
+PEERS = ("--fair-share", "peers", "--name", "b1", "--peers", "127.0.0.1:1")
+BAD_FAIR_SHARE = {
+    "unknown source": (("--fair-share", "haproxi"), "argument --fair-share: invalid choice: 'haproxi'"),
+    "no name": (("--fair-share", "peers", "--peers", "127.0.0.1:1"), "--fair-share peers needs --name:"),
+    "publish without name": (("--publish-load", "0"), "--publish-load needs --name:"),
+    "haproxy without socket": (("--fair-share", "haproxy", "--name", "b1", "--haproxy-backend", "be"),
+                               "--fair-share haproxy needs --haproxy-socket (a non-empty string), got None"),
+    "peers without peers": (("--fair-share", "peers", "--name", "b1"),
+                            "--fair-share peers needs --peers (HOST:PORT,...)"),
+    "bad peer": (("--fair-share", "peers", "--name", "b1", "--peers", "nohost"), "--peers: ", "got 'nohost'"),
+    "bad publish address": ((*PEERS, "--publish-load", "a:b"),
+                            "--publish-load must be '[HOST:]PORT' with a port in 0..65535, got 'a:b'"),
+    "high ceiling": ((*PEERS, "--fair-ceiling", "0.5"), "--fair-ceiling 0.5 is above 0.02",
+                     "Pass --allow-high-chance"),
+    "negative tolerance": ((*PEERS, "--fair-tolerance", "-1"), "--fair-tolerance must be", "got -1.0"),
+    "zero interval": ((*PEERS, "--fair-interval", "0"), "--fair-interval must be", "got 0.0"),
+    "fallback above ceiling": ((*PEERS, "--chance", "0.03", "--allow-high-chance"),
+                               "--chance must not exceed --fair-ceiling (0.02), got 0.03"),
+    # Flags that did nothing before (serve ignored them without --fair-share).
+    "ceiling without fair share": (("--fair-ceiling", "0.01"),
+                                   "--fair-ceiling is set but --fair-share is not"),
+    "peers without fair share": (("--peers", "127.0.0.1:1"), "--peers is set but --fair-share is not"),
+    "peers with haproxy": (("--fair-share", "haproxy", "--name", "b1", "--haproxy-socket", "/s",
+                            "--haproxy-backend", "be", "--peers", "127.0.0.1:1"),
+                           "--peers is only read with --fair-share peers, got --fair-share 'haproxy'"),
+    "socket while only publishing": (("--name", "b1", "--publish-load", "0", "--haproxy-socket", "/s"),
+                                     "--haproxy-socket is only read with --fair-share haproxy, and --fair-share "
+                                     "is not set"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_fair_share_runs() -> dict[str, subprocess.CompletedProcess[str]]:
+    """Every case of BAD_FAIR_SHARE run as a real ``serve``, all at once (each fails at startup)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    started = {case: subprocess.Popen([sys.executable, "-m", "goaway_ext", "serve", "--port", "0", *argv],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+               for case, (argv, *_) in BAD_FAIR_SHARE.items()}
+    done = {}
+    for case, process in started.items():
+        try:
+            out, err = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:  # a case that started serving: stop it, the test then fails
+                process.kill()
+                process.communicate()
+        done[case] = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    return done
+
+
+@pytest.mark.parametrize("case", BAD_FAIR_SHARE)
+def test_serve_bad_fair_share_flag_names_the_flag_and_value(
+        case: str, bad_fair_share_runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
+    _, *parts = BAD_FAIR_SHARE[case]
+    line = one_line(bad_fair_share_runs[case], 2, "serve: ", *parts)
+    assert "_" not in line.split("error:", 1)[1].replace("goaway_ext", ""), line  # flags, not argument names
+
+
+def test_serve_fair_share_flags_are_the_shared_values_and_default_to_unset() -> None:
+    # "Not given" must be visible to the shared checks: every value they read is a serve flag
+    # whose default is None (the defaults live in one place, goaway_ext._hostfleet).
+    import argparse
+
+    from goaway_ext._hostfleet import FLEET_VALUES
+    from goaway_ext.asyncio_server import configure_parser
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    defaults = {action.dest: action.default for action in parser._actions}
+    assert {name: defaults.get(name, "missing") for name in FLEET_VALUES} == dict.fromkeys(FLEET_VALUES)
+
+
 # -- load -----------------------------------------------------------------------------------------
 
 

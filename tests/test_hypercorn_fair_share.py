@@ -98,6 +98,14 @@ def test_a_bad_fair_share_key_is_named_with_its_value(keys: dict[str, Any], erro
         uninstall_protocol()
 
 
+def test_hypercorn_keys_are_the_values_serve_flags_set() -> None:
+    # One set of checks (goaway_ext._hostfleet) serves both: each goaway_* key is a serve flag's value.
+    from goaway_ext._hostfleet import FLEET_VALUES
+
+    assert list(FAIR_SHARE_KEYS.values()) == list(FLEET_VALUES)
+    assert all(key == "goaway_" + name for key, name in FAIR_SHARE_KEYS.items())
+
+
 def _wrapper(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "goaway_ext.hypercorn", *args], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
