@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from types import ModuleType
 from typing import Any
 
@@ -146,3 +147,71 @@ def test_resets_are_counted_and_flagged_only_when_asked(core: ModuleType) -> Non
     assert plain.scan([StreamReset(), request()]) == 0 and plain.resets == 0
     with pytest.raises(TypeError, match="reset_type"):
         core.RequestGate(RequestReceived, reset_type="StreamReset")
+
+
+# -- attach() / receive(): the gate in place of a connection's receive_data ---------------------
+
+
+def test_receive_returns_a_quiet_read_as_is_and_hands_the_rest_to_after(core: ModuleType) -> None:
+    reads: list[Any] = []
+    handed: list[tuple[list[Any], int]] = []
+    quiet, draining, reset = [other(), request()], [other(), request(), request()], [StreamReset(), other()]
+    batches = iter([quiet, draining, reset])
+
+    def read(data: Any) -> list[Any]:
+        reads.append(data)
+        return next(batches)
+
+    def after(events: list[Any], index: int) -> list[Any]:
+        handed.append((events, index))
+        return ["after"]
+
+    gate = core.RequestGate(RequestReceived, max_requests=3, reset_type=StreamReset)
+    gate.attach(read, after)
+    assert gate.receive(b"one") is quiet and handed == []  # no copy, no call on the fast path
+    assert gate.receive(b"two") == ["after"] and handed[-1] == (draining, 3) and gate.reason == "max_requests"
+    assert gate.receive(b"three") == ["after"] and handed[-1] == (reset, -1)  # a reset: the caller looks
+    assert reads == [b"one", b"two", b"three"] and gate.seen == 3 and gate.resets == 1
+
+
+class ListOfEvents(list):  # type: ignore[type-arg]
+    pass
+
+
+@pytest.mark.parametrize("returned", [(), None, ListOfEvents()], ids=["tuple", "None", "list subclass"])
+def test_receive_refuses_a_read_that_is_not_a_list(core: ModuleType, returned: Any) -> None:
+    # The compiled scan walks a list without checks: anything else must stop before it.
+    gate = core.RequestGate(RequestReceived, max_requests=1)
+    gate.attach(lambda data: returned, lambda events, index: events)
+    with pytest.raises(TypeError, match="receive must return a list, got " + re.escape(repr(returned))):
+        gate.receive(b"x")
+    assert gate.seen == 0
+
+
+def test_receive_before_attach_and_a_bad_attach_are_refused(core: ModuleType) -> None:
+    gate = core.RequestGate(RequestReceived)
+    with pytest.raises(RuntimeError, match=r"needs attach\(\) first"):
+        gate.receive(b"x")
+    with pytest.raises(TypeError, match="receive must be callable, got 3"):
+        gate.attach(3, lambda events, index: events)
+    with pytest.raises(TypeError, match="after must be callable, got 'after'"):
+        gate.attach(lambda data: [], "after")
+    with pytest.raises(RuntimeError, match=r"needs attach\(\) first"):  # a refused attach changed nothing
+        gate.receive(b"x")
+
+
+def test_an_error_of_the_read_reaches_the_caller_unchanged(core: ModuleType) -> None:
+    # h2's ProtocolError from receive_data must reach the server as h2 raised it.
+    class ProtocolError(Exception):
+        pass
+
+    error = ProtocolError("bad frame")
+
+    def read(data: Any) -> list[Any]:
+        raise error
+
+    gate = core.RequestGate(RequestReceived)
+    gate.attach(read, lambda events, index: events)
+    with pytest.raises(ProtocolError) as caught:
+        gate.receive(b"x")
+    assert caught.value is error
