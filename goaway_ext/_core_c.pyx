@@ -44,6 +44,7 @@ __all__ = [
     "decode_goaway",
     "Sampler",
     "FrameScanner",
+    "GoawayGate",
     "ExemptPaths",
     "RequestGate",
     "split_frames",
@@ -331,13 +332,17 @@ Takes GOAWAY frames out of an inbound HTTP/2 byte stream.
             raise ValueError(self._error)
         if not isinstance(data, bytes):
             data = _check_bytes("data", data)
-        cdef bytes chunk = <bytes>data
+        cdef list found = []
+        return self._feed(<bytes>data, found), found
+
+    cdef object _feed(self, bytes chunk, list found):
+        # feed() after its checks (GoawayGate calls it directly): the bytes for
+        # h2 come back, the decoded GOAWAYs are appended to ``found``.
         cdef const unsigned char* src = <const unsigned char*>PyBytes_AS_STRING(chunk)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(chunk)
         cdef Py_ssize_t pos = 0
         cdef Py_ssize_t run = 0
         cdef Py_ssize_t take
-        cdef list found = []
         # The bytes for h2 are written once into ``out``, allocated at the first
         # change and sized for the worst case (a held header plus the chunk),
         # then shrunk in place: no slices, no join.
@@ -399,7 +404,7 @@ Takes GOAWAY frames out of an inbound HTTP/2 byte stream.
             else:
                 pos += 9
         if out is None:
-            return chunk, found
+            return chunk
         memcpy(dst + olen, src + run, pos - run)
         olen += pos - run
         # Hand our one reference to _PyBytes_Resize (it needs the only one).
@@ -409,7 +414,119 @@ Takes GOAWAY frames out of an inbound HTTP/2 byte stream.
         _PyBytes_Resize(&raw, olen)
         result = <object>raw
         Py_DECREF(result)
-        return result, found
+        return result
+
+
+cdef extern from *:
+    """
+    /* True when an item of the list is exactly of class ``type`` (no subclass). */
+    static inline int goaway_list_has_type(PyObject *list, PyObject *type) {
+        Py_ssize_t i, n = PyList_GET_SIZE(list);
+        for (i = 0; i < n; i++) {
+            if ((PyObject *)Py_TYPE(PyList_GET_ITEM(list, i)) == type) return 1;
+        }
+        return 0;
+    }
+    """
+    bint _list_has_type "goaway_list_has_type"(list items, object type) noexcept
+
+cdef tuple _NO_GOAWAYS = ()
+
+
+cdef class GoawayGate:
+    """GoawayGate(scanner, reset_type)
+--
+
+A client connection's read while no GOAWAY has been seen, in one call; see ``_core_py.GoawayGate``."""
+
+    cdef FrameScanner _scanner
+    cdef object _reset_type
+    cdef long long _asked
+    cdef list _found
+    cdef object _connection
+    cdef object _receive
+    cdef object _after
+    cdef object _fallback
+
+    def __init__(self, scanner, reset_type):
+        if type(scanner) is not FrameScanner:
+            raise TypeError(f"scanner must be a FrameScanner of this core, got {scanner!r}")
+        if not isinstance(reset_type, type):
+            raise TypeError(f"reset_type must be a class, got {reset_type!r}")
+        self._scanner = <FrameScanner>scanner
+        self._reset_type = reset_type
+        self._asked = 16384
+        self._found = []
+
+    @property
+    def asked_frame_size(self):
+        """The largest SETTINGS_MAX_FRAME_SIZE we asked the peer for (16384 until we ask for more)."""
+        return self._asked
+
+    @asked_frame_size.setter
+    def asked_frame_size(self, value):
+        self._asked = _check_int("asked_frame_size", value, 16384, _MAX_FRAME_SIZE_LIMIT)
+
+    def attach(self, connection, receive, after, fallback):
+        """Give :meth:`receive` the connection, h2's read, the slow half and the full read."""
+        for name, value in (("receive", receive), ("after", after), ("fallback", fallback)):
+            if not callable(value):
+                raise TypeError(f"{name} must be callable, got {value!r}")
+        self._connection = connection
+        self._receive = receive
+        self._after = after
+        self._fallback = fallback
+
+    def receive(self, data):
+        """Scan ``data``, hand the rest to h2; see ``_core_py.GoawayGate.receive``."""
+        cdef FrameScanner scanner = self._scanner
+        cdef object limit_value
+        cdef long long limit
+        cdef int overflow = 0
+        cdef bint failed = False
+        cdef object for_h2
+        cdef object events
+        cdef object goaways = None
+        if self._connection is None:
+            raise RuntimeError("GoawayGate.receive() needs attach() first")
+        if type(data) is not bytes or scanner._error is not None:
+            return self._fallback(data)
+        # The scanner's bound is the larger of h2's acknowledged limit and the
+        # one we asked for; when it moved since the last read, the full read
+        # sets it (and validates it) as it always did.
+        limit_value = self._connection.max_inbound_frame_size
+        if type(limit_value) is not int:
+            return self._fallback(data)
+        limit = PyLong_AsLongLongAndOverflow(limit_value, &overflow)
+        if overflow:
+            return self._fallback(data)
+        if limit < self._asked:
+            limit = self._asked
+        if limit != scanner._max_frame_size:
+            return self._fallback(data)
+        try:
+            for_h2 = scanner._feed(<bytes>data, self._found)
+        except ValueError:
+            failed = True
+        if failed:
+            # An oversize frame: the scanner now refuses every read, and the full
+            # read turns that into h2's FrameTooLargeError with the same message.
+            self._found = []
+            return self._fallback(data)
+        if self._found:
+            goaways = self._found
+            self._found = []
+        if PyBytes_GET_SIZE(for_h2):
+            events = self._receive(for_h2)
+            if type(events) is not list:
+                raise TypeError(f"receive must return a list, got {events!r}")
+        else:
+            events = []
+        if goaways is not None:
+            return self._after(events, goaways)
+        if _list_has_type(<list>events, self._reset_type):
+            return self._after(events, _NO_GOAWAYS)
+        return events
 
 
 cdef frozenset _path_set(tuple paths):

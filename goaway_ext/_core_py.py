@@ -29,6 +29,7 @@ __all__ = [
     "decode_goaway",
     "Sampler",
     "FrameScanner",
+    "GoawayGate",
     "ExemptPaths",
     "RequestGate",
     "split_frames",
@@ -342,6 +343,109 @@ class FrameScanner:
             return data, found
         pieces.append(data[run:pos])
         return b"".join(pieces), found
+
+
+class GoawayGate:
+    """A client connection's read while no GOAWAY has been seen, in one call.
+
+    ``ClientConnection`` stores the gate's bound :meth:`receive` on the
+    instance in place of its own ``receive_data`` until the first GOAWAY: one
+    call (a C call in the compiled core) that runs the ``scanner`` over the
+    chunk and hands what is left to ``h2``'s ``receive_data``. Whatever a
+    plain read does not cover goes back to the connection's Python code, which
+    keeps the behaviour exact: a chunk that is not ``bytes``, a frame-size
+    bound that moved since the last read (an acknowledged SETTINGS, a larger
+    MAX_FRAME_SIZE asked for), a frame over the bound (``fallback``, the full
+    read); GOAWAYs in the chunk or a ``reset_type`` event (h2's
+    ``StreamReset``) among h2's events (``after``). It also holds
+    :attr:`asked_frame_size`, the other half of that bound.
+    """
+
+    __slots__ = ("_after", "_asked", "_connection", "_fallback", "_receive", "_reset_type", "_scanner")
+
+    def __init__(self, scanner: FrameScanner, reset_type: type) -> None:
+        if type(scanner) is not FrameScanner:
+            raise TypeError(f"scanner must be a FrameScanner of this core, got {scanner!r}")
+        if not isinstance(reset_type, type):
+            raise TypeError(f"reset_type must be a class, got {reset_type!r}")
+        self._scanner = scanner
+        self._reset_type = reset_type
+        self._asked = DEFAULT_MAX_FRAME_SIZE
+        self._connection: Any = None
+        self._receive: Callable[[bytes], list[Any]] | None = None
+        self._after: Callable[[list[Any], Any], list[Any]] | None = None
+        self._fallback: Callable[[Any], list[Any]] | None = None
+
+    @property
+    def asked_frame_size(self) -> int:
+        """The largest SETTINGS_MAX_FRAME_SIZE we asked the peer for (16384 until we ask for more).
+
+        Why here: the peer may send frames that large as soon as it has read
+        our SETTINGS, before ``h2`` applies the value on the ACK, so the
+        scanner's bound is the larger of the two.
+        """
+        return self._asked
+
+    @asked_frame_size.setter
+    def asked_frame_size(self, value: int) -> None:
+        self._asked = _check_int("asked_frame_size", value, DEFAULT_MAX_FRAME_SIZE, _MAX_FRAME_SIZE_LIMIT)
+
+    def attach(
+        self,
+        connection: Any,
+        receive: Callable[[bytes], list[Any]],
+        after: Callable[[list[Any], Any], list[Any]],
+        fallback: Callable[[Any], list[Any]],
+    ) -> None:
+        """Give :meth:`receive` the connection, h2's read, the slow half and the full read.
+
+        ``connection.max_inbound_frame_size`` is h2's acknowledged frame-size
+        bound; ``receive(bytes)`` is h2's ``receive_data`` and returns a list;
+        ``after(events, goaways)`` finishes a read that saw GOAWAYs or a
+        reset; ``fallback(data)`` is the connection's full Python read.
+        """
+        for name, value in (("receive", receive), ("after", after), ("fallback", fallback)):
+            if not callable(value):
+                raise TypeError(f"{name} must be callable, got {value!r}")
+        self._connection = connection
+        self._receive = receive
+        self._after = after
+        self._fallback = fallback
+
+    def receive(self, data: Any) -> list[Any]:
+        """Scan ``data`` and hand the rest to h2; the events, or what ``after``/``fallback`` make of the read."""
+        connection = self._connection
+        if connection is None or self._receive is None or self._after is None or self._fallback is None:
+            raise RuntimeError("GoawayGate.receive() needs attach() first")
+        scanner = self._scanner
+        if data.__class__ is not bytes or scanner._error is not None:
+            return self._fallback(data)
+        limit = connection.max_inbound_frame_size
+        if limit.__class__ is not int:
+            return self._fallback(data)
+        if limit < self._asked:
+            limit = self._asked
+        if limit != scanner._max_frame_size:
+            return self._fallback(data)
+        try:
+            for_h2, goaways = scanner.feed(data)
+        except ValueError:
+            # An oversize frame: the scanner now refuses every read, and the full
+            # read turns that into h2's FrameTooLargeError with the same message.
+            return self._fallback(data)
+        if for_h2:
+            events = self._receive(for_h2)
+            if events.__class__ is not list:
+                raise TypeError(f"receive must return a list, got {events!r}")
+        else:
+            events = []
+        if goaways:
+            return self._after(events, goaways)
+        reset_type = self._reset_type
+        for event in events:
+            if event.__class__ is reset_type:
+                return self._after(events, ())
+        return events
 
 
 def _path_set(paths: tuple[str | bytes, ...]) -> frozenset[str | bytes]:

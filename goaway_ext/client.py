@@ -47,7 +47,7 @@ import h2.exceptions
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
-from ._core import DEFAULT_MAX_FRAME_SIZE, MAX_DEBUG_DATA, FrameScanner, encode_goaway
+from ._core import DEFAULT_MAX_FRAME_SIZE, MAX_DEBUG_DATA, FrameScanner, GoawayGate, encode_goaway
 from .errors import ConnectionDrainingError
 from .events import GoawayReceived, StreamRefused
 
@@ -86,22 +86,31 @@ class ClientConnection(h2.connection.H2Connection):
             raise ValueError("ClientConnection needs an H2Configuration with client_side=True")
         super().__init__(config=config)
         self._scanner = FrameScanner(DEFAULT_MAX_FRAME_SIZE)
-        # The largest MAX_FRAME_SIZE we asked for; h2 only applies it once the
-        # server ACKs, but the server may use it as soon as it has read it.
-        self._asked_frame_size = DEFAULT_MAX_FRAME_SIZE
+        # The gate also keeps the largest MAX_FRAME_SIZE we asked for
+        # (asked_frame_size): h2 only applies it once the server ACKs, but the
+        # server may use it as soon as it has read it.
+        self._gate = GoawayGate(self._scanner, _StreamReset)
         self._goaway_last_stream_id: int | None = None
         self._goaway_error_code: int | None = None
         self._refused: set[int] = set()
         # Until a GOAWAY arrives, send_headers and get_next_available_stream_id
         # have nothing to guard: the instance gets h2's own as attributes, which
         # shadow the class's methods (plain functions, non-data descriptors) and
-        # save a Python frame and a super() per request. The first GOAWAY drops
-        # them (see _receive_goaway). A subclass that overrides either keeps it.
+        # save a Python frame and a super() per request. receive_data becomes
+        # the gate's receive: scanner and h2's receive_data in one call, no
+        # Python frame of ours on a read without GOAWAY or reset. The first
+        # GOAWAY drops all three (see _receive_goaway). A subclass that
+        # overrides one of them keeps its own.
         cls = type(self)
         shortcuts = 0
+        if cls.receive_data is _OWN_RECEIVE_DATA:
+            self._gate.attach(self, MethodType(_H2_RECEIVE_DATA, self), self._after_read,
+                              MethodType(_OWN_RECEIVE_DATA, self))
+            self.receive_data = self._gate.receive  # type: ignore[method-assign]
+            shortcuts = 4
         if cls.send_headers is _OWN_SEND_HEADERS:
             self.send_headers = MethodType(_H2_SEND_HEADERS, self)  # type: ignore[method-assign]
-            shortcuts = 1
+            shortcuts |= 1
         if cls.get_next_available_stream_id is _OWN_NEXT_STREAM_ID:
             self.get_next_available_stream_id = MethodType(_H2_NEXT_STREAM_ID, self)  # type: ignore[method-assign]
             shortcuts |= 2
@@ -172,8 +181,8 @@ class ClientConnection(h2.connection.H2Connection):
         """
         super().update_settings(new_settings)
         asked = new_settings.get(SettingCodes.MAX_FRAME_SIZE)
-        if asked is not None and asked > self._asked_frame_size:
-            self._asked_frame_size = asked
+        if asked is not None and asked > self._gate.asked_frame_size:
+            self._gate.asked_frame_size = asked
 
     def _draining_error(self) -> ConnectionDrainingError:
         return ConnectionDrainingError(
@@ -191,11 +200,16 @@ class ClientConnection(h2.connection.H2Connection):
         ``ConnectionTerminated`` for an error code) follows them. ``data`` must
         be bytes-like (``bytes``, ``bytearray``, ``memoryview``): anything else
         raises ``TypeError``, as in ``h2``.
+
+        Until the first GOAWAY the instance's ``receive_data`` is the core's
+        ``GoawayGate.receive``, which does the same in one call and comes back
+        here (or to :meth:`_after_read`) for anything but a plain read.
         """
         scanner = self._scanner
         limit = self.max_inbound_frame_size
-        if limit < self._asked_frame_size:
-            limit = self._asked_frame_size
+        asked = self._gate.asked_frame_size
+        if limit < asked:
+            limit = asked
         if limit != scanner.max_frame_size:
             scanner.max_frame_size = limit
         if data.__class__ is not bytes:
@@ -219,6 +233,19 @@ class ClientConnection(h2.connection.H2Connection):
         if goaways:
             for last_stream_id, error_code, debug_data in goaways:
                 self._receive_goaway(last_stream_id, error_code, debug_data, events)
+        return events
+
+    def _after_read(self, events: list[Any], goaways: Any) -> list[Any]:
+        """The gate's slow half: h2's events of a read with a StreamReset among them or GOAWAYs in it.
+
+        The same steps as the end of :meth:`receive_data`, in the same order.
+        """
+        for event in events:
+            if type(event) is _StreamReset:
+                events = self._add_refusals(events)
+                break
+        for last_stream_id, error_code, debug_data in goaways:
+            self._receive_goaway(last_stream_id, error_code, debug_data, events)
         return events
 
     def _add_refusals(self, events: list[Any]) -> list[Any]:
@@ -253,6 +280,8 @@ class ClientConnection(h2.connection.H2Connection):
                 del self.send_headers
             if self._shortcuts & 2:
                 del self.get_next_available_stream_id
+            if self._shortcuts & 4:
+                del self.receive_data
             self._shortcuts = 0
         refused = self._open_outbound_above(last_stream_id)
         log.debug("GOAWAY(last_stream_id=%d, error_code=%d) received; %d stream(s) above it refused",
@@ -292,3 +321,4 @@ class ClientConnection(h2.connection.H2Connection):
 # What __init__ compares with to know whether a subclass overrides them.
 _OWN_SEND_HEADERS = ClientConnection.send_headers
 _OWN_NEXT_STREAM_ID = ClientConnection.get_next_available_stream_id
+_OWN_RECEIVE_DATA = ClientConnection.receive_data

@@ -267,3 +267,24 @@ def test_methods_are_looked_up_per_call_a_saved_one_misses_the_goaway() -> None:
     with pytest.raises(ConnectionDrainingError):
         pair.client.send_headers(first + 2, REQUEST, end_stream=True)
     saved(first + 2, REQUEST, end_stream=True)  # h2's own: no ConnectionDrainingError
+
+
+def test_receive_data_is_the_gate_until_the_first_goaway_and_a_saved_one_stays_right() -> None:
+    # README "Server": until the first GOAWAY, receive_data is the core's GoawayGate.receive (scanner
+    # and h2's read in one call), stored on the instance; the GOAWAY drops it for the class's method.
+    # Unlike a saved send_headers, a saved receive_data needs no swap: the gate sends every GOAWAY
+    # and reset through the same Python code, so it keeps applying RFC 9113 §6.8 after the first.
+    pair = Pair()
+    saved = pair.client.receive_data
+    assert "receive_data" in vars(pair.client)
+    first, second, third = pair.open(3, end_stream=False)
+    pair.respond(first, end=False)
+    events = saved(pair.server.data_to_send() + encode_goaway(MAX))
+    assert kinds(events) == ["ResponseReceived", "DataReceived", "GoawayReceived"]
+    assert "receive_data" not in vars(pair.client)  # the class's method from now on
+    pair.respond(second, end=False)
+    events = saved(pair.server.data_to_send() + encode_goaway(second))  # lowers the bound: third is refused
+    assert kinds(events) == ["ResponseReceived", "DataReceived", "GoawayReceived", "StreamRefused"]
+    assert events[-1] == StreamRefused(stream_id=third)
+    with pytest.raises(h2.exceptions.ProtocolError, match="raised the last stream id"):
+        saved(encode_goaway(MAX))

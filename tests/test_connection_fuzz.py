@@ -16,11 +16,13 @@ with ``GOAWAY_EXT_FUZZ_EXAMPLES``.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import h2.exceptions
 from chunking import split
 from h2.config import H2Configuration
 from h2.connection import H2Connection
+from h2.settings import SettingCodes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from manual_clock import ManualClock
@@ -110,3 +112,67 @@ def test_client_connection_survives_garbage(data: bytes, cuts: list[int], goaway
             last = client.goaway_last_stream_id
     except h2.exceptions.ProtocolError:
         return
+
+
+# -- ClientConnection's compiled read (GoawayGate) against its full Python read --------------
+
+
+class FullRead(ClientConnection):
+    """Overrides receive_data, so it never gets the gate: every read takes the Python path."""
+
+    def receive_data(self, data):  # type: ignore[no-untyped-def]
+        return super().receive_data(data)
+
+
+def _frame(ftype: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + stream.to_bytes(4, "big") + payload
+
+
+# Frames a server might send (HEADERS use the static HPACK table only, so any order decodes),
+# GOAWAYs of every kind, resets, SETTINGS ACKs that apply our MAX_FRAME_SIZE, frames over it.
+WIRE_PIECES = [
+    _frame(1, 0x4, 1, b"\x88"), _frame(1, 0x5, 3, b"\x88"), _frame(0, 0, 1, b"abc"), _frame(0, 1, 1, b""),
+    _frame(0, 0, 1, b"x" * 17000), (20000).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01",
+    encode_goaway(2**31 - 1), encode_goaway(3), encode_goaway(1, 0, b"bye"), encode_goaway(3, 2, b"err"),
+    encode_goaway(5), _frame(3, 0, 5, (7).to_bytes(4, "big")), _frame(3, 0, 3, (8).to_bytes(4, "big")),
+    _frame(6, 0, 0, bytes(8)), _frame(4, 1, 0, b""), _frame(4, 0, 0, b"\x00\x05\x00\x00\x80\x00"),
+    _frame(8, 0, 0, (1000).to_bytes(4, "big")), b"\x00\x00",
+]
+steps = st.lists(st.one_of(
+    st.tuples(st.just("wire"), st.lists(st.sampled_from(range(len(WIRE_PIECES))), min_size=1, max_size=6),
+              st.lists(st.integers(0, 40000), max_size=3), st.sampled_from(["bytes", "memoryview", "bytearray"])),
+    st.tuples(st.just("ask"), st.sampled_from([16384, 20000, 32768])),
+), max_size=10)
+
+
+def _outcome(conn: ClientConnection, method: str, argument: Any) -> tuple[Any, ...]:
+    try:
+        result: Any = ("events", repr(getattr(conn, method)(argument)))
+    except Exception as exc:  # the exact exception is part of the behaviour compared
+        result = ("raised", type(exc).__name__, str(exc))
+    return (*result, conn.data_to_send(), conn.goaway_last_stream_id, conn.goaway_error_code,
+            conn.open_stream_count, conn.max_inbound_frame_size)
+
+
+@fuzz
+@given(script=steps)
+def test_client_gate_reads_exactly_like_the_python_read(script: list[Any]) -> None:
+    conns = [ClientConnection(H2Configuration(client_side=True, header_encoding=None)),
+             FullRead(H2Configuration(client_side=True, header_encoding=None))]
+    assert "receive_data" in vars(conns[0]) and "receive_data" not in vars(conns[1])
+    for conn in conns:
+        conn.initiate_connection()
+        for stream_id in (1, 3, 5):
+            conn.send_headers(stream_id, REQUEST, end_stream=stream_id != 5)
+        conn.data_to_send()
+    for step in script:
+        if step[0] == "ask":
+            outcomes = [_outcome(conn, "update_settings", {SettingCodes.MAX_FRAME_SIZE: step[1]}) for conn in conns]
+            assert outcomes[0] == outcomes[1]
+            continue
+        _, picks, cuts, kind = step
+        for piece in split(b"".join(WIRE_PIECES[i] for i in picks), cuts, keep_empty=True):
+            chunk: Any = {"memoryview": memoryview, "bytearray": bytearray, "bytes": bytes}[kind](piece)
+            outcomes = [_outcome(conn, "receive_data", chunk) for conn in conns]
+            assert outcomes[0] == outcomes[1]
+    assert ("receive_data" in vars(conns[0])) is (conns[0].goaway_last_stream_id is None)
