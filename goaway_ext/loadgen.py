@@ -173,6 +173,10 @@ def _config() -> h2.config.H2Configuration:
 _ENGINES = ("auto", "fast", "h2")
 _MAX_ATTEMPTS = 5  # as H2Client: a request refused this many times fails
 _READ_WINDOW = 1 << 24
+# Bytes queued for one connection's socket (asyncio's write buffer) before it stops
+# reading from the server until they are sent: a server that floods PINGs or SETTINGS
+# and never reads the acknowledgements cannot make the client buffer without bound.
+_MAX_WRITE_BUFFER = 1 << 16
 
 
 class _Run:
@@ -183,7 +187,8 @@ class _Run:
     """
 
     def __init__(self, host: str, port: int, path: str, context: ssl.SSLContext | None, method: str, body: bytes,
-                 streams: int, timeout: float, budget: _Budget, result: LoadResult, engine: str = "fast") -> None:
+                 streams: int, timeout: float, budget: _Budget, result: LoadResult, engine: str = "fast",
+                 max_write_buffer: int = _MAX_WRITE_BUFFER) -> None:
         self.host, self.port, self.context = host, port, context
         if context is not None:
             context.set_alpn_protocols(["h2"])
@@ -197,6 +202,7 @@ class _Run:
         self.budget = budget
         self.result = result
         self.engine = engine
+        self.max_write_buffer = max_write_buffer
         self.status: Counter[bytes | None] = Counter()
         self.errors: Counter[str] = Counter()
         self.retries: list[int] = []
@@ -419,9 +425,21 @@ class _LoadConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        # Past max_write_buffer unsent bytes asyncio calls pause_writing: we stop reading
+        # until the server takes what we owe it (every reply we queue answers a read), so
+        # a connection holds at most that plus the replies to one read (at most 256 KiB).
+        transport.set_write_buffer_limits(high=self.run.max_write_buffer)
         self.run.conns.add(self)
         self.fill()
         self.flush()
+
+    def pause_writing(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         run = self.run
@@ -586,6 +604,7 @@ async def run_load_async(
     insecure: bool = False,
     progress: Callable[[LoadResult], None] | None = None,
     engine: str = "auto",
+    max_write_buffer: int = _MAX_WRITE_BUFFER,
 ) -> LoadResult:
     """Run the load in the current event loop; see :func:`run_load`.
 
@@ -613,6 +632,8 @@ async def run_load_async(
         raise ValueError(f"engine must be one of {', '.join(_ENGINES)}, got {engine!r}")
     if engine == "fast" and body:
         raise ValueError("engine 'fast' sends no request body; use engine 'auto' or 'h2' with a body")
+    if type(max_write_buffer) is not int or max_write_buffer < 1024:
+        raise ValueError(f"max_write_buffer must be an int of at least 1024 bytes, got {max_write_buffer!r}")
     host, port, path, context = _target(url)
     if context is not None and insecure:
         context.check_hostname = False
@@ -620,7 +641,7 @@ async def run_load_async(
     result = LoadResult(connections=connections)
     budget = _Budget(requests, None)
     run = _Run(host, port, path, context, method, body, streams, timeout, budget, result,
-               "h2" if engine == "h2" or body else "fast")
+               "h2" if engine == "h2" or body else "fast", max_write_buffer)
     started = time.monotonic()
 
     def count() -> None:
@@ -703,19 +724,24 @@ def run_load(
     insecure: bool = False,
     progress: Callable[[LoadResult], None] | None = None,
     engine: str = "auto",
+    max_write_buffer: int = _MAX_WRITE_BUFFER,
 ) -> LoadResult:
     """Send ``requests`` (or run for ``duration`` seconds) over ``connections`` x ``streams``.
 
     With ``processes`` > 1 the connections and the request count are split
     between processes (each runs its own event loop) and the results merged.
     ``progress`` is called about twice a second with the partial result.
+    A connection with ``max_write_buffer`` bytes unsent stops reading from the
+    server until they are sent (a server that floods PINGs and reads nothing
+    cannot grow the client's memory; its requests fail by ``timeout``).
     """
     if processes < 1:
         raise ValueError(f"processes must be at least 1, got {processes!r}")
     if processes > connections:
         raise ValueError(f"processes ({processes}) cannot exceed connections ({connections})")
     common: dict[str, Any] = {"streams": streams, "duration": duration, "method": method, "body": body,
-                              "timeout": timeout, "insecure": insecure, "engine": engine}
+                              "timeout": timeout, "insecure": insecure, "engine": engine,
+                              "max_write_buffer": max_write_buffer}
     if processes == 1:
         return asyncio.run(
             run_load_async(url, requests=requests, connections=connections, progress=progress, **common)

@@ -9,6 +9,7 @@ counted once (connections opened = GOAWAYs + connections held).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -188,3 +189,89 @@ def test_refusal_and_goaway_in_one_read(engine: str) -> None:
     assert result.failed == 0 and result.status == {"200": 40}, result.errors
     assert result.streams_refused >= 1 and result.requests_retried >= 1
     assert result.goaways_received == 1 and result.connections_opened == 2
+
+
+class PingFlood:
+    """A raw server on 127.0.0.1: SETTINGS, then PINGs as fast as the socket takes them; it reads nothing.
+
+    Its receive buffer is small, so the client's PING ACKs back up in the client
+    after a few KiB instead of several MiB of kernel buffers on loopback.
+    """
+
+    PING = (8).to_bytes(3, "big") + bytes([6, 0]) + bytes(4) + b"floodnow"
+    CAP = 16 << 20  # what it sends at most: the client without a bound reads it all
+
+    def __init__(self) -> None:
+        import threading
+
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the accepted socket inherits it
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/"
+        self.sent = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.flood, daemon=True)
+        self.thread.start()
+
+    def flood(self) -> None:
+        self.listener.settimeout(30)
+        with contextlib.suppress(OSError), self.listener.accept()[0] as conn:
+            conn.settimeout(0.1)
+            conn.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # an empty SETTINGS: we are HTTP/2
+            block = self.PING * 4096
+            pending = memoryview(block)
+            while not self.done.is_set() and self.sent < self.CAP:
+                try:
+                    sent = conn.send(pending)
+                except TimeoutError:
+                    continue  # the client stopped reading: it is holding back, as it should
+                self.sent += sent
+                pending = pending[sent:] or memoryview(block)
+            self.done.wait(30)
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=30)
+        self.listener.close()
+
+
+@pytest.mark.parametrize("engine", ["fast", "h2"])
+def test_a_ping_flood_that_reads_nothing_cannot_grow_the_write_buffer(engine: str, monkeypatch: Any) -> None:
+    # README "Load generator": past max_write_buffer unsent bytes a connection stops reading,
+    # so the PING ACKs it owes a server that reads nothing stay bounded (the default, 64 KiB,
+    # plus the replies to one read of at most 256 KiB); the request fails by its timeout.
+    import asyncio
+
+    from goaway_ext import loadgen
+
+    peak = [0]
+
+    class Watched(loadgen._LoadConnection):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            # A small kernel send buffer too: the ACKs reach asyncio's buffer after a few KiB.
+            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            super().connection_made(transport)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.transport is not None:
+                peak[0] = max(peak[0], self.transport.get_write_buffer_size())
+
+    monkeypatch.setattr(loadgen, "_LoadConnection", Watched)
+    flood = PingFlood()
+    try:
+        result = asyncio.run(asyncio.wait_for(loadgen.run_load_async(flood.url, requests=1, timeout=2,
+                                                                     engine=engine), 60))
+    finally:
+        flood.close()
+    assert result.failed == 1 and result.succeeded == 0
+    assert list(result.errors) == ["no response on stream 1 within 2 s"]
+    assert flood.sent < PingFlood.CAP  # the client stopped reading long before the flood's end
+    assert 0 < peak[0] <= (64 << 10) + (256 << 10) + len(PingFlood.PING), peak[0]
+
+
+@pytest.mark.parametrize("bad", [1023, 0, 65536.0, "64k"])
+def test_max_write_buffer_bad_value_is_named(bad: Any) -> None:
+    with pytest.raises(ValueError, match="max_write_buffer"):
+        run_load("http://127.0.0.1:9/", requests=1, max_write_buffer=bad)
