@@ -15,13 +15,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import os
-import queue
 import resource
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +28,7 @@ from typing import Any
 import h2.events
 from h2.config import H2Configuration
 from manual_clock import ManualClock
+from serve_process import OutputProcess, ServeProcess
 
 from goaway_ext import ClientConnection, GoawayPolicy, GoawayReceived, ServerConnection, StreamRefused
 
@@ -224,64 +222,33 @@ class ServerProcess:
         return rss_bytes(self.process.pid)
 
 
-def _pump(process: subprocess.Popen[str], lines: queue.Queue[str], log: list[str]) -> None:
-    assert process.stdout is not None
-    for line in process.stdout:
-        log.append(line.rstrip("\n"))
-        lines.put(line)
-
-
 @contextlib.contextmanager
 def server_process(kind: str, chance: float, timeout: float = 20.0) -> Iterator[ServerProcess]:
     """``serve`` (kind "asyncio") or goaway_ext's hypercorn (kind "hypercorn") on 127.0.0.1; always stopped."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    listener: socket.socket | None = None
-    if kind == "asyncio":
-        command = [sys.executable, "-m", "goaway_ext", "serve", "--host", "127.0.0.1", "--port", "0",
-                   "--chance", str(chance), "--linger", "0.2", "--log-level", "WARNING"]
-        pass_fds: tuple[int, ...] = ()
-    elif kind == "hypercorn":
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(512)
-        command = [sys.executable, "-m", "goaway_ext.hypercorn", f"{HERE}:app", "--bind",
-                   f"fd://{listener.fileno()}", "--workers", "0", "--error-logfile", "-",
-                   "--goaway-chance", str(chance)]
-        pass_fds = (listener.fileno(),)
-    else:
+    if kind not in ("asyncio", "hypercorn"):
         raise ValueError(f"kind must be 'asyncio' or 'hypercorn', got {kind!r}")
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                               cwd=ROOT, pass_fds=pass_fds)
-    lines: queue.Queue[str] = queue.Queue()
-    log: list[str] = []
-    threading.Thread(target=_pump, args=(process, lines, log), daemon=True).start()
+    running: OutputProcess | None = None
     try:
-        port = None
-        deadline = time.monotonic() + timeout
-        while port is None:
-            try:
-                line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise RuntimeError(f"{kind} server did not start: {log}") from None
-            if kind == "asyncio" and line.startswith("listening on "):
-                port = int(line.rsplit(":", 1)[1])
-            elif kind == "hypercorn" and "Running on" in line:
-                assert listener is not None
+        if kind == "asyncio":
+            running = ServeProcess("--chance", str(chance), start_timeout=timeout, cwd=ROOT)
+            port = running.port
+        else:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+                listener.bind(("127.0.0.1", 0))
+                listener.listen(512)
+                running = OutputProcess(
+                    [sys.executable, "-m", "goaway_ext.hypercorn", f"{HERE}:app", "--bind", f"fd://{listener.fileno()}",
+                     "--workers", "0", "--error-logfile", "-", "--goaway-chance", str(chance)],
+                    cwd=ROOT, pass_fds=(listener.fileno(),))
+                try:
+                    running.wait_for("Running on", timeout=timeout)
+                except RuntimeError as exc:
+                    raise RuntimeError(f"hypercorn server did not start: {exc}") from None
                 port = listener.getsockname()[1]
-        if listener is not None:
-            listener.close()
-            listener = None
-        yield ServerProcess(process, port, log)
+        yield ServerProcess(running.process, port, running.output)
     finally:
-        if listener is not None:
-            listener.close()
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        if running is not None:
+            running.stop(timeout=15)
 
 
 def run_load_command(url: str, requests: int, clients: int, streams: int, processes: int = 1,

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from serve_process import ServeProcess
 
 OPENSSL = shutil.which("openssl")
 
@@ -139,30 +140,22 @@ def test_serve_rapid_reset_window_names_the_flag() -> None:
 
 @pytest.mark.parametrize("window, shown", [("0", "rapid_reset_window=None"), ("64", "rapid_reset_window=64")])
 def test_serve_rapid_reset_window_reaches_the_policy(window: str, shown: str) -> None:
-    process = subprocess.Popen([sys.executable, "-m", "goaway_ext", "serve", "--port", "0",
-                                "--rapid-reset-window", window],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    server = ServeProcess("--rapid-reset-window", window, "--log-level", "INFO")
     try:
-        assert process.stderr is not None
-        line = process.stderr.readline()
+        line = server.wait_for("")  # the line after "listening on"
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        server.stop()
     assert shown in line, line
 
 
 def test_serve_logs_the_effective_policy_in_one_line() -> None:
-    process = subprocess.Popen([sys.executable, "-m", "goaway_ext", "serve", "--port", "0", "--chance", "0.002",
-                                "--max-age", "60", "--seed", "7"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    server = ServeProcess("--chance", "0.002", "--max-age", "60", "--seed", "7", "--log-level", "INFO")
     try:
-        assert process.stderr is not None
-        line = process.stderr.readline()  # the startup line comes before anything else
+        line = server.wait_for("")
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        server.stop()
+    # The startup line comes before anything else serve logs: only "listening on" (stdout) is before it.
+    assert len(server.output) >= 2 and server.output[0].startswith("listening on ") and server.output[1] == line
     assert "goaway_ext.asyncio_server" in line and "GoawayPolicy(chance=0.002," in line, line
     for setting in ("max_age=60.0", "seed=7", "mode='graceful'", "grace=None", "allow_high_chance=False"):
         assert setting in line, line
@@ -337,18 +330,12 @@ def test_demo_bad_option_is_one_line() -> None:
 
 def test_load_http_url_against_tls_server(pem: dict[str, Path]) -> None:
     # The server waits for a TLS ClientHello, gets our cleartext preface and hangs up without a word.
-    process = subprocess.Popen([sys.executable, "-m", "goaway_ext", "serve", "--port", "0", "--tls", "--certfile",
-                                str(pem["a_cert"]), "--keyfile", str(pem["a_key"]), "--log-level", "WARNING"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = ServeProcess("--tls", "--certfile", str(pem["a_cert"]), "--keyfile", str(pem["a_key"]))
+    port = server.port
     try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith("listening on "), line
-        port = int(line.rsplit(":", 1)[1])
         done = run("load", f"http://127.0.0.1:{port}/", "-n", "20", "-c", "2", "-m", "2", "--no-progress")
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        server.stop(timeout=30)
     one_line(done, 2, f"http://127.0.0.1:{port}/", "closed the connection without sending anything",
              "use an https:// URL")
 
@@ -358,12 +345,9 @@ def test_h2client_without_ssl_against_tls_server_says_so(pem: dict[str, Path]) -
 
     from goaway_ext import H2Client, H2ClientError
 
-    process = subprocess.Popen([sys.executable, "-m", "goaway_ext", "serve", "--port", "0", "--tls", "--certfile",
-                                str(pem["a_cert"]), "--keyfile", str(pem["a_key"]), "--log-level", "WARNING"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = ServeProcess("--tls", "--certfile", str(pem["a_cert"]), "--keyfile", str(pem["a_key"]))
+    port = server.port
     try:
-        assert process.stdout is not None
-        port = int(process.stdout.readline().rsplit(":", 1)[1])
 
         async def get() -> str:
             async with H2Client("127.0.0.1", port, timeout=15) as client:
@@ -375,6 +359,5 @@ def test_h2client_without_ssl_against_tls_server_says_so(pem: dict[str, Path]) -
 
         message = asyncio.run(asyncio.wait_for(get(), 60))
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        server.stop(timeout=30)
     assert "without sending anything" in message and "ssl=" in message, message

@@ -28,6 +28,7 @@ from goaway_ext.fleet import (
     parse_show_stat,
 )
 from tests.manual_clock import ManualClock
+from tests.serve_process import ServeProcess
 
 # A peer process: "good NAME CONNECTIONS" publishes a load; "garbage" answers 200 with a body
 # that is not a load; "silent" accepts and never answers. Each prints its port, then waits.
@@ -305,24 +306,6 @@ def test_haproxy_view_garbage_and_absent_socket() -> None:
         assert fake.snapshot() is None and isinstance(fake.last_error, ValueError)
 
 
-def _serve(*args: str) -> tuple[subprocess.Popen[str], dict[str, int]]:
-    proc = subprocess.Popen([sys.executable, "-m", "goaway_ext", "serve", "--port", "0", "--log-level", "WARNING",
-                             *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            start_new_session=True)
-    ports: dict[str, int] = {}
-    assert proc.stdout is not None
-    while len(ports) < 2:
-        line = proc.stdout.readline()
-        if not line:
-            proc.wait(timeout=30)
-            pytest.fail(f"serve exited with {proc.returncode} before listening")
-        if line.startswith("listening on "):
-            ports["h2"] = int(line.rsplit(":", 1)[1])
-        elif line.startswith("publishing load on port "):
-            ports["load"] = int(line.rsplit(" ", 1)[1])
-    return proc, ports
-
-
 def test_serve_fair_share_peers_sheds_only_the_loaded_server() -> None:
     # Two real `serve` processes publish their load and read each other's. Eight clients
     # connect straight to b1, none to b2: b1 is above its share and sends GOAWAYs, within
@@ -332,12 +315,16 @@ def test_serve_fair_share_peers_sheds_only_the_loaded_server() -> None:
     from goaway_ext import H2Client
 
     lp1, lp2 = free_port(), free_port()
-    b1, p1 = _serve("--name", "b1", "--chance", "0", "--fair-share", "peers", "--peers", f"127.0.0.1:{lp2}",
-                    "--publish-load", f"127.0.0.1:{lp1}", "--fair-interval", "0.2", "--fair-ceiling", "0.02",
-                    "--fair-max-drain-rate", "1.0")
-    b2, p2 = _serve("--name", "b2", "--chance", "0", "--fair-share", "peers", "--peers", f"127.0.0.1:{lp1}",
-                    "--publish-load", f"127.0.0.1:{lp2}", "--fair-interval", "0.2")
+    # --linger 1: serve's own default (ServeProcess shortens it); a drained connection stays
+    # counted by b1's publisher for that second, as in the runs this test was tuned on.
+    b1 = ServeProcess("--name", "b1", "--chance", "0", "--fair-share", "peers", "--peers", f"127.0.0.1:{lp2}",
+                      "--publish-load", f"127.0.0.1:{lp1}", "--fair-interval", "0.2", "--fair-ceiling", "0.02",
+                      "--fair-max-drain-rate", "1.0", "--linger", "1")
+    b2 = ServeProcess("--name", "b2", "--chance", "0", "--fair-share", "peers", "--peers", f"127.0.0.1:{lp1}",
+                      "--publish-load", f"127.0.0.1:{lp2}", "--fair-interval", "0.2", "--linger", "1")
     try:
+        p1 = {"h2": b1.port, "load": b1.printed_port("publishing load on port ")}
+        p2 = {"h2": b2.port, "load": b2.printed_port("publishing load on port ")}
         assert p1["load"] == lp1 and p2["load"] == lp2
 
         async def drive() -> tuple[int, int, int]:
@@ -364,7 +351,5 @@ def test_serve_fair_share_peers_sheds_only_the_loaded_server() -> None:
         assert received >= 3, f"b1 never shed: {received} GOAWAYs over {requests} requests"
         assert b2_goaways == 0
     finally:
-        for proc in (b1, b2):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
+        for server in (b1, b2):
+            server.stop(timeout=60)

@@ -8,7 +8,6 @@ wiring (``goaway_max_idle`` key, ``--goaway-max-idle`` flag).
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ import h2.events
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
+from serve_process import ServeProcess
 from test_server_memory import Pair, kinds, ours
 
 from goaway_ext import ConnectionDrained, FrameScanner, GoawayPolicy, GoawaySent
@@ -132,20 +132,11 @@ async def _session(port: int) -> list[str]:
 
 
 def test_serve_max_idle_sends_goaway_only_after_the_watch_ended() -> None:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "goaway_ext", "serve", "--port", "0", "--max-idle", "0.3", "--chance", "0",
-         "--mode", "single", "--linger", "0.1", "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
-    )
+    server = ServeProcess("--max-idle", "0.3", "--chance", "0", "--mode", "single", "--linger", "0.1")
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("listening on "), line
-        log = asyncio.run(_session(int(line.rsplit(":", 1)[1])))
+        log = asyncio.run(_session(server.port))
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
     # The watch (1 s, longer than --max-idle 0.3) streams to its end; only then,
     # once idle, the GOAWAY, and the server closes after the linger.
     assert log[-3:] == ["end", "GOAWAY(1)", "EOF"], log

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -29,6 +27,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import DataReceived, ResponseReceived, StreamEnded, StreamReset
+from serve_process import ServeProcess
 
 from goaway_ext import FrameScanner
 
@@ -40,45 +39,14 @@ need_nghttp = pytest.mark.skipif(NGHTTP is None, reason="nghttp is not installed
 need_h2load = pytest.mark.skipif(H2LOAD is None, reason="h2load is not installed (Debian package nghttp2-client)")
 
 
-class Server:
-    """``python -m goaway_ext serve`` in a subprocess; stderr goes to a file so it never blocks."""
+class Server(ServeProcess):
+    """``serve`` logging at INFO: the tests read its drain lines in :meth:`stderr`."""
 
     def __init__(self, *args: str) -> None:
-        self.log = tempfile.NamedTemporaryFile(prefix="serve-", suffix=".log", delete=False)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "goaway_ext", "serve", "--host", "127.0.0.1", "--port", "0", *args],
-            stdout=subprocess.PIPE, stderr=self.log, env=env, text=True,
-        )
-        deadline = time.monotonic() + 20
-        line = ""
-        assert self.proc.stdout is not None
-        while time.monotonic() < deadline and not line:
-            line = self.proc.stdout.readline().strip()
-            if self.proc.poll() is not None:
-                break
-        if not line.startswith("listening on "):
-            self.stop()
-            raise AssertionError(f"server did not start: {line!r}\n{self.stderr()}")
-        self.port = int(line.rsplit(":", 1)[1])
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__("--log-level", "INFO", *args, start_timeout=20)
 
     def stderr(self) -> str:
-        with open(self.log.name) as f:
-            return f.read()
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self.log.close()
-        return self.proc.returncode
+        return self.text
 
 
 @pytest.fixture
@@ -93,7 +61,6 @@ def serve() -> Iterator[Any]:
     yield start
     for server in started:
         server.stop()
-        os.unlink(server.log.name)
 
 
 ALWAYS = ("--chance", "1.0", "--allow-high-chance", "--linger", "0.2")

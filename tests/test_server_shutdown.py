@@ -19,11 +19,11 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from serve_process import ServeProcess
 
 from goaway_ext import H2Client
 
@@ -91,32 +91,25 @@ def test_readme_example_drains_a_watch_on_a_signal_and_exits_0(tmp_path: Path, s
     assert "Traceback" not in log.read_text()
 
 
+# serve's arguments follow the script (sys.argv[1:]); the limit is set before serve starts.
 _LIMITED_SERVE = """
 import resource, runpy, sys
 resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
-sys.argv = ["goaway_ext", "serve", "--host", "127.0.0.1", "--port", "0", "--handshake-timeout", "1"]
+sys.argv[0] = "goaway_ext"
 runpy.run_module("goaway_ext", run_name="__main__")
 """
 
 
 def test_silent_sockets_at_the_fd_limit_are_reaped_and_accept_errors_logged_once_per_interval() -> None:
-    with tempfile.NamedTemporaryFile(prefix="serve-", suffix=".log", delete=False) as err:
-        proc = subprocess.Popen([sys.executable, "-c", _LIMITED_SERVE], stdout=subprocess.PIPE, stderr=err,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"), text=True)
-    log = Path(err.name)
+    server = ServeProcess("--handshake-timeout", "1", "--log-level", "INFO", launcher=("-c", _LIMITED_SERVE))
+    port = server.port
     silent: list[socket.socket] = []
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("listening on "), log.read_text()
-        port = int(line.rsplit(":", 1)[1])
         for _ in range(80):  # twice what the server may hold open: it runs out of descriptors
             sock = socket.create_connection(("127.0.0.1", port))
             silent.append(sock)
         began = time.monotonic()
-        deadline = began + 60
-        while "Too many open files" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        server.wait_for("Too many open files", timeout=60)
 
         async def get() -> int:
             async with H2Client("127.0.0.1", port, timeout=60) as client:
@@ -129,7 +122,7 @@ def test_silent_sockets_at_the_fd_limit_are_reaped_and_accept_errors_logged_once
             sock.settimeout(30)
             assert sock.recv(1) == b""
         elapsed = time.monotonic() - began
-        text = log.read_text()
+        text = server.text
         reports = len(re.findall(r"cannot accept connections", text))
         assert 1 <= reports <= 1 + elapsed / 10, text
         assert text.count("Too many open files") == reports, text
@@ -137,10 +130,4 @@ def test_silent_sockets_at_the_fd_limit_are_reaped_and_accept_errors_logged_once
     finally:
         for sock in silent:
             sock.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            assert proc.wait(timeout=30) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            log.unlink()
+        assert server.stop(signal.SIGTERM, timeout=30) == 0
