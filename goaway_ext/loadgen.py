@@ -313,7 +313,9 @@ class _H2Wire:
 
     @property
     def can_open(self) -> bool:
-        return not self.h2.is_draining and self.h2.state_machine.state != h2.connection.ConnectionState.CLOSED
+        h2c = self.h2
+        return (not h2c.is_draining and h2c.state_machine.state != h2.connection.ConnectionState.CLOSED
+                and h2c.highest_outbound_stream_id + 2 <= h2c.HIGHEST_ALLOWED_STREAM_ID)  # stream ids left
 
     @property
     def draining(self) -> bool:
@@ -534,6 +536,11 @@ class _LoadConnection(asyncio.Protocol):
         now = time.monotonic()
         send = wire.send_request
         while len(flight) < limit:
+            if not wire.can_open:
+                # The last stream id (2**31-1) is taken: the requests in flight finish here,
+                # the next one goes to the replacement (RFC 9113 5.1.1: ids are never reused).
+                self.retire(goaway=False)
+                return
             attempt = run.next_attempt()
             if not attempt:
                 return

@@ -275,3 +275,66 @@ def test_a_ping_flood_that_reads_nothing_cannot_grow_the_write_buffer(engine: st
 def test_max_write_buffer_bad_value_is_named(bad: Any) -> None:
     with pytest.raises(ValueError, match="max_write_buffer"):
         run_load("http://127.0.0.1:9/", requests=1, max_write_buffer=bad)
+
+
+@pytest.mark.parametrize("engine", ["fast", "h2"])
+def test_a_connection_out_of_stream_ids_moves_to_a_new_one_without_losing_a_request(
+        engine: str, monkeypatch: Any) -> None:
+    # RFC 9113 5.1.1: a client cannot reuse a stream id; past 2**31-1 it needs a new connection.
+    # The first connection starts 5 stream ids below the end, so the run crosses the limit at once.
+    import asyncio
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    from goaway_ext import loadgen
+    from goaway_ext._loadwire import LoadWire
+
+    last = 2**31 - 1
+    start = last - 8  # ids start, start+2, ... last: 5 requests
+    ids: list[list[int]] = []  # per connection, the stream ids the server saw
+
+    class StartsHigh(loadgen._LoadConnection):
+        def __init__(self, run: Any) -> None:
+            super().__init__(run)
+            if not ids:  # the first connection only
+                if isinstance(self.wire, LoadWire):
+                    self.wire.next_stream_id = start
+                else:
+                    self.wire.h2.highest_outbound_stream_id = start - 2
+
+    class Answering(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            self.transport = transport
+            self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+            self.conn.initiate_connection()
+            transport.write(self.conn.data_to_send())
+            self.ids: list[int] = []
+            ids.append(self.ids)
+
+        def data_received(self, data: bytes) -> None:
+            for event in self.conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    self.ids.append(event.stream_id)
+                    self.conn.send_headers(event.stream_id, [(":status", "200")], end_stream=True)
+            self.transport.write(self.conn.data_to_send())
+
+    monkeypatch.setattr(loadgen, "_LoadConnection", StartsHigh)
+
+    async def scenario() -> Any:
+        server = await asyncio.get_running_loop().create_server(Answering, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            return await asyncio.wait_for(loadgen.run_load_async(f"http://127.0.0.1:{port}/", requests=20,
+                                                                 connections=1, streams=2, timeout=10,
+                                                                 engine=engine), 30)
+        finally:
+            server.close()
+
+    result = asyncio.run(scenario())
+    assert result.failed == 0 and result.status == {"200": 20}, result.errors
+    assert result.connections_opened == 2 and result.goaways_received == 0 and result.streams_refused == 0
+    assert ids[0] == list(range(start, last + 1, 2))  # every id up to the last one, then no more
+    assert ids[1] == list(range(1, 2 * 15, 2))  # the other 15 on the new connection
