@@ -233,6 +233,14 @@ class _H2Protocol(asyncio.Protocol):
         self._held = 0  # of which in bodies whose handler runs (freed when it returns)
         self._owed = 0  # flow-controlled bytes not yet acknowledged, over all streams
         self._control = 0  # PING/SETTINGS answers queued since our write buffer was last empty
+        self._control_seen = 0  # PING/SETTINGS frames received since _control_since (max_control_rate)
+        self._control_since = self.loop.time()
+        self._flooded = False
+        self._stall: asyncio.TimerHandle | None = None  # the send_timeout check, armed only while held back
+        self._stall_size = 0  # write buffer size at the last check (-1: writing was not paused)
+        self._stall_waiters: dict[int, asyncio.Future[None]] = {}  # window waiters at the last check
+        self._resumes = 0  # resume_writing calls: each one is progress for send_timeout
+        self._stall_resumes = 0
         self._backlog = b""  # read but not processed yet from _offset on (see _step)
         self._offset = 0
         self._backlog_scheduled = False
@@ -253,9 +261,10 @@ class _H2Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
-        for handle in (self._timer, self._watchdog, self._abort_handle):
-            if handle is not None:
-                handle.cancel()
+        self._cancel_timers()
+        if self._abort_handle is not None:
+            self._abort_handle.cancel()
+            self._abort_handle = None
         for state in self._streams.values():
             if state.task is not None and not state.task.done():
                 state.task.cancel()
@@ -273,11 +282,14 @@ class _H2Protocol(asyncio.Protocol):
         # without bound. Handlers writing wait on _resume.
         self._resume = self.loop.create_future()
         self._update_reading()
+        if self._stall is None and self.server.send_timeout is not None:
+            self._arm_stall()
 
     def resume_writing(self) -> None:
         if self._resume is not None and not self._resume.done():
             self._resume.set_result(None)
         self._resume = None
+        self._resumes += 1
         self._update_reading()
 
     def _update_reading(self) -> None:
@@ -351,6 +363,11 @@ class _H2Protocol(asyncio.Protocol):
             return
         self._handle(events)
         if self._control > self.server.max_control_frames:
+            if self._flooded:
+                log.warning("closing %s: more than %d PING/SETTINGS frames in under a second (max_control_rate)",
+                            self.peer, self.server.max_control_rate)
+                self.calm(b"control frame flood")
+                return
             log.warning("closing %s: %d PING/SETTINGS answers queued that it does not read (max_control_frames=%d)",
                         self.peer, self._control, self.server.max_control_frames)
             self.abort()
@@ -403,9 +420,88 @@ class _H2Protocol(asyncio.Protocol):
         """Close after a short flush: what is queued gets ``flush_timeout`` seconds, then the socket is aborted."""
         if self.transport is not None and not self._closing:
             self._closing = True
+            self._cancel_timers()  # a closing connection needs only the abort below
             self.transport.close()
             if self._abort_handle is None:
                 self._abort_handle = self.loop.call_later(self.server.flush_timeout, self.abort)
+
+    def _cancel_timers(self) -> None:
+        """Cancel the drain timer (max_age and the rest), the watchdog and the send_timeout check.
+
+        Run as soon as the connection starts closing, not only when the socket
+        is gone: a max_age timer hours away must not outlive its connection.
+        """
+        for handle in (self._timer, self._watchdog, self._stall):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._watchdog = self._stall = None
+        self._timer_at = None
+        self._stall_waiters = {}
+
+    def calm(self, reason: bytes) -> None:
+        """GOAWAY(ENHANCE_YOUR_CALM) naming the last stream, then close (RFC 9113 §5.4.1): a peer past a limit.
+
+        The last-stream-id never rises above one a drain already announced.
+        The GOAWAY goes behind whatever is queued; ``close`` gives it
+        ``flush_timeout``, so a peer that does not read is aborted anyway.
+        """
+        if self._closing:
+            return
+        if not self._started:
+            self.abort()
+            return
+        last = self.conn.highest_inbound_stream_id
+        drainable = self.drainable
+        if drainable is not None and drainable.last_stream_id is not None:
+            last = min(last, drainable.last_stream_id)
+        with contextlib.suppress(ProtocolError):
+            self.conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM, additional_data=reason, last_stream_id=last)
+        self.flush()
+        self.close()
+
+    # -- send_timeout: a peer that lets nothing through -------------------------------
+
+    def _arm_stall(self) -> None:
+        """Start a send_timeout period: armed only while writing is paused or a stream waits for window."""
+        assert self.server.send_timeout is not None and self.transport is not None
+        if self._closing:
+            return
+        self._stall_size = self.transport.get_write_buffer_size() if self._resume is not None else -1
+        self._stall_resumes = self._resumes
+        self._stall_waiters = dict(self._window_waiters)
+        self._stall = self.loop.call_later(self.server.send_timeout, self._on_stall)
+
+    def _on_stall(self) -> None:
+        """One send_timeout period is over: judge progress since it began, not total time.
+
+        Writing paused and the peer took not one byte of our write buffer (and
+        writing never resumed): the connection goes (GOAWAY ENHANCE_YOUR_CALM,
+        then ``close``). A stream that still waits on the very window wait it
+        waited on a period ago got no WINDOW_UPDATE in that time: that stream
+        is reset (CANCEL) and its handler ends. A slow reader that drains a
+        little each period, or a watch that waits on its own clock, is left alone.
+        """
+        self._stall = None
+        transport = self.transport
+        if self._closing or transport is None:
+            return
+        if self._resume is not None and self._stall_size >= 0 and self._resumes == self._stall_resumes:
+            if transport.get_write_buffer_size() >= self._stall_size:
+                log.warning("closing %s: it read nothing of the %d bytes queued for it in %.1f s (send_timeout)",
+                            self.peer, transport.get_write_buffer_size(), self.server.send_timeout)
+                self.calm(b"send_timeout")
+                return
+        seen = self._stall_waiters
+        starved = [stream_id for stream_id, waiter in self._window_waiters.items() if seen.get(stream_id) is waiter]
+        for stream_id in starved:
+            log.info("resetting stream %d of %s: no flow-control window for %.1f s (send_timeout)", stream_id,
+                     self.peer, self.server.send_timeout)
+            self._reset(stream_id, ErrorCodes.CANCEL)
+        if starved:
+            self.flush()
+        self._stall_waiters = {}
+        if self._resume is not None or self._window_waiters:
+            self._arm_stall()
 
     def abort(self) -> None:
         """Drop the connection now, queued bytes included (a peer that does not read gets no more time)."""
@@ -540,9 +636,15 @@ class _H2Protocol(asyncio.Protocol):
                     self._wake_all()
             elif cls is RemoteSettingsChanged:
                 self._control += 1  # h2 answers it with a SETTINGS ACK
+                self._control_seen += 1
+                if self._control_seen > self.server._control_rate:
+                    self._control_rate_check()
                 self._wake_all()
             elif cls is PingReceived:
                 self._control += 1  # h2 answers it with a PING ACK
+                self._control_seen += 1
+                if self._control_seen > self.server._control_rate:
+                    self._control_rate_check()
             elif cls is StreamReset:
                 state = self._streams.get(event.stream_id)
                 if state is not None:
@@ -567,6 +669,21 @@ class _H2Protocol(asyncio.Protocol):
                     "drained connection from %s: last_stream_id=%d reason=%s in %.3fs",
                     self.peer, event.last_stream_id, event.reason, event.duration,
                 )
+
+    def _control_rate_check(self) -> None:
+        """More than ``max_control_rate`` PING/SETTINGS since the window began: a flood if under a second.
+
+        The clock is read once per ``max_control_rate`` frames, never per
+        request. A flood pushes ``_control`` past ``max_control_frames`` so
+        that the one check after each read (in ``_process``) closes it.
+        """
+        now = self.loop.time()
+        if now - self._control_since < 1.0:
+            self._flooded = True
+            self._control = self.server.max_control_frames + 1
+        else:
+            self._control_since = now
+            self._control_seen = 1
 
     def _reset(self, stream_id: int, code: ErrorCodes) -> None:
         state = self._streams.get(stream_id)
@@ -691,6 +808,8 @@ class _H2Protocol(asyncio.Protocol):
                 self.flush()
                 waiter = self.loop.create_future()
                 self._window_waiters[stream_id] = waiter
+                if self._stall is None and self.server.send_timeout is not None:
+                    self._arm_stall()
                 await waiter
                 continue
             last = size == len(view)
@@ -757,10 +876,16 @@ class H2Server:
     ``max_body`` bytes per request body (larger: 413); ``max_buffered`` bytes of
     request bodies per connection before stream windows stop coming back, so a
     slow handler slows its client; ``max_control_frames`` PING/SETTINGS answers
-    queued to a peer that does not read before it is dropped; a preface within
-    ``handshake_timeout`` seconds; ``idle_timeout`` seconds without an open
-    stream before the connection is closed (None: never); ``flush_timeout``
-    seconds for queued bytes when a connection is closed, then it is aborted.
+    queued to a peer that does not read before it is dropped;
+    ``max_control_rate`` PING/SETTINGS frames a second from a peer that does
+    read (each costs CPU and an answer; past it GOAWAY(ENHANCE_YOUR_CALM));
+    a preface within ``handshake_timeout`` seconds; ``idle_timeout`` seconds
+    without an open stream before the connection is closed (None: never);
+    ``send_timeout`` seconds in which a peer lets none of our bytes through
+    (writing paused: the connection goes; a stream without flow-control
+    window: that stream is reset), measured as time without progress so a
+    slow but steady reader keeps its watch; ``flush_timeout`` seconds for
+    queued bytes when a connection is closed, then it is aborted.
     """
 
     def __init__(
@@ -773,18 +898,22 @@ class H2Server:
         max_body: int = 1 << 20,
         max_buffered: int = 1 << 20,
         max_control_frames: int = 1000,
+        max_control_rate: int | None = 1000,
         handshake_timeout: float = 10.0,
         idle_timeout: float | None = 300.0,
+        send_timeout: float | None = 60.0,
         flush_timeout: float = 1.0,
         plain_h2: bool = False,
     ) -> None:
         for arg, value in (("max_body", max_body), ("max_buffered", max_buffered),
-                           ("max_control_frames", max_control_frames)):
+                           ("max_control_frames", max_control_frames), ("max_control_rate", max_control_rate)):
+            if value is None and arg == "max_control_rate":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{arg} must be a positive int, got {value!r}")
         for arg, seconds in (("handshake_timeout", handshake_timeout), ("idle_timeout", idle_timeout),
-                             ("flush_timeout", flush_timeout)):
-            if seconds is None and arg == "idle_timeout":
+                             ("send_timeout", send_timeout), ("flush_timeout", flush_timeout)):
+            if seconds is None and arg in ("idle_timeout", "send_timeout"):
                 continue
             if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < 1e9:
                 raise ValueError(f"{arg} must be a positive number of seconds, got {seconds!r}")
@@ -794,6 +923,10 @@ class H2Server:
         self.max_body = max_body
         self.max_buffered = max_buffered
         self.max_control_frames = max_control_frames
+        self.max_control_rate = max_control_rate
+        # What _handle compares the count with: off is a count no connection reaches.
+        self._control_rate = max_control_rate if max_control_rate is not None else 1 << 62
+        self.send_timeout = None if send_timeout is None else float(send_timeout)
         self.handshake_timeout = float(handshake_timeout)
         self.idle_timeout = None if idle_timeout is None else float(idle_timeout)
         self.flush_timeout = float(flush_timeout)
@@ -1077,6 +1210,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="close connections without an HTTP/2 preface after S seconds (default 10)")
     parser.add_argument("--idle-timeout", type=float, default=300.0,
                         help="close connections with no open stream after S seconds (default 300)")
+    parser.add_argument("--send-timeout", type=float, default=60.0,
+                        help="close a connection whose peer reads none of our bytes for S seconds, reset a stream "
+                             "without flow-control window for S seconds (default 60; 0 turns it off)")
+    parser.add_argument("--max-control-rate", type=int, default=1000, metavar="N",
+                        help="GOAWAY(ENHANCE_YOUR_CALM) to a peer sending more than N PING/SETTINGS frames in "
+                             "under a second (default 1000; 0 turns it off)")
     fair = parser.add_argument_group(
         "fair share", "load-aware GOAWAY: shed only while this server holds more connections than the "
         "least-loaded one (plus a tolerance); --chance becomes the fallback while the fleet view is stale")
@@ -1201,9 +1340,11 @@ async def _serve(args: argparse.Namespace, policy: GoawayPolicy, context: ssl.SS
                  fair: _FairShareSetup | None = None) -> int:
     try:
         server = H2Server(builtin_app, policy=policy, ssl_context=context, name=args.name, plain_h2=args.plain_h2,
-                          handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout)
+                          handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout,
+                          send_timeout=args.send_timeout or None, max_control_rate=args.max_control_rate or None)
     except ValueError as exc:
-        raise CommandError(flag_message(str(exc), ("handshake_timeout", "idle_timeout"))) from None
+        raise CommandError(flag_message(str(exc), ("handshake_timeout", "idle_timeout", "send_timeout",
+                                                   "max_control_rate"))) from None
     try:
         host, port = await server.start(args.host, args.port)
     except OSError as exc:

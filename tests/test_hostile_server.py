@@ -17,6 +17,7 @@ import asyncio
 import gc
 import socket
 import tracemalloc
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -273,7 +274,67 @@ def test_a_control_frame_flood_from_a_peer_that_never_reads_is_closed(kind: str)
         sock.close()
         await well_behaved_get(server)
 
+    serve(flood, max_control_rate=None)  # the queued-answers bound alone (the rate bound has its own test)
+
+
+@pytest.mark.parametrize("kind", ["ping", "settings"])
+def test_a_control_frame_flood_from_a_peer_that_reads_gets_enhance_your_calm(kind: str) -> None:
+    # The peer reads every answer, so max_control_frames never applies; the
+    # rate bound does: past max_control_rate frames in under a second,
+    # GOAWAY(ENHANCE_YOUR_CALM) and EOF. The PING is answered for as long as
+    # the connection lasts, and a well-behaved client is served afterwards.
+    if kind == "ping":
+        frame: Frame = PingFrame(0)
+    else:
+        frame = SettingsFrame(0)
+        frame.settings = {SettingsFrame.ENABLE_PUSH: 0}
+    batch = frame.serialize() * 500
+
+    async def flood(server: H2Server) -> None:
+        wire = await Wire.open(server)
+        goaway: asyncio.Future[list[Frame]] = asyncio.ensure_future(wire.frames(lambda f: isinstance(f, GoAwayFrame)))
+        sent = 0
+        try:
+            for _ in range(200):  # up to 100,000 frames; the limit is 1,000 a second
+                if goaway.done():
+                    break
+                await asyncio.wait_for(wire.send(batch), 30)
+                sent += 500
+        except ConnectionError:
+            pass
+        frames = await asyncio.wait_for(goaway, 30)
+        last = frames[-1]
+        assert isinstance(last, GoAwayFrame)
+        assert last.error_code == ErrorCodes.ENHANCE_YOUR_CALM and last.additional_data == b"control frame flood"
+        assert sent < 100_000
+        assert await wire.at_eof()
+        wire.close()
+        await well_behaved_get(server)
+
     serve(flood)
+
+
+def test_control_frames_under_max_control_rate_are_all_answered() -> None:
+    # A burst just under the bound (h2's own SETTINGS answer aside): every PING
+    # gets its ACK, the connection stays and a request on it is answered.
+    async def burst(server: H2Server) -> None:
+        wire = await Wire.open(server)
+        pings = []
+        for index in range(900):
+            ping = PingFrame(0)
+            ping.opaque_data = index.to_bytes(8, "big")
+            pings.append(ping.serialize())
+        await wire.send(b"".join(pings))
+        last = (899).to_bytes(8, "big")
+        frames = await wire.frames(lambda f: isinstance(f, PingFrame) and f.opaque_data == last)
+        assert sum(1 for f in frames if isinstance(f, PingFrame) and "ACK" in f.flags) == 900
+        _, headers = wire.client.headers()
+        await wire.send(headers)
+        frames = await wire.frames(lambda f: isinstance(f, DataFrame) and "END_STREAM" in f.flags)
+        assert not any(isinstance(f, GoAwayFrame) for f in frames)
+        wire.close()
+
+    serve(burst, max_control_rate=1000)
 
 
 # -- 4. close_at closes a peer that does not read ----------------------------------------------------
@@ -438,3 +499,179 @@ def test_with_max_idle_the_policys_graceful_goaway_comes_before_the_idle_timeout
 
     policy = GoawayPolicy(max_idle=0.6, jitter=0.0, ping_timeout=0.2, linger=0.2)
     serve(idle, policy=policy, idle_timeout=0.3, flush_timeout=0.2)
+
+
+# -- 6. send_timeout: a peer that lets nothing through ------------------------------------------------
+
+
+async def big_windows_socket(server: H2Server, path: bytes) -> tuple[socket.socket, Any]:
+    """A raw peer with a tiny receive buffer and huge windows that asks for ``path``; the server's send buffer is
+    made small too, so its transport pauses after a few KiB instead of after the kernel's megabytes."""
+    assert server.address is not None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, server.address)
+    for _ in range(200):
+        if server._protocols:
+            break
+        await asyncio.sleep(0.05)
+    proto = only_protocol(server)
+    assert proto.transport is not None
+    proto.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client = RawClient()
+    settings = SettingsFrame(0)
+    settings.settings = {SettingsFrame.INITIAL_WINDOW_SIZE: 2**31 - 1}
+    window = WindowUpdateFrame(0)
+    window.window_increment = 2**31 - 1 - 65535
+    _, headers = client.headers(headers=[(b":method", b"GET"), (b":path", path), (b":scheme", b"http"),
+                                         (b":authority", b"hostile")])
+    await loop.sock_sendall(sock, client.preface() + settings.serialize() + window.serialize() + headers)
+    return sock, proto
+
+
+async def endless(request: Request, response: ResponseStream) -> None:
+    """A response as long as the client reads (a watch that always has something to say)."""
+    if request.path == "/chunks":
+        for _ in range(64):
+            await response.write(b"c" * 8192)
+        await response.end()
+    elif request.path == "/endless":
+        while True:
+            await response.write(b"w" * 16384)
+    else:
+        await response.send(200, b"ok\n")
+
+
+def test_a_peer_that_never_reads_its_response_is_closed_at_send_timeout() -> None:
+    # No drain, no idle reaper (a stream is open): before send_timeout this
+    # connection, its handler task and its buffered bytes stayed for ever.
+    async def stuck(server: H2Server) -> None:
+        sock, proto = await big_windows_socket(server, b"/endless")
+        await asyncio.wait_for(asyncio.shield(proto.closed), 30)
+        assert proto._resumes == 0  # it never read a byte: closed by the clock, not by progress
+        assert not server._protocols
+        sock.close()
+        await well_behaved_get(server)
+
+    serve(stuck, endless, send_timeout=0.5, flush_timeout=0.2, idle_timeout=None)
+
+
+def test_a_slow_but_steady_reader_keeps_its_stream_past_send_timeout() -> None:
+    # 512 KiB read 4 KiB at a time with pauses: several send_timeout periods
+    # long, writing paused most of the time, yet never without progress.
+    async def slow(server: H2Server) -> None:
+        sock, proto = await big_windows_socket(server, b"/chunks")
+        loop = asyncio.get_running_loop()
+        buffer = b""
+        body = 0
+        ended = False
+        while not ended:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), 30)
+            assert chunk, "the server closed a connection whose peer was reading"
+            buffer += chunk
+            while len(buffer) >= 9 and len(buffer) >= 9 + int.from_bytes(buffer[:3], "big"):
+                size = 9 + int.from_bytes(buffer[:3], "big")
+                (frame,) = parse(buffer[:size])
+                buffer = buffer[size:]
+                assert not isinstance(frame, (GoAwayFrame, RstStreamFrame)), frame
+                if isinstance(frame, DataFrame):
+                    body += len(frame.data)
+                    ended = "END_STREAM" in frame.flags
+            await asyncio.sleep(0.01)
+        assert body == 64 * 8192
+        assert proto._resumes > 0  # writing was paused (and resumed): the send_timeout clock did run
+        assert proto in server._protocols
+        sock.close()
+
+    serve(slow, endless, send_timeout=0.3, idle_timeout=None)
+
+
+def test_a_stream_without_flow_control_window_is_reset_at_send_timeout() -> None:
+    # SETTINGS_INITIAL_WINDOW_SIZE 0 and never a WINDOW_UPDATE: the handler
+    # waits for window for ever. At send_timeout the stream is reset (CANCEL),
+    # its handler ends, and the connection itself stays usable.
+    finished = []
+
+    async def handler(request: Request, response: ResponseStream) -> None:
+        try:
+            await response.send(200, b"x" * 1000)
+        finally:
+            finished.append(request.stream_id)
+
+    async def starved(server: H2Server) -> None:
+        settings = SettingsFrame(0)
+        settings.settings = {SettingsFrame.INITIAL_WINDOW_SIZE: 0}
+        wire = await Wire.open(server, settings=settings.serialize())
+        stream_id, headers = wire.client.headers()
+        await wire.send(headers)
+        frames = await wire.frames(lambda f: isinstance(f, RstStreamFrame))
+        assert frames[-1].stream_id == stream_id and frames[-1].error_code == ErrorCodes.CANCEL
+        assert not any(isinstance(f, GoAwayFrame) for f in frames)
+        for _ in range(200):
+            if finished:
+                break
+            await asyncio.sleep(0.05)
+        assert finished == [stream_id]
+        proto = only_protocol(server)
+        assert not proto._streams and not proto._window_waiters and proto._stall is None
+        await wire.send(PingFrame(0).serialize())
+        await wire.frames(lambda f: isinstance(f, PingFrame) and "ACK" in f.flags)
+        wire.close()
+
+    serve(starved, handler, send_timeout=0.3)
+
+
+# -- 7. no timer outlives its connection ----------------------------------------------------------------
+
+
+def test_no_timer_of_a_closed_connection_stays_scheduled() -> None:
+    # max_age an hour away: each connection holds a timer for it. Connection
+    # B closes (once by its client, once by the idle reaper) while connection
+    # A stays open with a stream held, so the loop's heap is never emptied
+    # wholesale: B's handles must be cancelled and B itself collectable.
+    release = asyncio.Event()
+
+    async def handler(request: Request, response: ResponseStream) -> None:
+        if request.path == "/hold":
+            await response.start(200)
+            await release.wait()
+            await response.end()
+        else:
+            await response.send(200, b"ok")
+
+    def live_handles_of(proto: Any) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        scheduled: list[Any] = loop._scheduled  # type: ignore[attr-defined]
+        return [h for h in scheduled if not h.cancelled() and getattr(h._callback, "__self__", None) is proto]
+
+    async def run(server: H2Server) -> None:
+        assert server.address is not None
+        async with H2Client(*server.address, timeout=30) as holder:
+            async with holder.stream("GET", "/hold") as held:
+                assert held.status == 200
+                for closer in ("client", "server"):
+                    before = set(server._protocols)
+                    client = H2Client(*server.address, timeout=30)
+                    assert (await client.request("GET", "/")).status == 200
+                    (proto,) = set(server._protocols) - before
+                    assert proto._timer is not None  # its max_age timer
+                    ref = weakref.ref(proto)
+                    if closer == "client":
+                        await client.aclose()
+                    # else the idle reaper closes it (idle_timeout); the holder has a stream open
+                    await asyncio.wait_for(asyncio.shield(proto.closed), 30)
+                    assert live_handles_of(proto) == []
+                    del proto
+                    if closer == "server":
+                        await client.aclose()
+                    for _ in range(100):
+                        gc.collect()
+                        if ref() is None:
+                            break
+                        await asyncio.sleep(0.02)
+                    assert ref() is None, gc.get_referrers(ref())
+                release.set()
+
+    serve(run, handler, policy=GoawayPolicy(0.0, max_age=3600), idle_timeout=0.5, handshake_timeout=0.5)
