@@ -432,22 +432,24 @@ class _HypercornConnection(ServerConnection):
     drain begins.
     """
 
-    __slots__ = ("_drain_seen", "on_drain", "shutdown_ping_timeout", "terminated")
+    __slots__ = ("_drain_seen", "owner", "shutdown_ping_timeout", "terminated")
 
     def __init__(self, config: h2.config.H2Configuration, *, policy: GoawayPolicy, terminated: Any,
                  shutdown_ping_timeout: float) -> None:
         super().__init__(config, policy=policy, clock=time.monotonic)
         self.terminated = terminated  # hypercorn's worker-wide "shutdown began" event
         self.shutdown_ping_timeout = shutdown_ping_timeout
-        self.on_drain: Callable[[], None] | None = None  # called once, when the drain starts
+        # The protocol, told once when the drain starts (its _on_drain). The object
+        # itself, not a bound method: that would be one more object per connection.
+        self.owner: GoawayH2Protocol | None = None
         self._drain_seen = False
 
     def check_drain(self) -> None:
-        """Call ``on_drain`` the first time the connection is found draining."""
+        """Tell ``owner`` the first time the connection is found draining."""
         if not self._drain_seen and self._state is not _SERVING:
             self._drain_seen = True
-            if self.on_drain is not None:
-                self.on_drain()
+            if self.owner is not None:
+                self.owner._on_drain()
 
     def _start(self, reason: str, now: float | None = None) -> None:
         # ServerConnection's one place where a drain begins, whatever started it
@@ -535,8 +537,18 @@ class GoawayH2Protocol(H2Protocol):
     attributes and ``h2`` settings are exactly those of a stock ``H2Protocol``.
     """
 
-    __slots__ = ("_armed", "_draining", "_fleet", "_goaway", "_logged", "_meter", "_send_to_server",
-                 "_shutdown_seen", "_timer", "_wake", "_worker")
+    # Slots for what every connection sets; what only a drain, a timer or trio
+    # needs is a class default here and lands in the instance's dict when first
+    # set, so a connection that never drains stores nothing for it.
+    __slots__ = ("_fleet", "_goaway", "_worker")
+    _armed: float | None = None  # the deadline the timer is set for
+    _draining = False
+    _logged = False
+    _meter: ConnectionMeter | None = None
+    _send_to_server: Callable[[Any], Awaitable[None]] | None = None  # hypercorn's send, once ours replaces it
+    _shutdown_seen = False
+    _timer: asyncio.TimerHandle | None = None
+    _wake: Any = None  # trio: the event that wakes the connection's timer task
 
     def __init__(self, app: Any, config: Config, context: Any, task_group: Any, connection_state: Any,
                  ssl: bool, client: tuple[str, int] | None, server: tuple[str, int] | None,
@@ -571,20 +583,13 @@ class GoawayH2Protocol(H2Protocol):
         self.stream_buffers = {}
         # goaway_ext's state: hypercorn's send until a drain starts, then ours (see _send_through).
         self._goaway = connection
-        self._send_to_server = send
-        connection.on_drain = self._on_drain
-        self._draining = False
-        self._armed: float | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        connection.owner = self
         self._worker: _AsyncioWorker | None = None
-        self._meter: ConnectionMeter | None = None
-        self._wake: Any = None
-        self._shutdown_seen = False
-        self._logged = False
         self._fleet = setup.fleet  # fair share: counted from initiate to close
         if policy.max_idle is not None:
             # max_idle counts from the moment the last stream ends, which only
             # hypercorn's idle update tells: watch it (only with max_idle set).
+            self._send_to_server = send
             self.send = self._send_watching_idle
 
     async def initiate(self, headers: list[tuple[bytes, bytes]] | None = None,
@@ -637,6 +642,8 @@ class GoawayH2Protocol(H2Protocol):
         if self._fleet is not None:
             self._fleet.drained()
         self._meter = ConnectionMeter()
+        if self._send_to_server is None:
+            self._send_to_server = self.send
         self.send = self._send_through
         if self._worker is not None and not self.closed:
             self._arm()
@@ -658,7 +665,7 @@ class GoawayH2Protocol(H2Protocol):
             self._timer = None
         if self._worker is not None:
             self._worker.live.discard(self)
-        connection.on_drain = None  # no cycle left between the two
+        connection.owner = None  # no cycle left between the two
         fleet, self._fleet = self._fleet, None
         if fleet is not None:
             fleet.closed(self._draining)
@@ -676,6 +683,7 @@ class GoawayH2Protocol(H2Protocol):
         return True
 
     async def _send_watching_idle(self, event: Any) -> None:
+        assert self._send_to_server is not None
         await self._send_to_server(event)
         if event.__class__ is Updated and event.idle and not self.closed:
             await self._rearm()
@@ -686,6 +694,7 @@ class GoawayH2Protocol(H2Protocol):
         # Every drain step that matters is followed by something hypercorn
         # sends (bytes, or an idle update), so this is where timers move.
         if event.__class__ is not Updated or not event.idle:
+            assert self._send_to_server is not None
             await self._send_to_server(event)
         self._report()
         await self._rearm()
@@ -731,15 +740,16 @@ class GoawayH2Protocol(H2Protocol):
         assert connection is not None
         connection.handle_timer(time.monotonic())
         connection.check_drain()
+        send = self._send_to_server or self.send  # hypercorn's own, whether or not a drain replaced it
         data = connection.data_to_send()
         if data:
-            await self._send_to_server(RawData(data=data))
+            await send(RawData(data=data))
         if self._draining:
             self._report()
         close_at = connection.close_at
         if close_at is not None and time.monotonic() >= close_at:
             if not self.closed:
-                await self._send_to_server(Closed())
+                await send(Closed())
             return True
         return False
 
