@@ -842,6 +842,30 @@ def _worker_main(config: Config, sockets: Any, shutdown_event: Any, host_load: A
         sys.exit(2)
 
 
+def _run_reloading(config: Config) -> int:
+    """hypercorn's ``run`` with its reloader, its worker function swapped for :func:`_worker_main`.
+
+    Why: the reloader spawns fresh worker processes, in which the hook
+    installed here does not exist; hypercorn's ``run`` imports the worker
+    function from its module when called, so for the time of the call that
+    module attribute is ours, which installs the hook and then runs
+    hypercorn's worker (its keyword arguments are the same).
+    """
+    import hypercorn.run as hypercorn_run
+
+    install_protocol()
+    if config.worker_class not in _WORKER_FUNCTIONS:
+        return int(hypercorn_run.run(config))  # hypercorn names the bad worker class
+    module = importlib.import_module(_WORKER_FUNCTIONS[config.worker_class][0])
+    name = _WORKER_FUNCTIONS[config.worker_class][1]
+    original = getattr(module, name)
+    setattr(module, name, _worker_main)
+    try:
+        return int(hypercorn_run.run(config))
+    finally:
+        setattr(module, name, original)
+
+
 def run(config: Config) -> int:
     """``hypercorn.run.run``, except that shutdown waits for every worker to drain.
 
@@ -852,14 +876,17 @@ def run(config: Config) -> int:
     application's lifespan shutdown), then kills what is left. A worker
     that exits with 0 on its own (hypercorn's ``--max-requests``) is replaced;
     one that fails stops the server the same graceful way. With
-    ``workers = 0`` or ``--reload`` this is hypercorn's ``run`` unchanged.
+    ``workers = 0`` this is hypercorn's ``run``; with ``--reload``, hypercorn's
+    ``run`` and its reloader, whose spawned workers install the hook first.
     """
     import hypercorn.run as hypercorn_run
     from hypercorn.utils import write_pid_file
 
-    if config.workers == 0 or config.use_reloader:
+    if config.workers == 0:
         install_protocol()
         return int(hypercorn_run.run(config))
+    if config.use_reloader:
+        return _run_reloading(config)
     if config.worker_class not in _WORKER_FUNCTIONS:
         raise ValueError(f"No worker of class {config.worker_class} exists")
     if config.pid_path is not None:

@@ -343,6 +343,20 @@ def test_spawned_workers_get_the_hook_too(tmp_path: Path) -> None:
         server.wait_for_log("reason=chance")
 
 
+def test_reload_workers_get_the_hook_too(tmp_path: Path) -> None:
+    # --reload: hypercorn's reloader spawns the worker process (again after each change);
+    # the worker it starts must install the hook as well.
+    config = "goaway_chance = 1.0\ngoaway_allow_high_chance = true\ngoaway_mode = \"single\"\n"
+    with hypercorn_server("--reload", workers=1, config=config, tmp_path=tmp_path) as server:
+        result = subprocess.run([sys.executable, "-c", _ONE_REQUEST, str(server.port)], capture_output=True,
+                                text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == {"body": "ok\n", "goaways": 1}
+        server.wait_for_log("reason=chance")
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=20) == 0
+
+
 _ONE_REQUEST = """
 import asyncio, json, sys
 from goaway_ext.asyncio_client import H2Client
