@@ -315,17 +315,6 @@ Takes GOAWAY frames out of an inbound HTTP/2 byte stream.
         self._error = f"frame length {length} exceeds max_frame_size {self._max_frame_size}"
         raise ValueError(self._error)
 
-    cdef bint _start_frame(self, const unsigned char* header) except -1:
-        # Returns True when the frame is a GOAWAY to take out, False when it passes.
-        cdef Py_ssize_t length = (header[0] << 16) | (header[1] << 8) | header[2]
-        if length > self._max_frame_size:
-            self._fail(length)
-        if header[3] == _TYPE_GOAWAY and (_get32(header + 5) & 0x7FFFFFFF) == 0 and length >= 8:
-            self._goaway_left = length
-            return True
-        self._pass = length
-        return False
-
     def feed(self, data):
         """Scan one chunk; return ``(bytes_for_h2, goaways)``."""
         if self._error is not None:
@@ -389,11 +378,11 @@ Takes GOAWAY frames out of an inbound HTTP/2 byte stream.
                 if self._header_len < 9:
                     break
                 self._header_len = 0
-                if not self._start_frame(self._header):
+                if not _start_frame(self, self._header):
                     memcpy(dst + olen, self._header, 9)
                     olen += 9
                 continue
-            if self._start_frame(src + pos):
+            if _start_frame(self, src + pos):
                 if out is None:
                     out = PyBytes_FromStringAndSize(NULL, n + 9)
                     dst = <unsigned char*>PyBytes_AS_STRING(out)
@@ -417,8 +406,23 @@ Takes GOAWAY frames out of an inbound HTTP/2 byte stream.
         return result
 
 
+cdef inline bint _start_frame(FrameScanner scanner, const unsigned char* header) except -1:
+    # Returns True when the frame is a GOAWAY to take out, False when it passes.
+    # A function, not a method: no vtable call per frame, so the C compiler inlines it.
+    cdef Py_ssize_t length = (header[0] << 16) | (header[1] << 8) | header[2]
+    if length > scanner._max_frame_size:
+        scanner._fail(length)
+    if header[3] == _TYPE_GOAWAY and (_get32(header + 5) & 0x7FFFFFFF) == 0 and length >= 8:
+        scanner._goaway_left = length
+        return True
+    scanner._pass = length
+    return False
+
+
 cdef extern from *:
     """
+    #include "structmember.h"
+
     /* True when an item of the list is exactly of class ``type`` (no subclass). */
     static inline int goaway_list_has_type(PyObject *list, PyObject *type) {
         Py_ssize_t i, n = PyList_GET_SIZE(list);
@@ -427,8 +431,29 @@ cdef extern from *:
         }
         return 0;
     }
+
+    /* Where ``obj`` keeps the attribute that ``descr`` describes, when that is a
+       writable object slot (a name in a class's __slots__) of a class ``obj`` is
+       an instance of: its byte offset in ``obj``; else -1. Reading the slot there
+       is what ``obj.name`` does, without the attribute lookup. A later __class__
+       assignment needs the same layout, so the offset stays a slot. */
+    static Py_ssize_t goaway_slot_offset(PyObject *descr, PyObject *obj) {
+        PyMemberDef *member;
+        if (Py_TYPE(descr) != &PyMemberDescr_Type) return -1;
+        if (!PyObject_TypeCheck(obj, ((PyDescrObject *)descr)->d_type)) return -1;
+        member = ((PyMemberDescrObject *)descr)->d_member;
+        if (member->type != T_OBJECT_EX || (member->flags & READONLY)) return -1;
+        return member->offset;
+    }
+
+    /* The object in that slot (borrowed), NULL when it is unset. */
+    static inline PyObject *goaway_slot_value(PyObject *obj, Py_ssize_t offset) {
+        return *(PyObject **)((char *)obj + offset);
+    }
     """
     bint _list_has_type "goaway_list_has_type"(list items, object type) noexcept
+    Py_ssize_t _slot_offset "goaway_slot_offset"(object descr, object obj) noexcept
+    PyObject* _slot_value "goaway_slot_value"(object obj, Py_ssize_t offset) noexcept
 
 cdef tuple _NO_GOAWAYS = ()
 
@@ -444,6 +469,7 @@ A client connection's read while no GOAWAY has been seen, in one call; see ``_co
     cdef long long _asked
     cdef list _found
     cdef object _connection
+    cdef Py_ssize_t _limit_slot
     cdef object _receive
     cdef object _after
     cdef object _fallback
@@ -473,6 +499,10 @@ A client connection's read while no GOAWAY has been seen, in one call; see ``_co
             if not callable(value):
                 raise TypeError(f"{name} must be callable, got {value!r}")
         self._connection = connection
+        # ClientConnection declares max_inbound_frame_size in __slots__: read it
+        # straight from its slot (an attribute lookup would cost ~200 instructions
+        # per read); for anything else, look it up.
+        self._limit_slot = _slot_offset(getattr(type(connection), "max_inbound_frame_size", None), connection)
         self._receive = receive
         self._after = after
         self._fallback = fallback
@@ -481,6 +511,7 @@ A client connection's read while no GOAWAY has been seen, in one call; see ``_co
         """Scan ``data``, hand the rest to h2; see ``_core_py.GoawayGate.receive``."""
         cdef FrameScanner scanner = self._scanner
         cdef object limit_value
+        cdef PyObject* raw
         cdef long long limit
         cdef int overflow = 0
         cdef bint failed = False
@@ -494,7 +525,11 @@ A client connection's read while no GOAWAY has been seen, in one call; see ``_co
         # The scanner's bound is the larger of h2's acknowledged limit and the
         # one we asked for; when it moved since the last read, the full read
         # sets it (and validates it) as it always did.
-        limit_value = self._connection.max_inbound_frame_size
+        raw = _slot_value(self._connection, self._limit_slot) if self._limit_slot >= 0 else NULL
+        if raw != NULL:
+            limit_value = <object>raw
+        else:  # no slot, or an empty one (then the lookup raises AttributeError)
+            limit_value = self._connection.max_inbound_frame_size
         if type(limit_value) is not int:
             return self._fallback(data)
         limit = PyLong_AsLongLongAndOverflow(limit_value, &overflow)

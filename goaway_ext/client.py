@@ -79,6 +79,10 @@ class ClientConnection(h2.connection.H2Connection):
     pool when to stop sending on the connection and when to close it.
     """
 
+    # h2's acknowledged frame-size bound, which h2 sets and reads as usual: a
+    # slot, so the core's GoawayGate reads it on every read without a lookup.
+    __slots__ = ("max_inbound_frame_size",)
+
     def __init__(self, config: h2.config.H2Configuration | None = None) -> None:
         if config is None:
             config = h2.config.H2Configuration(client_side=True)

@@ -199,3 +199,35 @@ def test_both_cores_route_every_read_the_same_way(both_cores: tuple[ModuleType, 
             results.append([conn.gate.receive(wire[:cut]), conn.gate.receive(wire[cut:])])
         assert results[0] == results[1]
         assert conns[0].calls == conns[1].calls
+
+
+class Slotted(Connection):
+    __slots__ = ("max_inbound_frame_size",)  # as ClientConnection: the compiled gate reads the slot directly
+
+
+class Computed(Connection):
+    """A subclass that turns the bound into a property: the gate must look it up each time."""
+
+    @property  # type: ignore[override]
+    def max_inbound_frame_size(self) -> Any:
+        return self.bound
+
+    @max_inbound_frame_size.setter
+    def max_inbound_frame_size(self, value: Any) -> None:
+        self.bound = value
+
+
+@pytest.mark.parametrize("kind", [Slotted, Computed])
+def test_the_bound_is_read_fresh_on_every_read(core: ModuleType, kind: type[Connection]) -> None:
+    conn = kind(core)
+    assert "max_inbound_frame_size" not in vars(conn)
+    conn.gate.receive(DATA)
+    conn.max_inbound_frame_size = 32768
+    conn.gate.receive(DATA)
+    conn.max_inbound_frame_size = 16384
+    conn.gate.receive(DATA)
+    assert [call[0] for call in conn.calls] == ["h2", "fallback", "h2"]
+    if kind is Slotted:
+        del conn.max_inbound_frame_size  # an empty slot: as a lookup, AttributeError
+        with pytest.raises(AttributeError, match="max_inbound_frame_size"):
+            conn.gate.receive(DATA)
