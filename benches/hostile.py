@@ -221,6 +221,44 @@ async def never_reads(port: int, frames: int, kind: str) -> tuple[str, str]:
     return f"up to {frames:,} {what}, never reading", outcome
 
 
+async def reading_flood(port: int, frames: int, kind: str) -> tuple[str, str]:
+    """PINGs or SETTINGS as fast as we can write them, every answer read (and dropped) as it comes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    client = RawClient()
+    if kind == "ping":
+        frame = PingFrame(0).serialize()
+    else:
+        settings = SettingsFrame(0)
+        settings.settings = {SettingsFrame.ENABLE_PUSH: 0}
+        frame = settings.serialize()
+    began = time.monotonic()
+
+    async def drain_answers() -> None:
+        while await reader.read(65536):
+            pass
+
+    answers = asyncio.ensure_future(drain_answers())
+    sent = 0
+    try:
+        writer.write(client.preface())
+        while sent < frames and not answers.done():
+            writer.write(frame * 1000)
+            await asyncio.wait_for(writer.drain(), 5)
+            sent += 1000
+    except (OSError, asyncio.TimeoutError):
+        pass
+    try:
+        await asyncio.wait_for(answers, 30)
+        outcome = f"closed by the server ({time.monotonic() - began:.1f} s after the first frame)"
+    except asyncio.TimeoutError:
+        outcome = "still open 30 s later"
+    except OSError:
+        outcome = f"reset by the server ({time.monotonic() - began:.1f} s after the first frame)"
+    writer.close()
+    what = {"ping": "PINGs", "settings": "SETTINGS frames"}[kind]
+    return f"up to {frames:,} {what}, every answer read", f"{sent:,} sent; {outcome}"
+
+
 class _Uploader:
     """An h2 client that keeps up to 100 uploads open, sends as the windows allow, never ends a body."""
 
@@ -316,9 +354,15 @@ ATTACKS = {
                          lambda port, scale: oversized_posts(port, 20)),
     "never-ending uploads": ("max_buffered 1 MiB per connection, max_body 1 MiB",
                              lambda port, scale: endless_uploads(port, 3, 10 * min(scale, 3))),
-    "PING flood, never reads": ("reading paused while writes are; max_control_frames 1,000",
+    "PING flood, reads": ("max_control_rate 1,000 in under a second: GOAWAY(ENHANCE_YOUR_CALM) and close",
+                          lambda port, scale: reading_flood(port, int(1_000_000 * scale), "ping")),
+    "SETTINGS flood, reads": ("max_control_rate 1,000 in under a second: GOAWAY(ENHANCE_YOUR_CALM) and close",
+                              lambda port, scale: reading_flood(port, int(1_000_000 * scale), "settings")),
+    "PING flood, never reads": ("max_control_rate 1,000 in under a second; reading paused while writes are; "
+                                "max_control_frames 1,000",
                                 lambda port, scale: never_reads(port, int(1_000_000 * scale), "ping")),
-    "SETTINGS flood, never reads": ("reading paused while writes are; max_control_frames 1,000",
+    "SETTINGS flood, never reads": ("max_control_rate 1,000 in under a second; reading paused while writes are; "
+                                    "max_control_frames 1,000",
                                     lambda port, scale: never_reads(port, int(1_000_000 * scale), "settings")),
     "requests, responses never read": ("reading paused while writes are; a 101st concurrent stream is a "
                                        "protocol error (h2's SETTINGS_MAX_CONCURRENT_STREAMS 100)",

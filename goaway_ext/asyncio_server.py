@@ -234,7 +234,7 @@ class _H2Protocol(asyncio.Protocol):
         self._owed = 0  # flow-controlled bytes not yet acknowledged, over all streams
         self._control = 0  # PING/SETTINGS answers queued since our write buffer was last empty
         self._control_seen = 0  # PING/SETTINGS frames received since _control_since (max_control_rate)
-        self._control_since = self.loop.time()
+        self._control_since = 0.0  # the first window starts at the first check: no clock read per connection
         self._flooded = False
         self._stall: asyncio.TimerHandle | None = None  # the send_timeout check, armed only while held back
         self._stall_size = 0  # write buffer size at the last check (-1: writing was not paused)
@@ -1354,8 +1354,10 @@ async def _serve(args: argparse.Namespace, policy: GoawayPolicy, context: ssl.SS
         # publisher's port was free too, or sees the process exit with the reason.
         fair.start(server)
     print(f"listening on {host}:{port}", flush=True)
-    log.info("serving %s as %s with %r%s", "https" if context else "h2c", server.name, policy,
-             " (plain h2 baseline)" if args.plain_h2 else "")
+    log.info("serving %s as %s with %r%s; limits: handshake_timeout=%s idle_timeout=%s send_timeout=%s "
+             "max_control_rate=%s", "https" if context else "h2c", server.name, policy,
+             " (plain h2 baseline)" if args.plain_h2 else "", server.handshake_timeout, server.idle_timeout,
+             server.send_timeout, server.max_control_rate)
     await server.serve_forever(shutdown_timeout=args.shutdown_timeout)
     return 0
 

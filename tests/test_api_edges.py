@@ -67,3 +67,24 @@ def test_handle_timer_rejects_a_bad_now_before_changing_anything(now: Any, exc: 
     p.server.handle_timer(p.clock.now)
     assert _snapshot(p) != before or kinds(p.server_frames())
     assert p.server.drain_state is not DrainState.SERVING
+
+
+@pytest.mark.parametrize("arg, value", [
+    ("send_timeout", 0), ("send_timeout", -1.0), ("send_timeout", math.nan), ("send_timeout", True),
+    ("max_control_rate", 0), ("max_control_rate", -3), ("max_control_rate", 1.5), ("max_control_rate", True),
+])
+def test_h2server_limits_refuse_bad_values_naming_them(arg: str, value: Any) -> None:
+    from goaway_ext import H2Server
+    from goaway_ext.asyncio_server import builtin_app
+
+    with pytest.raises(ValueError, match=rf"^{arg} must be a positive .*got {value!r}$"):
+        H2Server(builtin_app, **{arg: value})
+
+
+def test_h2server_limits_none_turns_them_off() -> None:
+    from goaway_ext import H2Server
+    from goaway_ext.asyncio_server import builtin_app
+
+    server = H2Server(builtin_app, send_timeout=None, max_control_rate=None)
+    assert server.send_timeout is None and server.max_control_rate is None
+    assert H2Server(builtin_app).send_timeout == 60.0 and H2Server(builtin_app).max_control_rate == 1000

@@ -148,6 +148,30 @@ def test_serve_rapid_reset_window_reaches_the_policy(window: str, shown: str) ->
     assert shown in line, line
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--send-timeout", "-1", "--send-timeout must be a positive number of seconds, got -1.0"),
+    ("--send-timeout", "nan", "--send-timeout must be a positive number of seconds, got nan"),
+    ("--max-control-rate", "-5", "--max-control-rate must be a positive int, got -5"),
+])
+def test_serve_bad_limit_names_the_flag(flag: str, value: str, message: str) -> None:
+    line = one_line(serve(flag, value), 2, "serve: error: " + message)
+    assert "send_timeout" not in line and "max_control_rate" not in line
+
+
+@pytest.mark.parametrize("args, shown", [
+    ((), "send_timeout=60.0 max_control_rate=1000"),
+    (("--send-timeout", "0", "--max-control-rate", "0"), "send_timeout=None max_control_rate=None"),
+    (("--send-timeout", "2.5", "--max-control-rate", "50"), "send_timeout=2.5 max_control_rate=50"),
+])
+def test_serve_limits_reach_the_server(args: tuple[str, ...], shown: str) -> None:
+    server = ServeProcess(*args, "--log-level", "INFO")
+    try:
+        line = server.wait_for("")  # the line after "listening on"
+    finally:
+        server.stop()
+    assert shown in line, line
+
+
 def test_serve_logs_the_effective_policy_in_one_line() -> None:
     server = ServeProcess("--chance", "0.002", "--max-age", "60", "--seed", "7", "--log-level", "INFO")
     try:
