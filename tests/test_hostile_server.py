@@ -534,7 +534,7 @@ async def big_windows_socket(server: H2Server, path: bytes) -> tuple[socket.sock
 async def endless(request: Request, response: ResponseStream) -> None:
     """A response as long as the client reads (a watch that always has something to say)."""
     if request.path == "/chunks":
-        for _ in range(64):
+        for _ in range(32):
             await response.write(b"c" * 8192)
         await response.end()
     elif request.path == "/endless":
@@ -559,8 +559,11 @@ def test_a_peer_that_never_reads_its_response_is_closed_at_send_timeout() -> Non
 
 
 def test_a_slow_but_steady_reader_keeps_its_stream_past_send_timeout() -> None:
-    # 512 KiB read 4 KiB at a time with pauses: several send_timeout periods
-    # long, writing paused most of the time, yet never without progress.
+    # 256 KiB read 1 KiB per 10 ms: several send_timeout periods long. Once
+    # writing is paused, the buffer must fall by 48 KiB (64 KiB high water,
+    # 16 KiB low) before it resumes: at least 48 reads, 480 ms of sleeps, so
+    # each pause outlasts send_timeout (0.3 s) and only the progress made
+    # within it (a smaller buffer at the check) keeps the stream.
     async def slow(server: H2Server) -> None:
         sock, proto = await big_windows_socket(server, b"/chunks")
         loop = asyncio.get_running_loop()
@@ -568,7 +571,7 @@ def test_a_slow_but_steady_reader_keeps_its_stream_past_send_timeout() -> None:
         body = 0
         ended = False
         while not ended:
-            chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), 30)
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 1024), 30)
             assert chunk, "the server closed a connection whose peer was reading"
             buffer += chunk
             while len(buffer) >= 9 and len(buffer) >= 9 + int.from_bytes(buffer[:3], "big"):
@@ -580,7 +583,7 @@ def test_a_slow_but_steady_reader_keeps_its_stream_past_send_timeout() -> None:
                     body += len(frame.data)
                     ended = "END_STREAM" in frame.flags
             await asyncio.sleep(0.01)
-        assert body == 64 * 8192
+        assert body == 32 * 8192
         assert proto._resumes > 0  # writing was paused (and resumed): the send_timeout clock did run
         assert proto in server._protocols
         sock.close()
