@@ -651,6 +651,7 @@ The per-request work of a serving connection, in one call; see ``_core_py.Reques
     cdef str _reason
     cdef object _receive
     cdef object _after
+    cdef object _connection
 
     def __init__(self, request_type, *, sampler=None, max_requests=None, decider=None, admit=None, reset_type=None):
         if not isinstance(request_type, type):
@@ -722,14 +723,18 @@ The per-request work of a serving connection, in one call; see ``_core_py.Reques
             return True
         return False
 
-    def attach(self, receive, after):
-        """Give :meth:`receive` the connection's read (bytes -> event list) and its slow path."""
+    def attach(self, receive, after, connection=None):
+        """Give :meth:`receive` the connection's read (bytes -> event list) and its slow path.
+
+        With ``connection``, both are called with it first (plain functions, no bound methods).
+        """
         if not callable(receive):
             raise TypeError(f"receive must be callable, got {receive!r}")
         if not callable(after):
             raise TypeError(f"after must be callable, got {after!r}")
         self._receive = receive
         self._after = after
+        self._connection = connection
 
     def receive(self, data):
         """``receive(data)`` then :meth:`scan`; the list as is when that is 0, else ``after(events, index)``."""
@@ -737,13 +742,18 @@ The per-request work of a serving connection, in one call; see ``_core_py.Reques
         cdef Py_ssize_t index
         if self._receive is None:
             raise RuntimeError("RequestGate.receive() needs attach() first")
-        events = self._receive(data)
+        if self._connection is None:
+            events = self._receive(data)
+        else:
+            events = self._receive(self._connection, data)
         if type(events) is not list:
             raise TypeError(f"receive must return a list, got {events!r}")
         index = self._scan(<list>events)
         if index == 0:
             return events
-        return self._after(events, index)
+        if self._connection is None:
+            return self._after(events, index)
+        return self._after(self._connection, events, index)
 
     def scan(self, list events):
         """Count the requests in ``events``; return the 1-based index of the one that starts a drain.

@@ -241,7 +241,9 @@ class ServerConnection(H2Connection):
         cls = type(self)
         shortcuts = 0
         if cls.receive_data is _OWN_RECEIVE_DATA:
-            self._gate.attach(MethodType(_H2_RECEIVE_DATA, self), self._scanned)
+            # h2's read and our slow half as plain functions with the connection
+            # beside them: two bound methods would cost ~130 bytes per connection.
+            self._gate.attach(_H2_RECEIVE_DATA, cls._scanned, self)
             self.receive_data = self._gate.receive  # type: ignore[method-assign]
             shortcuts = 1
         if cls.data_to_send is _OWN_DATA_TO_SEND:

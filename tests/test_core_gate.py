@@ -174,6 +174,28 @@ def test_receive_returns_a_quiet_read_as_is_and_hands_the_rest_to_after(core: Mo
     assert reads == [b"one", b"two", b"three"] and gate.seen == 3 and gate.resets == 1
 
 
+def test_attach_with_a_connection_calls_plain_functions_with_it_first(core: ModuleType) -> None:
+    # What ServerConnection attaches: h2's read and its slow half as functions, the connection beside them.
+    owner = object()
+    calls: list[tuple[Any, ...]] = []
+    quiet, draining = [request()], [other(), request()]
+    batches = iter([quiet, draining])
+
+    def read(connection: Any, data: Any) -> list[Any]:
+        calls.append(("read", connection, data))
+        return next(batches)
+
+    def after(connection: Any, events: list[Any], index: int) -> list[Any]:
+        calls.append(("after", connection, events, index))
+        return ["after"]
+
+    gate = core.RequestGate(RequestReceived, max_requests=2)
+    gate.attach(read, after, owner)
+    assert gate.receive(b"one") is quiet
+    assert gate.receive(b"two") == ["after"]
+    assert calls == [("read", owner, b"one"), ("read", owner, b"two"), ("after", owner, draining, 2)]
+
+
 class ListOfEvents(list):  # type: ignore[type-arg]
     pass
 
