@@ -49,7 +49,9 @@ def test_surge_puts_every_client_on_the_first_replica_attached(tmp_path: Path) -
     assert len(stops) == 3 and max(stops) - min(stops) < 0.01  # every old replica at once
     assert [name for _, name in ups] == ["b1", "b2", "b3"]
     gap = RESTART_DOWNTIME + RESTART_GAP
-    assert ups[1][0] - ups[0][0] >= gap - 0.05 and ups[2][0] - ups[1][0] >= gap - 0.05
+    # Each replica is attached no earlier than its slot (b1 at the stop, then one per gap); a busy
+    # machine may attach one late, which shortens the next interval, not its slot.
+    assert all(ups[i][0] - ups[0][0] >= i * gap - 0.05 for i in (1, 2)), ups
     summary = result.summary()
     assert summary.shares["b1"] == 1.0, summary  # nothing ever moves the clients off b1
     assert result.failed_requests == 0 and result.watches_interrupted == 0, result.errors

@@ -190,7 +190,11 @@ def test_two_workers_are_one_server_of_the_fleet_and_the_loaded_host_sheds(tmp_p
         pytest.importorskip("trio")
     from goaway_ext.asyncio_client import H2Client
 
-    with LoadPublisher("b2", lambda: 0.0) as quiet_peer:  # a peer that holds no connection
+    # The peer first reports more connections than the test ever opens, so this host is under its
+    # share and sheds nothing while the count is checked (a GOAWAY'd connection that closed would
+    # leave the sum one short of the clients); then it reports none, and this host must shed.
+    peer_load = [1000.0]
+    with LoadPublisher("b2", lambda: peer_load[0]) as quiet_peer:
         config = (f'goaway_fair_share = "peers"\ngoaway_name = "b1"\ngoaway_peers = ["127.0.0.1:{quiet_peer.port}"]\n'
                   'goaway_publish_load = "127.0.0.1:0"\ngoaway_fair_interval = 0.2\n'
                   'goaway_fair_max_drain_rate = 1.0\nkeep_alive_timeout = 60\n')  # idle clients stay
@@ -216,6 +220,7 @@ def test_two_workers_are_one_server_of_the_fleet_and_the_loaded_host_sheds(tmp_p
                         if seen[-1] == len(clients):
                             break
                         await asyncio.sleep(0.02)
+                    peer_load[0] = 0.0  # the peer empties: this host is now far above its share
                     for _ in range(2000):
                         await asyncio.gather(*(c.request("GET", "/") for c in clients))
                         if sum(c.goaways_received for c in clients) >= 3:
