@@ -186,6 +186,19 @@ class _StreamState:
     owed: int = 0  # flow-controlled bytes received but not yet given back as window
 
 
+@dataclass(slots=True)
+class _StallCheck:
+    """One send_timeout period under way: what was held back when it began, to tell progress from none."""
+
+    handle: asyncio.TimerHandle
+    size: int  # our write buffer when it began; -1: writing was not paused then
+    waiters: dict[int, asyncio.Future[None]]  # the streams waiting for window then, and the very waits
+    resumed: bool = False  # writing resumed since: the peer took our bytes
+
+
+# _H2Protocol._control_since once a peer went over max_control_rate.
+_FLOODED = -1.0
+
 # h2 remembers this many closed streams per connection (its default is 65,536,
 # about 11 MB once full) so that late frames on them are answered correctly. A
 # reset flood fills that record; 4,096 keeps it under 1 MB and still covers
@@ -234,13 +247,10 @@ class _H2Protocol(asyncio.Protocol):
         self._owed = 0  # flow-controlled bytes not yet acknowledged, over all streams
         self._control = 0  # PING/SETTINGS answers queued since our write buffer was last empty
         self._control_seen = 0  # PING/SETTINGS frames received since _control_since (max_control_rate)
-        self._control_since = 0.0  # the first window starts at the first check: no clock read per connection
-        self._flooded = False
-        self._stall: asyncio.TimerHandle | None = None  # the send_timeout check, armed only while held back
-        self._stall_size = 0  # write buffer size at the last check (-1: writing was not paused)
-        self._stall_waiters: dict[int, asyncio.Future[None]] = {}  # window waiters at the last check
-        self._resumes = 0  # resume_writing calls: each one is progress for send_timeout
-        self._stall_resumes = 0
+        # When the current max_control_rate window began; 0.0: at the first check (no clock read per
+        # connection); _FLOODED: over the rate, to be closed after this read.
+        self._control_since = 0.0
+        self._stall: _StallCheck | None = None  # the send_timeout period under way, only while held back
         self._backlog = b""  # read but not processed yet from _offset on (see _step)
         self._offset = 0
         self._backlog_scheduled = False
@@ -289,7 +299,8 @@ class _H2Protocol(asyncio.Protocol):
         if self._resume is not None and not self._resume.done():
             self._resume.set_result(None)
         self._resume = None
-        self._resumes += 1
+        if self._stall is not None:
+            self._stall.resumed = True  # the peer took enough of our bytes: progress
         self._update_reading()
 
     def _update_reading(self) -> None:
@@ -363,7 +374,7 @@ class _H2Protocol(asyncio.Protocol):
             return
         self._handle(events)
         if self._control > self.server.max_control_frames:
-            if self._flooded:
+            if self._control_since == _FLOODED:
                 log.warning("closing %s: more than %d PING/SETTINGS frames in under a second (max_control_rate)",
                             self.peer, self.server.max_control_rate)
                 self.calm(b"control frame flood")
@@ -431,12 +442,14 @@ class _H2Protocol(asyncio.Protocol):
         Run as soon as the connection starts closing, not only when the socket
         is gone: a max_age timer hours away must not outlive its connection.
         """
-        for handle in (self._timer, self._watchdog, self._stall):
+        for handle in (self._timer, self._watchdog):
             if handle is not None:
                 handle.cancel()
-        self._timer = self._watchdog = self._stall = None
+        self._timer = self._watchdog = None
         self._timer_at = None
-        self._stall_waiters = {}
+        if self._stall is not None:
+            self._stall.handle.cancel()
+            self._stall = None
 
     def calm(self, reason: bytes) -> None:
         """GOAWAY(ENHANCE_YOUR_CALM) naming the last stream, then close (RFC 9113 §5.4.1): a peer past a limit.
@@ -466,10 +479,9 @@ class _H2Protocol(asyncio.Protocol):
         assert self.server.send_timeout is not None and self.transport is not None
         if self._closing:
             return
-        self._stall_size = self.transport.get_write_buffer_size() if self._resume is not None else -1
-        self._stall_resumes = self._resumes
-        self._stall_waiters = dict(self._window_waiters)
-        self._stall = self.loop.call_later(self.server.send_timeout, self._on_stall)
+        size = self.transport.get_write_buffer_size() if self._resume is not None else -1
+        handle = self.loop.call_later(self.server.send_timeout, self._on_stall)
+        self._stall = _StallCheck(handle, size, dict(self._window_waiters))
 
     def _on_stall(self) -> None:
         """One send_timeout period is over: judge progress since it began, not total time.
@@ -481,17 +493,17 @@ class _H2Protocol(asyncio.Protocol):
         is reset (CANCEL) and its handler ends. A slow reader that drains a
         little each period, or a watch that waits on its own clock, is left alone.
         """
-        self._stall = None
+        check, self._stall = self._stall, None
         transport = self.transport
-        if self._closing or transport is None:
+        if self._closing or transport is None or check is None:
             return
-        if self._resume is not None and self._stall_size >= 0 and self._resumes == self._stall_resumes:
-            if transport.get_write_buffer_size() >= self._stall_size:
+        if self._resume is not None and check.size >= 0 and not check.resumed:
+            if transport.get_write_buffer_size() >= check.size:
                 log.warning("closing %s: it read nothing of the %d bytes queued for it in %.1f s (send_timeout)",
                             self.peer, transport.get_write_buffer_size(), self.server.send_timeout)
                 self.calm(b"send_timeout")
                 return
-        seen = self._stall_waiters
+        seen = check.waiters
         starved = [stream_id for stream_id, waiter in self._window_waiters.items() if seen.get(stream_id) is waiter]
         for stream_id in starved:
             log.info("resetting stream %d of %s: no flow-control window for %.1f s (send_timeout)", stream_id,
@@ -499,7 +511,6 @@ class _H2Protocol(asyncio.Protocol):
             self._reset(stream_id, ErrorCodes.CANCEL)
         if starved:
             self.flush()
-        self._stall_waiters = {}
         if self._resume is not None or self._window_waiters:
             self._arm_stall()
 
@@ -677,9 +688,11 @@ class _H2Protocol(asyncio.Protocol):
         request. A flood pushes ``_control`` past ``max_control_frames`` so
         that the one check after each read (in ``_process``) closes it.
         """
+        if self._control_since == _FLOODED:
+            return  # already judged; the rest of this read changes nothing
         now = self.loop.time()
         if now - self._control_since < 1.0:
-            self._flooded = True
+            self._control_since = _FLOODED
             self._control = self.server.max_control_frames + 1
         else:
             self._control_since = now
