@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..asyncio_client import H2Client, H2ClientError
-from .haproxy import HAProxyBalancer, free_port
+from .haproxy import HAProxyBalancer
+from .ports import PortReservation
 from .processes import Backend, BackendStartError, ProcessGroupRegistry
 from .proxy import RoundRobinProxy
 from .report import ProgressLine, RunResult
@@ -55,7 +56,7 @@ REQUEST_TIMEOUT = 10.0
 _HOST = "127.0.0.1"
 #: Between leaving the rotation and SIGTERM: connections the balancer is opening right now arrive.
 _PRE_STOP_DELAY = 0.2
-#: Fleet starts tried when a peer's publish port was taken before it could bind it (see ``_fleet_args``).
+#: Fleet starts tried when a reserved port was taken all the same before its backend bound it (see ``ports``).
 _PORT_ATTEMPTS = 3
 _ADDRESS_IN_USE = "Address already in use"
 _STOP_TIMEOUT = 15.0
@@ -215,18 +216,36 @@ async def run_scenario(
     names = [f"b{i + 1}" for i in range(config.backends)]
     run_dir = work_dir / spec.label.replace("=", "-").replace(" ", "_")  # HAProxy splits its config at spaces
     run_dir.mkdir(parents=True, exist_ok=True)
-    fleet: list[list[str]] = [[] for _ in names]
-    if spec.fair is not None:
-        fleet = _fleet_args(names, config.lb, run_dir)
     if config.scenario == "surge" and config.lb != "haproxy":
         raise ValueError("the surge scenario needs HAProxy (--lb haproxy): it re-points servers at new replicas")
+    # Every backend port (main and publish) stays reserved until the run ends, so a restarted
+    # backend finds its ports free again (see ``ports``).
+    reserved: list[PortReservation] = []
+
+    def reserve() -> int:
+        reservation = PortReservation(_HOST)
+        reserved.append(reservation)
+        return reservation.port
+
+    fleet: list[list[str]] = [[] for _ in names]
 
     def replica(i: int) -> Backend:
-        return Backend(names[i], [*spec.serve_args(), *fleet[i], *_seed_args(config.seed, i)], registry, run_dir)
+        return Backend(names[i], [*spec.serve_args(), *fleet[i], *_seed_args(config.seed, i)], registry, run_dir,
+                       host=_HOST, port=reserve())
 
-    backends = [replica(i) for i in range(len(names))]
-    # The surge's new replicas run beside the old ones from the start (their ports are their own).
-    new = [replica(i) for i in range(len(names))] if config.scenario == "surge" else []
+    def choose_ports() -> tuple[list[Backend], list[Backend]]:
+        nonlocal fleet
+        for reservation in reserved:
+            reservation.close()
+        reserved.clear()
+        if spec.fair is not None:
+            fleet = _fleet_args(names, config.lb, run_dir, reserve)
+        # The surge's new replicas run beside the old ones from the start (their ports are their own).
+        return ([replica(i) for i in range(len(names))],
+                [replica(i) for i in range(len(names))] if config.scenario == "surge" else [])
+
+    backends: list[Backend] = []
+    new: list[Backend] = []
     result = RunResult(
         policy=spec.label, backends=names, bucket=config.bucket, duration=0.0, window=config.window, lb=config.lb,
         options={**spec.options(), "scenario": config.scenario},
@@ -238,20 +257,17 @@ async def run_scenario(
     stats_known = True
     try:
         for attempt in range(_PORT_ATTEMPTS):
+            backends, new = choose_ports()
             started = await asyncio.gather(*(b.start() for b in [*backends, *new]), return_exceptions=True)
             failed = [exc for exc in started if isinstance(exc, BaseException)]
             if not failed:
                 break
-            collided = spec.fair is not None and config.lb != "haproxy" and any(
-                isinstance(exc, BackendStartError) and _ADDRESS_IN_USE in str(exc) for exc in failed)
+            collided = any(isinstance(exc, BackendStartError) and _ADDRESS_IN_USE in str(exc) for exc in failed)
             if not collided or attempt == _PORT_ATTEMPTS - 1:
                 raise failed[0]
-            # Another process took a publish port between free_port() and the backend's bind:
-            # stop whatever started, choose every peer port again, start again.
+            # A process that shares ports on purpose (SO_REUSEADDR) listened on a reserved one
+            # before its backend: stop whatever started, choose every port again, start again.
             await asyncio.gather(*(b.kill() for b in [*backends, *new]))
-            fleet = _fleet_args(names, config.lb, run_dir)
-            backends = [replica(i) for i in range(len(names))]
-            new = [replica(i) for i in range(len(names))] if config.scenario == "surge" else []
         if config.lb == "haproxy":
             balancer = HAProxyBalancer([(b.name, b.host, b.port) for b in backends], registry, run_dir,
                                        balance=config.balance)
@@ -325,6 +341,8 @@ async def run_scenario(
                 await progress_task
         progress.finish()
         await _shutdown(load, balancer, [*backends, *new])
+        for reservation in reserved:
+            reservation.close()
     return result
 
 
@@ -379,21 +397,23 @@ async def _shutdown(
             await asyncio.shield(asyncio.wait_for(step(), 20.0))
 
 
-def _fleet_args(names: list[str], lb: str, run_dir: Path) -> list[list[str]]:
+def _fleet_args(names: list[str], lb: str, run_dir: Path, reserve: Callable[[], int]) -> list[list[str]]:
     """The fleet view of each fair-share backend: HAProxy's stats socket, or (built-in proxy) its peers.
 
     Every peer must know the others' publish ports before any starts, so they
-    are chosen here with :func:`free_port`; another process can take one
-    before its backend binds it. ``serve`` starts its publisher before it
-    prints ``listening on``, so such a backend exits at start with "Address
-    already in use" in its log, and :func:`run_scenario` chooses every port
-    again (:data:`_PORT_ATTEMPTS` times in all).
+    are chosen here with ``reserve`` (a :class:`~.ports.PortReservation` held
+    until the run ends: the port is still free when its backend binds it, at
+    the first start and after a restart). Should another process take one all
+    the same, ``serve`` exits at start with "Address already in use" in its
+    log (it starts its publisher before it prints ``listening on``), and
+    :func:`run_scenario` chooses every port again (:data:`_PORT_ATTEMPTS`
+    times in all).
     """
     if lb == "haproxy":
         socket_path = str(run_dir / "haproxy.sock")  # where HAProxyBalancer puts it
         return [["--fair-share", "haproxy", "--haproxy-socket", socket_path, "--haproxy-backend", "demo_servers"]
                 for _ in names]
-    ports = [free_port(_HOST) for _ in names]
+    ports = [reserve() for _ in names]
     return [
         ["--fair-share", "peers", "--publish-load", f"{_HOST}:{port}",
          "--peers", ",".join(f"{_HOST}:{p}" for p in ports if p != port)]
