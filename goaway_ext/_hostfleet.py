@@ -40,7 +40,8 @@ from .fairshare import FairShare, StaticFleetView
 from .fleet import HAProxyFleetView, LoadPublisher, PeerFleetView, PollingFleetView
 
 __all__ = ["ConnectionCounts", "FLEET_VALUES", "FleetSettings", "HostLoad", "LoadSlot", "FleetRunner", "ProcessFleet",
-           "fleet_settings", "publish_address", "start_publisher", "worker_fair_share"]
+           "drain_rate_line", "fleet_settings", "publish_address", "start_publisher", "worker_drain_rate",
+           "worker_fair_share"]
 
 SOURCES = ("haproxy", "peers")
 
@@ -187,9 +188,36 @@ def _source_is(source: str | None, label: Callable[[str], str]) -> str:
 def _controller(settings: FleetSettings, view: Any, *, chance: float, allow_high_chance: bool,
                 local: Callable[[], float], workers: int) -> FairShare:
     return FairShare(view, settings.name, clock=time.monotonic, fallback=chance, ceiling=settings.ceiling,
-                     tolerance=settings.tolerance, max_drain_rate=settings.max_drain_rate / max(1, workers),
+                     tolerance=settings.tolerance, max_drain_rate=worker_drain_rate(settings.max_drain_rate, workers),
                      interval=settings.interval, max_staleness=settings.max_staleness,
                      allow_high_chance=allow_high_chance, local=local)
+
+
+def worker_drain_rate(host_rate: float, workers: int) -> float:
+    """Each worker's ``max_drain_rate``: an even part of the host's, so the host drains at most its rate.
+
+    A worker's controller sees the host's connections as its own load, so its
+    token bucket is ``host_rate / workers`` times the host's connections per
+    second; the workers together get ``host_rate`` times them (plus the one
+    drain per second that each worker always may start).
+    """
+    return host_rate / max(1, workers)
+
+
+def drain_rate_line(host_rate: float, workers: int) -> str:
+    """The startup log line on fair share's drain rate: the host's figure and each worker's part, both named.
+
+    The policy line before it shows the controller of the process that logs
+    (the parent: the whole host's rate); a worker's controller holds its part.
+    """
+    workers = max(1, workers)
+    head = (f"goaway_ext: fair share max_drain_rate {host_rate:g} per host (at most {host_rate:.4g} x the host's "
+            f"connections start a drain per second")
+    if workers == 1:
+        return head + ", at least one)"
+    share = worker_drain_rate(host_rate, workers)
+    return (head + f"), {share:.4g} per worker ({workers} workers, each at most {share:.4g} x the host's "
+            f"connections per second, at least one)")
 
 
 class LoadSlot:

@@ -104,6 +104,7 @@ from ._hostfleet import (
     FleetSettings,
     HostLoad,
     ProcessFleet,
+    drain_rate_line,
     fleet_settings,
     start_publisher,
     worker_fair_share,
@@ -1154,8 +1155,12 @@ def main(argv: list[str] | None = None) -> int:
         except (TypeError, ValueError) as exc:
             print(f"{_PROG}: {_flag_names(str(exc), set(overrides))}", file=sys.stderr)
             return 2
-        lines = [f"goaway_ext: HTTP/2 connections follow {policy_for(config)!r}"]
+        policy = policy_for(config)
+        lines = [f"goaway_ext: HTTP/2 connections follow {policy!r}"]
         host = _HOSTS.get(config)
+        if host is not None and policy is not None and policy.fair_share is not None:  # from goaway_* keys
+            # The line above shows this process's controller, with the host's rate; workers hold a part.
+            lines.append(drain_rate_line(policy.fair_share.max_drain_rate, host.load.slots - 1))  # its workers
         if host is not None and host.publisher is not None:  # the port, also when the key asked for 0
             lines.append(f"goaway_ext: publishing this host's load on port {host.publisher.port}")
         # A logger of our own: config.log would be cached on the config, which

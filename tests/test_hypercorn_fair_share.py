@@ -21,6 +21,7 @@ import pytest
 from hypercorn.config import Config
 
 from goaway_ext import GoawayPolicy
+from goaway_ext._hostfleet import HostLoad, drain_rate_line, fleet_settings, worker_drain_rate, worker_fair_share
 from goaway_ext.fairshare import FairShare, StaticFleetView
 from goaway_ext.fleet import LOAD_PATH, HAProxyFleetView, LoadPublisher, PeerFleetView
 from goaway_ext.hypercorn import FAIR_SHARE_KEYS, enable_goaway, policy_for, uninstall_protocol
@@ -178,6 +179,27 @@ def _load(port: int) -> float:
     return float(json.loads(data.partition(b"\r\n\r\n")[2])["connections"])
 
 
+@pytest.mark.parametrize("workers, part", [(0, None), (1, None), (4, 0.025)])
+def test_the_drain_rate_line_says_the_hosts_rate_and_what_each_worker_holds(workers: int, part: float | None) -> None:
+    settings = fleet_settings({"fair_share": "haproxy", "name": "b1", "haproxy_socket": "/run/haproxy.sock",
+                               "haproxy_backend": "be", "fair_max_drain_rate": 0.1}, lambda name: "goaway_" + name,
+                              chance=0.0, allow_high_chance=False)
+    assert settings is not None
+    built = worker_fair_share(settings, HostLoad(workers), chance=0.0, allow_high_chance=False, workers=workers)
+    assert built is not None
+    fair, view = built
+    view.close()
+    line = drain_rate_line(settings.max_drain_rate, workers)
+    assert line.startswith("goaway_ext: fair share max_drain_rate 0.1 per host (at most 0.1 x the host's connections "
+                           "start a drain per second")
+    if part is None:  # one process serves: it holds the host's whole rate
+        assert fair.max_drain_rate == 0.1 and line.endswith(", at least one)") and "per worker" not in line
+    else:  # what a worker's controller really holds, as the line says it
+        assert fair.max_drain_rate == part == worker_drain_rate(0.1, workers)
+        assert line.endswith(f"), 0.025 per worker ({workers} workers, each at most 0.025 x the host's connections "
+                             "per second, at least one)")
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -202,6 +224,11 @@ def test_two_workers_are_one_server_of_the_fleet_and_the_loaded_host_sheds(tmp_p
             server.wait_for_log("Running on", count=2, timeout=30)  # both workers accept
             server.wait_for_log("publishing this host's load on port")  # port 0: the parent says which
             publish = int(next(line for line in server.log if "publishing this host's load" in line).split()[-1])
+            # The policy line shows the parent's controller (the host's rate); this line names both figures.
+            assert any(line.endswith("goaway_ext: fair share max_drain_rate 1 per host (at most 1 x the host's "
+                                     "connections start a drain per second), 0.5 per worker (2 workers, each at "
+                                     "most 0.5 x the host's connections per second, at least one)")
+                       for line in server.log), server.log
 
             async def scenario() -> tuple[set[str], list[float], int]:
                 clients: list[H2Client] = []
