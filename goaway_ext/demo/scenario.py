@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from .ports import PortReservation
 from .processes import Backend, BackendStartError, ProcessGroupRegistry
 from .proxy import RoundRobinProxy
 from .report import ProgressLine, RunResult
+from .serve_log import LogCursor, count_policy_drains
 from .simulate import RESTART_DOWNTIME, RESTART_GAP
 
 if TYPE_CHECKING:
@@ -169,37 +169,6 @@ class _Load:
                 await asyncio.sleep(0.1)
 
 
-async def _backend_stats(client: H2Client) -> dict[str, object]:
-    response = await client.request("GET", "/stats")
-    data = json.loads(response.body)
-    if not isinstance(data, dict):
-        raise ValueError(f"/stats answered {data!r}")
-    return data
-
-
-def _policy_goaways(stats: dict[str, object]) -> int:
-    """Drains a backend started so far, from its ``/stats``.
-
-    Read just before the backend is stopped, so the shutdown drains are not
-    in it: what remains is what the policy started. A two-phase drain (two
-    GOAWAY frames) counts once, as the clients count it.
-    """
-    value = stats.get("drains")
-    if not isinstance(value, int):
-        raise ValueError(f"/stats has no 'drains' counter: {stats!r}")
-    return value
-
-
-async def _collect_stats(backend: Backend) -> int | None:
-    client = H2Client(_HOST, backend.port, timeout=3.0)
-    try:
-        return _policy_goaways(await _backend_stats(client))
-    except (H2ClientError, OSError, ValueError, asyncio.TimeoutError):
-        return None
-    finally:
-        await client.aclose()
-
-
 async def run_scenario(
     config: DemoConfig,
     spec: PolicySpec,
@@ -216,6 +185,8 @@ async def run_scenario(
     names = [f"b{i + 1}" for i in range(config.backends)]
     run_dir = work_dir / spec.label.replace("=", "-").replace(" ", "_")  # HAProxy splits its config at spaces
     run_dir.mkdir(parents=True, exist_ok=True)
+    # The policy's drains are counted from the backends' logs, from where they end now (see ``serve_log``).
+    logs = [LogCursor(run_dir / f"{name}.log") for name in names]
     if config.scenario == "surge" and config.lb != "haproxy":
         raise ValueError("the surge scenario needs HAProxy (--lb haproxy): it re-points servers at new replicas")
     # Every backend port (main and publish) stays reserved until the run ends, so a restarted
@@ -253,8 +224,6 @@ async def run_scenario(
     balancer: RoundRobinProxy | HAProxyBalancer | None = None
     load: _Load | None = None
     progress_task: asyncio.Task[None] | None = None
-    goaways = 0
-    stats_known = True
     try:
         for attempt in range(_PORT_ATTEMPTS):
             backends, new = choose_ports()
@@ -295,11 +264,7 @@ async def run_scenario(
         if config.scenario == "surge":
             assert isinstance(balancer, HAProxyBalancer)
             state["note"] = "surge upgrade"
-            goaways_old = await _surge(balancer, backends, new, result, clock, slot)
-            if goaways_old is None:
-                stats_known = False
-            else:
-                goaways += goaways_old
+            await _surge(balancer, backends, new, result, clock, slot)
             backends, new = new, backends
         for index, backend in enumerate(backends if config.scenario == "rolling" else []):
             await _sleep_until(clock, config.warmup + index * slot)
@@ -308,11 +273,6 @@ async def run_scenario(
             # that is shutting down (Kubernetes removes the endpoint, then the pod stops).
             await balancer.set_enabled(index, False)
             await asyncio.sleep(_PRE_STOP_DELAY)
-            sent = await _collect_stats(backend)
-            if sent is None:
-                stats_known = False
-            else:
-                goaways += sent
             result.events.append((clock(), backend.name, "stop"))
             await backend.stop(_STOP_TIMEOUT)
             await backend.start()
@@ -326,13 +286,8 @@ async def run_scenario(
         progress_task.cancel()
         await load.stop()
         load = None
-        for backend in backends:
-            sent = await _collect_stats(backend)
-            if sent is None:
-                stats_known = False
-            else:
-                goaways += sent
-        result.goaways_sent = goaways if stats_known else None
+        # No request is left, so no policy starts a drain any more: every one is in the logs.
+        result.goaways_sent = sum(count_policy_drains(log.text()) for log in logs)
         result.pids = list(registry.pids)
     finally:
         if progress_task is not None:
@@ -349,14 +304,13 @@ async def run_scenario(
 async def _surge(
     balancer: HAProxyBalancer, old: list[Backend], new: list[Backend], result: RunResult,
     clock: Callable[[], float], gap: float,
-) -> int | None:
-    """Replace every backend at once, attach the new replicas ``gap`` s apart; the old ones' policy drains.
+) -> None:
+    """Replace every backend at once, attach the new replicas ``gap`` s apart.
 
     Every server leaves the rotation, ``b1`` is re-pointed at its new replica
     and attached (and UP in HAProxy's health check) before the old processes
     get SIGTERM, so the clients they drain have somewhere to go: all of them
-    land on ``b1``. Returns the GOAWAYs the old processes' policy had sent, or
-    None when one of them could not say.
+    land on ``b1``.
     """
     for index in range(len(old)):
         await balancer.set_enabled(index, False)
@@ -364,7 +318,6 @@ async def _surge(
     await balancer.set_enabled(0, True)
     await balancer.wait_serving(0)
     await asyncio.sleep(_PRE_STOP_DELAY)
-    sent = await asyncio.gather(*(_collect_stats(b) for b in old))
     now = clock()
     for backend in old:
         # b1's old process "stops" a millisecond before its new one is up, as in the model's surge plan,
@@ -379,7 +332,6 @@ async def _surge(
         await balancer.set_enabled(index, True)
         result.events.append((clock(), new[index].name, "up"))
     await stopping
-    return None if any(n is None for n in sent) else sum(n for n in sent if n is not None)
 
 
 async def _shutdown(
