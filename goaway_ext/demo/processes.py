@@ -92,9 +92,11 @@ class Backend:
     """One ``python -m goaway_ext serve`` process, restartable on the same port.
 
     ``policy_args`` are the serve options that choose the GOAWAY policy (for
-    example ``["--chance", "0.01"]``). The first start asks for port 0 and
-    keeps the port the server reports, so later restarts come back on the
-    address the balancer already knows.
+    example ``["--chance", "0.01"]``). The first start asks for ``port`` (0
+    by default) and keeps the port the server reports, so later restarts come
+    back on the address the balancer already knows; the demo passes a port it
+    holds reserved for the whole run (:mod:`.ports`), so nobody else can take
+    it while the backend restarts.
     """
 
     #: How a backend is started; the options below are appended to it.
