@@ -224,11 +224,29 @@ _SERVING = DrainState.SERVING
 class _H2Protocol(asyncio.Protocol):
     """One TCP connection: bytes <-> the connection object, events -> handler tasks."""
 
+    # Slots: past 30 attributes CPython stops sharing an instance dict's keys, and
+    # every ``self.x`` on the per-request path then becomes a dict lookup.
+    __slots__ = (
+        "_abort_handle", "_backlog", "_backlog_scheduled", "_buffered", "_closing", "_control", "_data_to_send",
+        "_held", "_idle_since", "_offset", "_owed", "_preface", "_reading_paused", "_receive", "_resume", "_serving",
+        "_started", "_streams", "_timed", "_timer", "_timer_at", "_watchdog", "_window_waiters", "closed", "conn",
+        "drainable", "drains", "loop", "peer", "requests", "server", "transport",
+    )
+
     def __init__(self, server: H2Server) -> None:
         self.server = server
         self.loop = asyncio.get_running_loop()
         self.conn: H2Connection = _NOT_STARTED  # replaced once the preface is seen
         self.drainable: ServerConnection | None = None
+        # conn's receive_data and data_to_send, looked up once per connection
+        # (and again when a drain starts, see _drain_started): a serving
+        # ServerConnection holds them as instance attributes, which CPython's
+        # method-call shortcut cannot cache, so a lookup per call costs more
+        # than on h2's own class.
+        self._receive: Callable[[bytes], list[Any]] = _NOT_STARTED.receive_data
+        self._data_to_send: Callable[[], bytes] = _NOT_STARTED.data_to_send
+        self._serving: ServerConnection | None = None  # drainable, while its drain has not started
+        self._timed = False  # flush() must ask drainable for its next deadline (draining, or max_idle)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self._preface = b""
@@ -366,12 +384,16 @@ class _H2Protocol(asyncio.Protocol):
             if not self.transport.get_write_buffer_size():
                 self._control = 0  # the peer read every answer: the count starts over
         try:
-            events = self.conn.receive_data(data)
+            events = self._receive(data)
         except ProtocolError as exc:
             log.info("protocol error from %s: %s", self.peer, exc)
+            self._check_drain()
             self.flush()
             self.close()
             return
+        serving = self._serving
+        if serving is not None and serving._state is not _SERVING:  # the read started a drain
+            self._drain_started()
         self._handle(events)
         if self._control > self.server.max_control_frames:
             if self._control_since == _FLOODED:
@@ -413,11 +435,19 @@ class _H2Protocol(asyncio.Protocol):
         if self.server.plain_h2:
             self.conn = _PlainConnection(config=config)
         else:
-            self.drainable = _ServedConnection(config, policy=self.server.policy, clock=self.loop.time)
-            self.conn = self.drainable
+            drainable = self.drainable = _ServedConnection(config, policy=self.server.policy, clock=self.loop.time)
+            self.conn = drainable
+            self._serving = drainable
+            self._timed = drainable._idle_limit is not None
             metrics.connection_opened()  # process totals and Prometheus, shared with hypercorn
             if self.server.is_shutting_down:
-                self.drainable.start_drain("shutdown")
+                drainable.start_drain("shutdown")
+                self._serving = None
+                self._timed = True
+            elif not self._timed:
+                self._schedule(drainable.next_deadline())  # its age, which no request moves
+        self._receive = self.conn.receive_data
+        self._data_to_send = self.conn.data_to_send
         self.conn.initiate_connection()
         # Request bodies get their stream window back only while the connection
         # buffers less than max_buffered (see _may_acknowledge). The connection
@@ -560,21 +590,33 @@ class _H2Protocol(asyncio.Protocol):
     def flush(self) -> None:
         if self._closing:
             return
-        data = self.conn.data_to_send()
+        data = self._data_to_send()
         if data:
             assert self.transport is not None
             self.transport.write(data)
-        drainable = self.drainable
-        if drainable is not None:
+        if self._timed:
             # flush() runs several times per request. A serving connection without
-            # max_idle and with nothing queued has one deadline, its age: read it
-            # instead of calling next_deadline() each time (what next_deadline returns then).
-            if drainable._queued or drainable._state is not _SERVING or drainable._idle_limit is not None:
-                deadline = drainable.next_deadline()
-            else:
-                deadline = drainable._age_deadline
+            # max_idle has one deadline, its age (what next_deadline() returns then):
+            # it is scheduled once, when the connection starts (_check_preface), and
+            # flush() asks again only once the drain has started (_drain_started).
+            assert self.drainable is not None
+            deadline = self.drainable.next_deadline()
             if deadline != self._timer_at:
                 self._schedule(deadline)
+
+    def _check_drain(self) -> None:
+        """After a call that may have started the drain: notice it (see :meth:`_drain_started`)."""
+        serving = self._serving
+        if serving is not None and serving._state is not _SERVING:
+            self._drain_started()
+
+    def _drain_started(self) -> None:
+        """drainable left SERVING: its own receive_data and data_to_send answer now, and its deadlines move."""
+        conn = self.conn
+        self._serving = None
+        self._timed = True
+        self._receive = conn.receive_data
+        self._data_to_send = conn.data_to_send
 
     def _schedule(self, deadline: float | None) -> None:
         if self._timer is not None:
@@ -591,8 +633,12 @@ class _H2Protocol(asyncio.Protocol):
         if drainable is None or self._closing:
             return
         now = self.loop.time()
-        self._handle(drainable.handle_timer(now))
+        events = drainable.handle_timer(now)
+        self._check_drain()
+        self._handle(events)
         self.flush()
+        if not self._timed:  # still serving (the timer fired a little early): the age deadline again
+            self._schedule(drainable.next_deadline())
         close_at = drainable.close_at
         if close_at is not None and now >= close_at:
             log.info("closing drained connection from %s", self.peer)
@@ -609,6 +655,7 @@ class _H2Protocol(asyncio.Protocol):
             return
         if self.drainable is not None:
             self.drainable.start_drain("shutdown")
+            self._check_drain()
         else:
             with contextlib.suppress(ProtocolError):
                 self.conn.close_connection()
