@@ -444,8 +444,10 @@ class _H2Protocol(asyncio.Protocol):
                 drainable.start_drain("shutdown")
                 self._serving = None
                 self._timed = True
-            elif not self._timed:
-                self._schedule(drainable.next_deadline())  # its age, which no request moves
+            elif not self._timed and drainable._age_deadline is not None:
+                # Its one deadline while serving without max_idle (what next_deadline()
+                # returns then): its age, which no request moves.
+                self._schedule(drainable._age_deadline)
         self._receive = self.conn.receive_data
         self._data_to_send = self.conn.data_to_send
         self.conn.initiate_connection()
