@@ -232,6 +232,7 @@ class _H2Protocol(asyncio.Protocol):
         "_reading_paused", "_receive", "_resume", "_resumes", "_serving", "_stall", "_stall_resumes", "_stall_size",
         "_stall_waiters", "_started", "_streams", "_timed", "_timer", "_timer_at", "_watchdog", "_window_waiters",
         "closed", "conn", "drainable", "drains", "loop", "peer", "requests", "server", "transport",
+        "__weakref__",  # tests check that a closed connection is collectable
     )
 
     def __init__(self, server: H2Server) -> None:
