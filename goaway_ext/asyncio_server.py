@@ -227,12 +227,12 @@ class _H2Protocol(asyncio.Protocol):
     # Slots: past 30 attributes CPython stops sharing an instance dict's keys, and
     # every ``self.x`` on the per-request path then becomes a dict lookup.
     __slots__ = (
-        "_abort_handle", "_backlog", "_backlog_scheduled", "_buffered", "_closing", "_control", "_control_seen",
-        "_control_since", "_data_to_send", "_flooded", "_held", "_idle_since", "_offset", "_owed", "_preface",
-        "_reading_paused", "_receive", "_resume", "_resumes", "_serving", "_stall", "_stall_resumes", "_stall_size",
-        "_stall_waiters", "_started", "_streams", "_timed", "_timer", "_timer_at", "_watchdog", "_window_waiters",
-        "closed", "conn", "drainable", "drains", "loop", "peer", "requests", "server", "transport",
         "__weakref__",  # tests check that a closed connection is collectable
+        "_abort_handle", "_backlog", "_backlog_scheduled", "_buffered", "_closing", "_control", "_control_seen",
+        "_control_since", "_data_to_send", "_held", "_idle_since", "_offset", "_owed", "_preface", "_reading_paused",
+        "_receive", "_resume", "_serving", "_stall", "_started", "_streams", "_timed", "_timer", "_timer_at",
+        "_watchdog", "_window_waiters", "closed", "conn", "drainable", "drains", "loop", "peer", "requests", "server",
+        "transport",
     )
 
     def __init__(self, server: H2Server) -> None:
