@@ -390,6 +390,12 @@ def _build_setup(config: Config) -> _Setup:
     return _Setup(signature, policy, config, fleet)
 
 
+# The last config a connection was built for and its setup: a worker serves one
+# config, and a WeakKeyDictionary lookup makes a weak reference and a Python
+# call on every connection. Reset whenever a setup is (re)built.
+_LAST_SETUP: tuple[weakref.ref[Config], _Setup] | None = None
+
+
 def policy_for(config: Config) -> GoawayPolicy | None:
     """The policy connections served with ``config`` follow; None if it is not enabled.
 
@@ -399,11 +405,13 @@ def policy_for(config: Config) -> GoawayPolicy | None:
     Rechecks the config each call; connections reuse the result, so keys
     changed after serving started apply only once this is called again.
     """
+    global _LAST_SETUP
     with _SETUPS_LOCK:
         cached = _SETUPS.get(config)
         if cached is None or cached.signature != _signature(config):
             old, cached = cached, _build_setup(config)
             _SETUPS[config] = cached
+            _LAST_SETUP = None
             if old is not None and old.fleet is not None and old.fleet.runner is not None:
                 old.fleet.runner.close()  # its connections keep their samplers; new ones follow the new policy
         return cached.policy
@@ -411,10 +419,15 @@ def policy_for(config: Config) -> GoawayPolicy | None:
 
 def _setup_for(config: Config) -> _Setup:
     """Per connection: the cached setup, built on a config's first connection only."""
+    global _LAST_SETUP
+    last = _LAST_SETUP
+    if last is not None and last[0]() is config:
+        return last[1]
     setup = _SETUPS.get(config)
     if setup is None:
         policy_for(config)
         setup = _SETUPS[config]
+    _LAST_SETUP = (weakref.ref(config), setup)
     return setup
 
 
@@ -492,9 +505,10 @@ class _AsyncioWorker:
     ``loop.call_later`` handles that exist only while something is scheduled.
     """
 
-    __slots__ = ("__weakref__", "live", "loop", "watcher")
+    __slots__ = ("__weakref__", "context", "live", "loop", "watcher")
 
     def __init__(self, context: Any) -> None:
+        self.context = weakref.ref(context)  # weak: see watcher
         self.live: set[GoawayH2Protocol] = set()
         self.loop = asyncio.get_running_loop()
         # The event, not the context: this object is the context's value in a
@@ -508,6 +522,8 @@ class _AsyncioWorker:
 
 
 _WORKERS: weakref.WeakKeyDictionary[Any, _AsyncioWorker] = weakref.WeakKeyDictionary()
+# The worker of the last connection: checked first, a process has one worker context.
+_LAST_WORKER: _AsyncioWorker | None = None
 
 
 async def _wait_trio(events: Sequence[Any], timeout: float | None) -> None:
@@ -609,14 +625,19 @@ class GoawayH2Protocol(H2Protocol):
         if self._goaway is None:
             return
         connection_opened()
-        if type(self.context).__module__.startswith("hypercorn.trio"):
-            # trio has no loop.call_later; its worker keeps one timer task per connection.
-            self._wake = self.context.event_class()
-            self.task_group.spawn(self._run_timer_trio)
-            return
-        worker = _WORKERS.get(self.context)
-        if worker is None:
-            worker = _WORKERS[self.context] = _AsyncioWorker(self.context)
+        global _LAST_WORKER
+        context = self.context
+        worker = _LAST_WORKER
+        if worker is None or worker.context() is not context:
+            if type(context).__module__.startswith("hypercorn.trio"):
+                # trio has no loop.call_later; its worker keeps one timer task per connection.
+                self._wake = context.event_class()
+                self.task_group.spawn(self._run_timer_trio)
+                return
+            worker = _WORKERS.get(context)
+            if worker is None:
+                worker = _WORKERS[context] = _AsyncioWorker(context)
+            _LAST_WORKER = worker
         self._worker = worker
         worker.live.add(self)
         if self.context.terminated.is_set():
