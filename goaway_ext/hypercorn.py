@@ -640,9 +640,9 @@ class GoawayH2Protocol(H2Protocol):
             _LAST_WORKER = worker
         self._worker = worker
         worker.live.add(self)
-        if self.context.terminated.is_set():
+        if context.terminated.is_set():
             self._begin_shutdown()
-        else:
+        elif self._goaway.next_deadline() is not None:  # most connections: nothing scheduled, no _arm call
             self._arm()
 
     async def send_task(self) -> None:
