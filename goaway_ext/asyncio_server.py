@@ -974,13 +974,15 @@ class H2Server:
             if value is None and arg == "max_control_rate":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+                off = " or None (off)" if arg == "max_control_rate" else ""
+                raise ValueError(f"{arg} must be a positive int{off}, got {value!r}")
         for arg, seconds in (("handshake_timeout", handshake_timeout), ("idle_timeout", idle_timeout),
                              ("send_timeout", send_timeout), ("flush_timeout", flush_timeout)):
             if seconds is None and arg in ("idle_timeout", "send_timeout"):
                 continue
             if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < 1e9:
-                raise ValueError(f"{arg} must be a positive number of seconds, got {seconds!r}")
+                off = " or None (off)" if arg in ("idle_timeout", "send_timeout") else ""
+                raise ValueError(f"{arg} must be a positive number of seconds{off}, got {seconds!r}")
         self.handler = handler
         self.policy = policy if policy is not None else GoawayPolicy()
         self.ssl_context = ssl_context
@@ -1407,8 +1409,10 @@ async def _serve(args: argparse.Namespace, policy: GoawayPolicy, context: ssl.SS
                           handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout,
                           send_timeout=args.send_timeout or None, max_control_rate=args.max_control_rate or None)
     except ValueError as exc:
-        raise CommandError(flag_message(str(exc), ("handshake_timeout", "idle_timeout", "send_timeout",
-                                                   "max_control_rate"))) from None
+        message = flag_message(str(exc), ("handshake_timeout", "idle_timeout", "send_timeout", "max_control_rate"))
+        # On the command line 0 is "off" for these two (None for H2Server); --idle-timeout has no off.
+        off = " or 0 (off)" if message.startswith(("--send-timeout", "--max-control-rate")) else ""
+        raise CommandError(message.replace(" or None (off)", off)) from None
     try:
         host, port = await server.start(args.host, args.port)
     except OSError as exc:

@@ -72,12 +72,15 @@ def test_handle_timer_rejects_a_bad_now_before_changing_anything(now: Any, exc: 
 @pytest.mark.parametrize("arg, value", [
     ("send_timeout", 0), ("send_timeout", -1.0), ("send_timeout", math.nan), ("send_timeout", True),
     ("max_control_rate", 0), ("max_control_rate", -3), ("max_control_rate", 1.5), ("max_control_rate", True),
+    ("idle_timeout", 0), ("handshake_timeout", None),
 ])
 def test_h2server_limits_refuse_bad_values_naming_them(arg: str, value: Any) -> None:
     from goaway_ext import H2Server
     from goaway_ext.asyncio_server import builtin_app
 
-    with pytest.raises(ValueError, match=rf"^{arg} must be a positive .*got {value!r}$"):
+    # The limits that None turns off say so; handshake_timeout has no off.
+    off = " or None \\(off\\)" if arg != "handshake_timeout" else ""
+    with pytest.raises(ValueError, match=rf"^{arg} must be a positive [a-z ]+{off}, got {value!r}$"):
         H2Server(builtin_app, **{arg: value})
 
 

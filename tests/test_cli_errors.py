@@ -149,9 +149,10 @@ def test_serve_rapid_reset_window_reaches_the_policy(window: str, shown: str) ->
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--send-timeout", "-1", "--send-timeout must be a positive number of seconds, got -1.0"),
-    ("--send-timeout", "nan", "--send-timeout must be a positive number of seconds, got nan"),
-    ("--max-control-rate", "-5", "--max-control-rate must be a positive int, got -5"),
+    ("--send-timeout", "-1", "--send-timeout must be a positive number of seconds or 0 (off), got -1.0"),
+    ("--send-timeout", "nan", "--send-timeout must be a positive number of seconds or 0 (off), got nan"),
+    ("--max-control-rate", "-5", "--max-control-rate must be a positive int or 0 (off), got -5"),
+    ("--idle-timeout", "0", "--idle-timeout must be a positive number of seconds, got 0.0"),
 ])
 def test_serve_bad_limit_names_the_flag(flag: str, value: str, message: str) -> None:
     line = one_line(serve(flag, value), 2, "serve: error: " + message)
