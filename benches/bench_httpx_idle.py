@@ -12,7 +12,7 @@ server's GOAWAY and connection counts (``GET /stats``). Extra arguments go to
 ``serve`` (e.g. ``--ping-timeout 0.2``). Baseline: the same run against an
 older checkout (``PYTHONPATH=/path/to/checkout``).
 
-Usage: python benches/bench_httpx_idle.py [--chance 1.0,0.02] [serve options...]
+Usage: python benches/bench_httpx_idle.py [--quick | --chance 1.0,0.02] [serve options...]
 """
 
 from __future__ import annotations
@@ -67,8 +67,9 @@ async def run(port: int, workload: str) -> tuple[collections.Counter[str], dict[
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chance", default="1.0,0.02", help="comma-separated chances (default 1.0,0.02)")
-    args, serve_args = parser.parse_known_args()
-    for chance in args.chance.split(","):
+    parser.add_argument("--quick", action="store_true", help="chance 1.0 only (the harshest; what make bench runs)")
+    args, serve_args = parser.parse_known_args()  # the rest goes to serve
+    for chance in ["1.0"] if args.quick else args.chance.split(","):
         for workload in ("busy", "random", "bursts"):
             proc = subprocess.Popen(
                 [sys.executable, "-m", "goaway_ext", "serve", "--port", "0", "--mode", "idle", "--chance", chance,
