@@ -101,7 +101,7 @@ pytest-python: install coverage-tools
 # see build/cov-core/goaway_ext/_core_c.{pyx,c} (the source tree's .c has no trace
 # calls: 0 statements). bin/pytest, not -m pytest: -m would put the source tree's
 # plain build ahead of PYTHONPATH.
-CORE_TESTS := test_core_codec.py test_core_sampler.py test_core_gate.py test_core_fuzz.py test_scanner.py test_core_guard.py \
+CORE_TESTS := test_core_codec.py test_core_sampler.py test_core_gate.py test_core_goaway_gate.py test_core_fuzz.py test_scanner.py test_core_guard.py \
   test_loadwire.py test_peer_goaway.py
 
 coverage-core: install coverage-tools
