@@ -191,7 +191,7 @@ wheel: install
 # httpx transport, the load generator's processes, hypercorn, grpclib). The README's
 # chance-advice table is the model's arithmetic (CPU only, nothing the wheel changes).
 WHEEL_TESTS := tests/test_packaging.py tests/test_core_guard.py \
-  tests/test_core_codec.py tests/test_core_sampler.py tests/test_core_gate.py tests/test_scanner.py \
+  tests/test_core_codec.py tests/test_core_sampler.py tests/test_core_gate.py tests/test_core_goaway_gate.py tests/test_scanner.py \
   tests/test_readme.py --deselect tests/test_readme.py::test_chance_advice_matches_the_model \
   tests/test_server_real_clients.py::test_curl_every_response_complete_with_goaway_on_every_request \
   tests/test_server_real_clients.py::test_nghttp_watch_in_flight_reads_whole_body \
