@@ -352,6 +352,33 @@ def test_control_frames_under_max_control_rate_are_all_answered() -> None:
     serve(burst, max_control_rate=1000)
 
 
+async def big_windows_socket(server: H2Server, path: bytes) -> tuple[socket.socket, Any]:
+    """A raw peer with a tiny receive buffer and huge windows that asks for ``path``; the server's send buffer is
+    made small too, so its transport pauses after a few KiB instead of after the kernel's megabytes."""
+    assert server.address is not None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, server.address)
+    for _ in range(200):
+        if server._protocols:
+            break
+        await asyncio.sleep(0.05)
+    proto = only_protocol(server)
+    assert proto.transport is not None
+    proto.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client = RawClient()
+    settings = SettingsFrame(0)
+    settings.settings = {SettingsFrame.INITIAL_WINDOW_SIZE: 2**31 - 1}
+    window = WindowUpdateFrame(0)
+    window.window_increment = 2**31 - 1 - 65535
+    _, headers = client.headers(headers=[(b":method", b"GET"), (b":path", path), (b":scheme", b"http"),
+                                         (b":authority", b"hostile")])
+    await loop.sock_sendall(sock, client.preface() + settings.serialize() + window.serialize() + headers)
+    return sock, proto
+
+
 # -- 4. close_at closes a peer that does not read ----------------------------------------------------
 
 
@@ -363,24 +390,7 @@ def test_close_at_aborts_a_connection_whose_peer_never_reads() -> None:
         await response.send(200, b"w" * (4 * MB))
 
     async def stuck(server: H2Server) -> None:
-        assert server.address is not None
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        loop = asyncio.get_running_loop()
-        await loop.sock_connect(sock, server.address)
-        client = RawClient()
-        settings = SettingsFrame(0)
-        settings.settings = {SettingsFrame.INITIAL_WINDOW_SIZE: 2**31 - 1}
-        window = WindowUpdateFrame(0)
-        window.window_increment = 2**31 - 1 - 65535
-        _, headers = client.headers()
-        await loop.sock_sendall(sock, client.preface() + settings.serialize() + window.serialize() + headers)
-        for _ in range(200):
-            if server._protocols:
-                break
-            await asyncio.sleep(0.05)
-        proto = only_protocol(server)
+        sock, proto = await big_windows_socket(server, b"/")
         await asyncio.wait_for(asyncio.shield(proto.closed), 30)  # before the fix: until the peer reads
         assert proto.drainable is not None and proto.drainable.is_drained  # closed at close_at (linger)
         sock.close()
@@ -517,33 +527,6 @@ def test_with_max_idle_the_policys_graceful_goaway_comes_before_the_idle_timeout
 
 
 # -- 6. send_timeout: a peer that lets nothing through ------------------------------------------------
-
-
-async def big_windows_socket(server: H2Server, path: bytes) -> tuple[socket.socket, Any]:
-    """A raw peer with a tiny receive buffer and huge windows that asks for ``path``; the server's send buffer is
-    made small too, so its transport pauses after a few KiB instead of after the kernel's megabytes."""
-    assert server.address is not None
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, server.address)
-    for _ in range(200):
-        if server._protocols:
-            break
-        await asyncio.sleep(0.05)
-    proto = only_protocol(server)
-    assert proto.transport is not None
-    proto.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    client = RawClient()
-    settings = SettingsFrame(0)
-    settings.settings = {SettingsFrame.INITIAL_WINDOW_SIZE: 2**31 - 1}
-    window = WindowUpdateFrame(0)
-    window.window_increment = 2**31 - 1 - 65535
-    _, headers = client.headers(headers=[(b":method", b"GET"), (b":path", path), (b":scheme", b"http"),
-                                         (b":authority", b"hostile")])
-    await loop.sock_sendall(sock, client.preface() + settings.serialize() + window.serialize() + headers)
-    return sock, proto
 
 
 async def endless(request: Request, response: ResponseStream) -> None:
