@@ -9,18 +9,23 @@ counted once (connections opened = GOAWAYs + connections held).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 from serve_process import ServeProcess
 
+from goaway_ext import loadgen
 from goaway_ext.loadgen import run_load
 
 REQUESTS = 1500
@@ -134,30 +139,46 @@ backend back
         serve.stop()
 
 
+class RawH2Server(asyncio.Protocol):
+    """A scripted server for one test: h2's own connection, its preface sent on accept; subclasses answer."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        self.conn.initiate_connection()
+        transport.write(self.conn.data_to_send())
+
+
+def load_against(protocol: Callable[[], asyncio.Protocol], requests: int, streams: int, engine: str) -> Any:
+    """``load`` on one connection at a time against ``protocol`` served on 127.0.0.1; its result."""
+    async def scenario() -> Any:
+        server = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            return await asyncio.wait_for(loadgen.run_load_async(f"http://127.0.0.1:{port}/", requests=requests,
+                                                                 connections=1, streams=streams, timeout=10,
+                                                                 engine=engine), 30)
+        finally:
+            server.close()
+
+    return asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("engine", ["fast", "h2"])
 def test_refusal_and_goaway_in_one_read(engine: str) -> None:
     # Regression: a REFUSED_STREAM read before a GOAWAY in the same read made the retry
     # reach this connection before its own loop saw the GOAWAY; the GOAWAY went uncounted
     # (connections opened != GOAWAYs + connections held).
-    import asyncio
-
-    import h2.config
-    import h2.connection
-    import h2.events
     from h2.errors import ErrorCodes
 
     from goaway_ext import encode_goaway
-    from goaway_ext.loadgen import run_load_async
 
     seen: list[int] = []
 
-    class Scripted(asyncio.Protocol):
+    class Scripted(RawH2Server):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            assert isinstance(transport, asyncio.Transport)
-            self.transport = transport
-            self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-            self.conn.initiate_connection()
-            transport.write(self.conn.data_to_send())
+            super().connection_made(transport)
             self.scripted = bool(seen)  # only the first connection is scripted
             seen.append(1)
 
@@ -176,16 +197,7 @@ def test_refusal_and_goaway_in_one_read(engine: str) -> None:
                 self.conn.send_headers(stream_id, [(":status", "200")], end_stream=True)
             self.transport.write(self.conn.data_to_send())
 
-    async def scenario() -> Any:
-        server = await asyncio.get_running_loop().create_server(Scripted, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            return await asyncio.wait_for(run_load_async(f"http://127.0.0.1:{port}/", requests=40, connections=1,
-                                                         streams=4, timeout=10, engine=engine), 30)
-        finally:
-            server.close()
-
-    result = asyncio.run(scenario())
+    result = load_against(Scripted, requests=40, streams=4, engine=engine)
     assert result.failed == 0 and result.status == {"200": 40}, result.errors
     assert result.streams_refused >= 1 and result.requests_retried >= 1
     assert result.goaways_received == 1 and result.connections_opened == 2
@@ -241,10 +253,6 @@ def test_a_ping_flood_that_reads_nothing_cannot_grow_the_write_buffer(engine: st
     # README "Load generator": past max_write_buffer unsent bytes a connection stops reading,
     # so the PING ACKs it owes a server that reads nothing stay bounded (the default, 64 KiB,
     # plus the replies to one read of at most 256 KiB); the request fails by its timeout.
-    import asyncio
-
-    from goaway_ext import loadgen
-
     peak = [0]
 
     class Watched(loadgen._LoadConnection):
@@ -282,13 +290,6 @@ def test_a_connection_out_of_stream_ids_moves_to_a_new_one_without_losing_a_requ
         engine: str, monkeypatch: Any) -> None:
     # RFC 9113 5.1.1: a client cannot reuse a stream id; past 2**31-1 it needs a new connection.
     # The first connection starts 5 stream ids below the end, so the run crosses the limit at once.
-    import asyncio
-
-    import h2.config
-    import h2.connection
-    import h2.events
-
-    from goaway_ext import loadgen
     from goaway_ext._loadwire import LoadWire
 
     last = 2**31 - 1
@@ -304,13 +305,9 @@ def test_a_connection_out_of_stream_ids_moves_to_a_new_one_without_losing_a_requ
                 else:
                     self.wire.h2.highest_outbound_stream_id = start - 2
 
-    class Answering(asyncio.Protocol):
+    class Answering(RawH2Server):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            assert isinstance(transport, asyncio.Transport)
-            self.transport = transport
-            self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-            self.conn.initiate_connection()
-            transport.write(self.conn.data_to_send())
+            super().connection_made(transport)
             self.ids: list[int] = []
             ids.append(self.ids)
 
@@ -323,17 +320,7 @@ def test_a_connection_out_of_stream_ids_moves_to_a_new_one_without_losing_a_requ
 
     monkeypatch.setattr(loadgen, "_LoadConnection", StartsHigh)
 
-    async def scenario() -> Any:
-        server = await asyncio.get_running_loop().create_server(Answering, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            return await asyncio.wait_for(loadgen.run_load_async(f"http://127.0.0.1:{port}/", requests=20,
-                                                                 connections=1, streams=2, timeout=10,
-                                                                 engine=engine), 30)
-        finally:
-            server.close()
-
-    result = asyncio.run(scenario())
+    result = load_against(Answering, requests=20, streams=2, engine=engine)
     assert result.failed == 0 and result.status == {"200": 20}, result.errors
     assert result.connections_opened == 2 and result.goaways_received == 0 and result.streams_refused == 0
     assert ids[0] == list(range(start, last + 1, 2))  # every id up to the last one, then no more
