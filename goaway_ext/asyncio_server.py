@@ -393,6 +393,7 @@ class _H2Protocol(asyncio.Protocol):
             self.flush()
             self.close()
             return
+        # _check_drain, inlined: this runs once per read, the other callers seldom.
         serving = self._serving
         if serving is not None and serving._state is not _SERVING:  # the read started a drain
             self._drain_started()
