@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import argparse
 import random
 import struct
 import sys
@@ -90,6 +91,14 @@ def bench_encode() -> None:
         print(f"  {name} encode_goaway vs struct.pack: {results['struct.pack (no checks)'] / ours:.2f}x faster")
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """This script's options; an unknown one stops it before any measurement (exit 2, named)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="accepted from make bench; the run is already short")
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
+    parse_args()
     bench_decision()
     bench_encode()

@@ -289,7 +289,8 @@ def vs_grpcio(args: argparse.Namespace) -> None:
         print(f"| GoawayChannel -> GoawayServer, {label} | {asyncio.run(both_sides(policy))} |")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """This script's options; an unknown one stops it before any measurement (exit 2, named)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rpcs", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=8)
@@ -302,7 +303,11 @@ def main() -> None:
     parser.add_argument("--serve", choices=["stock", "goaway"], help=argparse.SUPPRESS)
     parser.add_argument("--exit-after", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="fewer rounds and RPCs (make bench)")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     if args.quick:
         args.rounds, args.rpcs = 3, 2000
     if args.serve:

@@ -26,6 +26,8 @@ import sys
 
 import httpx
 
+from goaway_ext.asyncio_server import configure_parser
+
 
 async def run(port: int, workload: str) -> tuple[collections.Counter[str], dict[str, int]]:
     outcome: collections.Counter[str] = collections.Counter()
@@ -64,11 +66,27 @@ async def run(port: int, workload: str) -> tuple[collections.Counter[str], dict[
     return outcome, stats
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """This script's options, and the rest for ``serve``.
+
+    The rest is checked against serve's own parser here, before any run: a word
+    that neither takes would otherwise reach the first serve, which would refuse
+    it only after this script had started its measurements.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Other options go to serve.")
     parser.add_argument("--chance", default="1.0,0.02", help="comma-separated chances (default 1.0,0.02)")
     parser.add_argument("--quick", action="store_true", help="chance 1.0 only (the harshest; what make bench runs)")
-    args, serve_args = parser.parse_known_args()  # the rest goes to serve
+    args, serve_args = parser.parse_known_args(argv)
+    serve_parser = argparse.ArgumentParser(prog=f"{parser.prog} (serve options)")
+    configure_parser(serve_parser)
+    _, unknown = serve_parser.parse_known_args(serve_args)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (neither this script's options nor serve's)")
+    return args, serve_args
+
+
+def main() -> int:
+    args, serve_args = parse_args()
     for chance in ["1.0"] if args.quick else args.chance.split(","):
         for workload in ("busy", "random", "bursts"):
             proc = subprocess.Popen(

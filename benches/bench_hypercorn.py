@@ -27,6 +27,7 @@ Usage: python benches/bench_hypercorn.py [--quick]
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -311,8 +312,15 @@ def bench_load(rounds: int, requests: int) -> None:
     print(f"  goaway_ext rounds: {goaways} GOAWAYs, {opened} connections opened, 0 failed")
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """This script's options; an unknown one stops it before any measurement (exit 2, named)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and requests (make bench)")
+    return parser.parse_args(argv)
+
+
 def main() -> None:
-    quick = "--quick" in sys.argv[1:]
+    quick = parse_args().quick
     before_after()
     bench_in_process(rounds=5 if quick else 11, requests=2000 if quick else 5000)
     bench_h2load(rounds=3 if quick else 9, requests=5000 if quick else 10000)

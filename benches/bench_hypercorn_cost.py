@@ -382,7 +382,8 @@ def idle_memory(kind: str, count: int) -> tuple[float, float]:
     return (traced_after - traced_before) / count, (rss_after - rss_before) / count
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """This script's options; an unknown one stops it before any measurement (exit 2, named)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs (less exact)")
     parser.add_argument("--idle", type=int, default=2000, help="idle connections for the memory row (2000)")
@@ -392,7 +393,11 @@ def main() -> None:
                         help="memory layouts to average the instruction rows over (1; make bench uses 3)")
     parser.add_argument("--floor", action="store_true",
                         help="also measure stock hypercorn with a bare ServerConnection swapped in")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     wanted = set(args.rows.split(","))
 
     print("hypercorn 0.18 asyncio worker: stock vs goaway_ext at chance 0")

@@ -629,12 +629,17 @@ def ensure_valgrind() -> bool:
     return shutil.which("valgrind") is not None
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """This script's options; an unknown one stops it before any measurement (exit 2, named)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs (less exact)")
     parser.add_argument("--only", nargs="*", default=None, help="only rows whose group starts with these words")
     parser.add_argument("--idle", type=int, default=2000, help="idle connections held for the RSS rows")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
 
     def want(group: str) -> bool:
         return args.only is None or any(group.startswith(word) for word in args.only)

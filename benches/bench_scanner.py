@@ -12,6 +12,7 @@ GOAWAY is the whole cost, so it is written once, never sliced and joined).
 
 from __future__ import annotations
 
+import argparse
 import random
 import struct
 import sys
@@ -68,7 +69,15 @@ def chunks(data: bytes, size: int) -> list[bytes]:
     return [data[i : i + size] for i in range(0, len(data), size)]
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """This script's options; an unknown one stops it before any measurement (exit 2, named)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="accepted from make bench; the run is already short")
+    return parser.parse_args(argv)
+
+
 def main() -> None:
+    parse_args()
     if _core_c is None:
         print("compiled core not built: nothing to compare (pure Python only)")
         return

@@ -14,6 +14,7 @@ Usage: python benches/bench_server.py [--quick]
 
 from __future__ import annotations
 
+import argparse
 import gc
 import multiprocessing
 import shutil
@@ -172,8 +173,15 @@ def bench_h2load(rounds: int, requests: int) -> None:
           f"median of paired rounds {statistics.median(ratios):.4f}x (target >= 0.99x)")
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """This script's options; an unknown one stops it before any measurement (exit 2, named)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and requests (make bench)")
+    return parser.parse_args(argv)
+
+
 def main() -> None:
-    quick = "--quick" in sys.argv
+    quick = parse_args().quick
     bench_in_memory(rounds=10 if quick else 40, per_round=1000)
     bench_h2load(rounds=2 if quick else 7, requests=5000 if quick else 10000)
 
