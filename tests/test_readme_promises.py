@@ -166,3 +166,54 @@ def test_demo_note_under_the_table_is_what_the_demo_prints() -> None:
     run.restart_done = 0.0
     params = SimulationParameters(backends=3, clients=30, rate=20.0, duration=20.0, window=10.0, seed=1)
     assert never_notes([run], params, [GoawayPolicy(0.01, seed=1)]) == [quoted]
+
+
+def _default(function: object, name: str) -> object:
+    return inspect.signature(function).parameters[name].default  # type: ignore[arg-type]
+
+
+def test_names_and_defaults_quoted_in_the_prose() -> None:
+    import dataclasses
+
+    from goaway_ext import H2Client, H2Server, fairshare, policy
+    from goaway_ext.asyncio_client import Response
+    from goaway_ext.fairshare import FairShare
+    from goaway_ext.fleet import PeerFleetView
+    from goaway_ext.loadgen import run_load
+
+    text = " ".join(_text().split())
+    # "How to choose chance" and "Policy options".
+    assert policy.MAX_SAFE_CHANCE == 0.02 and "`0.02` (the highest value accepted without `allow_high_chance`)" in text
+    assert policy.MAX_REQUESTS_LIMIT == 2**30 and "`max_requests` is at most 2^30" in text
+    # "Server": run() and serve_forever() wait at most shutdown_timeout (10 s).
+    assert _default(H2Server.run, "shutdown_timeout") == _default(H2Server.serve_forever, "shutdown_timeout") == 10.0
+    assert "waits at most `shutdown_timeout` (10 s)" in text
+    # "Fair share": the fleet views, and hypercorn's key table "0.02, 0.10, 0.05, 1 s, 5 s".
+    assert _default(PeerFleetView, "timeout") == 0.5 and _default(PeerFleetView, "max_age") == 3.0
+    assert "`timeout` (0.5 s, from the connect" in text and "has not answered for `max_age` (3 s)" in text
+    assert (fairshare.DEFAULT_CEILING, fairshare.DEFAULT_TOLERANCE, fairshare.DEFAULT_MAX_DRAIN_RATE,
+            _default(FairShare, "interval"), fairshare.DEFAULT_MAX_STALENESS) == (0.02, 0.10, 0.05, 1.0, 5.0)
+    assert "| `--fair-ceiling` ... | 0.02, 0.10, 0.05, 1 s, 5 s |" in text
+    # "H2Client", "httpx", "Load generator": names in the examples' comments and the prose.
+    assert [field.name for field in dataclasses.fields(Response)] == ["status", "headers", "body"]
+    assert "# Response(status, headers, body)" in text
+    assert {"max_attempts", "timeout", "eager_reconnect"} <= set(inspect.signature(H2Client).parameters)
+    assert _default(run_load, "max_write_buffer") == 64 << 10 and "`max_write_buffer` bytes (default 64 KiB)" in text
+    assert {"requests", "connections", "streams", "max_write_buffer"} <= set(inspect.signature(run_load).parameters)
+
+
+def test_integration_names_quoted_in_the_prose() -> None:
+    import dataclasses
+
+    text = " ".join(_text().split())
+    httpx = pytest.importorskip("goaway_ext.httpx")
+    public = [field.name for field in dataclasses.fields(httpx.GracefulStats) if not field.name.startswith("_")]
+    assert f"GracefulStats({', '.join(public)})" in text
+    grpclib = pytest.importorskip("goaway_ext.grpclib")
+    fields = {field.name for field in dataclasses.fields(grpclib.GrpcServerStats)}
+    assert fields == {"connections", "goaways", "drained", "streams_refused", "streams_cut"}
+    assert ("`server.goaway_stats`: `connections`, drains started by reason (`goaways`, one per connection whatever "
+            "the mode), `drained`, `streams_refused`, `streams_cut`") in text
+    assert grpclib.MAX_REPLAYS == 5 and "At most `MAX_REPLAYS` (5) replays per RPC" in text
+    hypercorn = pytest.importorskip("goaway_ext.hypercorn")
+    assert hypercorn.WORKER_EXIT_MARGIN == 5.0 and "up to `graceful_timeout` + 5 s" in text
