@@ -16,7 +16,7 @@ import goaway_ext.demo.scenario as scenario
 from goaway_ext.demo import PolicySpec
 from goaway_ext.demo.fairsim import FairShareOptions
 from goaway_ext.demo.ports import PortReservation
-from goaway_ext.demo.processes import Backend, ProcessGroupRegistry
+from goaway_ext.demo.processes import Backend, BackendStartError, ProcessGroupRegistry
 from goaway_ext.demo.report import ProgressLine, RunResult
 from goaway_ext.fleet import LOAD_PATH
 
@@ -115,3 +115,36 @@ def test_a_port_taken_all_the_same_is_chosen_again(tmp_path: Path, monkeypatch: 
     assert "Address already in use" in (tmp_path / "fair" / "b1.log").read_text()
     assert result.failed_requests == 0 and result.watches_interrupted == 0, result.errors
     assert result.requests > 0
+
+
+def test_a_port_taken_during_a_restart_stops_the_run_naming_it(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one gap the reservation leaves (ports.py): a process that binds with SO_REUSEADDR itself and
+    listens on b1's port between its exit and its new start. The balancer knows b1 by that port, so the
+    demo cannot choose another one mid-run: it stops, and its error names the port and the reason."""
+    real_stop = Backend.stop
+    squatters: list[socket.socket] = []
+    ports: list[int] = []
+
+    async def stop_then_squat(self: Backend, timeout: float = 15.0) -> int | None:
+        status = await real_stop(self, timeout)
+        if self.name == "b1" and not squatters:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", self.port))
+            sock.listen()
+            squatters.append(sock)
+            ports.append(self.port)
+        return status
+
+    monkeypatch.setattr(Backend, "stop", stop_then_squat)
+    try:
+        with pytest.raises(BackendStartError) as raised:
+            _run(tmp_path)
+    finally:
+        for sock in squatters:
+            sock.close()
+    assert len(ports) == 1
+    message = str(raised.value)
+    assert "backend b1 did not report 'listening on'" in message, message
+    assert f"--port {ports[0]}: address 127.0.0.1:{ports[0]} is already in use" in message, message

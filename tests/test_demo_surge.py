@@ -15,6 +15,7 @@ from goaway_ext.demo.haproxy import find_haproxy
 from goaway_ext.demo.processes import ProcessGroupRegistry
 from goaway_ext.demo.report import ProgressLine, RunResult
 from goaway_ext.demo.scenario import DemoConfig, run_scenario
+from goaway_ext.demo.serve_log import count_policy_drains
 from goaway_ext.demo.simulate import RESTART_DOWNTIME, RESTART_GAP
 
 pytestmark = pytest.mark.skipif(
@@ -66,3 +67,12 @@ def test_fair_share_spreads_the_surge_without_losing_a_request(tmp_path: Path) -
     assert result.failed_requests == 0 and result.watches_interrupted == 0, result.errors
     assert min(summary.shares.values()) > 0.15, summary  # b2 and b3 took clients from b1
     assert result.goaways_sent and result.goaways_sent > 0
+    # The old and the new replica of each backend ran at once under one name: each wrote its own
+    # log (one process per file: one start line each), and the run's count is
+    # every file's: the new b1, which took every client, shed most of them.
+    logs = {path.stem: path.read_text() for path in (tmp_path / "fair").glob("b*.log")}
+    assert sorted(logs) == ["b1", "b1-new", "b2", "b2-new", "b3", "b3-new"], sorted(logs)
+    for name, text in logs.items():
+        assert text.count(" serving h2c as ") == 1, (name, text[-2000:])
+    assert result.goaways_sent == sum(count_policy_drains(text) for text in logs.values())
+    assert count_policy_drains(logs["b1-new"]) > 0

@@ -96,7 +96,10 @@ class Backend:
     by default) and keeps the port the server reports, so later restarts come
     back on the address the balancer already knows; the demo passes a port it
     holds reserved for the whole run (:mod:`.ports`), so nobody else can take
-    it while the backend restarts.
+    it while the backend restarts. Its stderr goes to ``log_dir/<log_name>.log``
+    (``log_name`` defaults to ``name``): restarts of one backend append to one
+    file, one after the other; two replicas that run at once under one name
+    (the surge's old and new) get a file each, so neither's lines cut into the other's.
     """
 
     #: How a backend is started; the options below are appended to it.
@@ -111,13 +114,14 @@ class Backend:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        log_name: str | None = None,
     ) -> None:
         self.name = name
         self.host = host
         self.port = port
         self._policy_args = list(policy_args)
         self._registry = registry
-        self._log_path = log_dir / f"{name}.log"
+        self.log_path = log_dir / f"{log_name or name}.log"
         self._process: asyncio.subprocess.Process | None = None
         self._stdout_task: asyncio.Task[None] | None = None
         self.starts = 0
@@ -130,7 +134,7 @@ class Backend:
     def log_tail(self, lines: int = 15) -> str:
         """The end of the backend's stderr, to explain a failure."""
         try:
-            text = self._log_path.read_text(errors="replace")
+            text = self.log_path.read_text(errors="replace")
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
@@ -142,7 +146,7 @@ class Backend:
             "--host", self.host, "--port", str(self.port), "--name", self.name,
             *self._policy_args,
         ]
-        log = open(self._log_path, "ab")  # handed to the child, closed below
+        log = open(self.log_path, "ab")  # handed to the child, closed below
         try:
             process = await asyncio.create_subprocess_exec(
                 *command,

@@ -186,7 +186,9 @@ async def run_scenario(
     run_dir = work_dir / spec.label.replace("=", "-").replace(" ", "_")  # HAProxy splits its config at spaces
     run_dir.mkdir(parents=True, exist_ok=True)
     # The policy's drains are counted from the backends' logs, from where they end now (see ``serve_log``).
-    logs = [LogCursor(run_dir / f"{name}.log") for name in names]
+    # The surge's new replicas run beside the old ones under the same names: each writes its own log.
+    log_names = [*names, *(f"{name}-new" for name in names if config.scenario == "surge")]
+    logs = [LogCursor(run_dir / f"{log_name}.log") for log_name in log_names]
     if config.scenario == "surge" and config.lb != "haproxy":
         raise ValueError("the surge scenario needs HAProxy (--lb haproxy): it re-points servers at new replicas")
     # Every backend port (main and publish) stays reserved until the run ends, so a restarted
@@ -200,9 +202,9 @@ async def run_scenario(
 
     fleet: list[list[str]] = [[] for _ in names]
 
-    def replica(i: int) -> Backend:
+    def replica(i: int, log_name: str | None = None) -> Backend:
         return Backend(names[i], [*spec.serve_args(), *fleet[i], *_seed_args(config.seed, i)], registry, run_dir,
-                       host=_HOST, port=reserve())
+                       host=_HOST, port=reserve(), log_name=log_name)
 
     def choose_ports() -> tuple[list[Backend], list[Backend]]:
         nonlocal fleet
@@ -213,7 +215,7 @@ async def run_scenario(
             fleet = _fleet_args(names, config.lb, run_dir, reserve)
         # The surge's new replicas run beside the old ones from the start (their ports are their own).
         return ([replica(i) for i in range(len(names))],
-                [replica(i) for i in range(len(names))] if config.scenario == "surge" else [])
+                [replica(i, f"{names[i]}-new") for i in range(len(names))] if config.scenario == "surge" else [])
 
     backends: list[Backend] = []
     new: list[Backend] = []
