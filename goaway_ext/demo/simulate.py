@@ -225,10 +225,16 @@ def simulate(
     if plan:
         result.restart_done = max(step.up for step in plan)
 
+    # The request path below runs once per simulated request (millions per policy), so it keeps
+    # RunResult.record and the policy's decision inline: the same arithmetic and draws in the same order.
+    counts = result.counts
+    bucket = params.bucket
+    duration = params.duration
+    requests = 0
     step_index = 0
     while True:
         base = step_index * tick
-        if base >= params.duration:
+        if base >= duration:
             break
         for c in range(clients):
             now = base + phases[c]
@@ -258,15 +264,26 @@ def simulate(
                             budget[other] = policies[new].new_budget(at)
                             served[other] = 0
                             result.connections_opened += 1
-            if now >= params.duration:
+            if now >= duration:
                 continue
+            index = int(now / bucket)  # RunResult.record's bucket (now >= 0)
+            while len(counts) <= index:
+                counts.append([0] * n_backends)
+            row = counts[index]
             for _ in range(heavy_requests if c == 0 else 1):
                 b = backend_of[c]
-                result.record(now, b)
+                row[b] += 1
+                requests += 1
                 answered[b] += 1
                 served[c] += 1
                 model_clock[0] = now
-                if _drains(budget[c], served[c], now):
+                decision = budget[c]  # the policy's decision, in the order the server checks it
+                sampler = decision.sampler
+                if (
+                    (sampler is not None and sampler.sample() and (decision.admit is None or decision.admit()))
+                    or (decision.max_requests is not None and served[c] >= decision.max_requests)
+                    or (decision.age_deadline is not None and now >= decision.age_deadline)
+                ):
                     result.goaways_sent += 1
                     result.record_goaway(now)
                     if c == 0 and params.heavy:
@@ -277,21 +294,13 @@ def simulate(
                     served[c] = 0
                     result.connections_opened += 1
         step_index += 1
+    result.requests += requests
     result.goaways_received = result.goaways_sent
     if params.heavy:
         result.options["heavy_client_moves"] = len(heavy_moves)
         result.options["heavy_client_moves_final"] = sum(t >= params.duration - params.window for t in heavy_moves)
         result.options["heavy_client_backend"] = names[backend_of[0]]
     return result
-
-
-def _drains(budget: ConnectionBudget, served: int, now: float) -> bool:
-    """The policy's per-request decision, in the order the server checks it."""
-    if budget.sampler is not None and budget.sampler.sample() and (budget.admit is None or budget.admit()):
-        return True
-    if budget.max_requests is not None and served >= budget.max_requests:
-        return True
-    return budget.age_deadline is not None and now >= budget.age_deadline
 
 
 #: Requests the equilibrium run of :func:`balanced_floor` may simulate (a few seconds of CPU);
