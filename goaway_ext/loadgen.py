@@ -638,7 +638,8 @@ async def run_load_async(
     if engine not in _ENGINES:
         raise ValueError(f"engine must be one of {', '.join(_ENGINES)}, got {engine!r}")
     if engine == "fast" and body:
-        raise ValueError("engine 'fast' sends no request body; use engine 'auto' or 'h2' with a body")
+        raise ValueError(f"engine='fast' sends no request body, got body of {len(body)} bytes; "
+                         "pass engine='auto' (the default) or 'h2' with a body")
     if type(max_write_buffer) is not int or max_write_buffer < 1024:
         raise ValueError(f"max_write_buffer must be an int of at least 1024 bytes, got {max_write_buffer!r}")
     host, port, path, context = _target(url)
@@ -838,6 +839,10 @@ def run_command(args: argparse.Namespace) -> int:
         return fail("load", f"-D/--duration must be positive, got {args.duration:g}")
     if not args.timeout > 0:
         return fail("load", f"--timeout must be positive, got {args.timeout:g}")
+    if args.engine == "fast" and args.data:
+        # The fast engine encodes one bodiless request once; a body goes through h2 (--engine auto picks it).
+        return fail("load", f"--engine fast sends no request body, got --data of {len(args.data)} characters: "
+                            "use --engine auto (the default) or --engine h2 with --data")
     if args.processes > args.clients:
         return fail("load", f"-P/--processes ({args.processes}) cannot exceed -c/--clients ({args.clients}): "
                             "each process holds at least one connection")

@@ -273,6 +273,13 @@ def test_load_zero_streams() -> None:
     one_line(run("load", "http://127.0.0.1:1/", "-m", "0"), 2, "--max-concurrent-streams must be at least 1, got 0")
 
 
+def test_load_fast_engine_refuses_a_body() -> None:
+    # The fast engine encodes one bodiless request; --data would be dropped without a word.
+    one_line(run("load", "http://127.0.0.1:1/", "-n", "1", "--engine", "fast", "--data", "hello"), 2,
+             "load: error:", "--engine fast sends no request body, got --data of 5 characters",
+             "--engine auto", "--engine h2")
+
+
 def test_load_unresolvable_host() -> None:
     one_line(run("load", "http://no-such-host.invalid:8080/", "-n", "1"), 2,
              "http://no-such-host.invalid:8080/", "cannot resolve 'no-such-host.invalid'")
