@@ -217,3 +217,59 @@ def test_integration_names_quoted_in_the_prose() -> None:
     assert grpclib.MAX_REPLAYS == 5 and "At most `MAX_REPLAYS` (5) replays per RPC" in text
     hypercorn = pytest.importorskip("goaway_ext.hypercorn")
     assert hypercorn.WORKER_EXIT_MARGIN == 5.0 and "up to `graceful_timeout` + 5 s" in text
+
+
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_install_section_is_what_the_package_declares() -> None:
+    # README "Install": the required dependencies, the extras table, the wheel's file name.
+    import importlib.metadata
+
+    import goaway_ext
+
+    requirements = importlib.metadata.requires("goaway_ext") or []
+    required = {_requirement_name(r) for r in requirements if "extra ==" not in r}
+    per_extra: dict[str, set[str]] = {}
+    for requirement in requirements:
+        match = re.search(r'extra == "([^"]+)"', requirement)
+        if match:
+            per_extra.setdefault(match.group(1), set()).add(_requirement_name(requirement))
+    text = _text()
+    assert required == {"h2", "hyperframe", "hpack"}
+    assert "The only required dependencies are `h2`, `hyperframe` and `hpack`" in text
+    table = text[text.index("| extra | installs | for |"):].split("\n\n", 1)[0].splitlines()[2:]
+    listed = {}
+    for row in table:
+        extra, installs = (cell.strip() for cell in row.strip("|").split("|")[:2])
+        names = {_requirement_name(word) for word in re.findall(r"[A-Za-z][\w-]*", installs)
+                 if word not in ("the", "libraries", "of", "and", "peers", "tests", "drive")}
+        # "the libraries of `httpx`, ..." in the test row: those extras' packages.
+        for other in re.findall(r"`(\w+)`", installs):
+            names |= per_extra[other]
+        listed[extra.strip("`")] = names
+    assert listed == per_extra, (listed, per_extra)
+    assert f"pip install wheelhouse/goaway_ext-{goaway_ext.__version__}-*.whl" in text
+
+
+def test_debian_tools_are_the_makefile_s() -> None:
+    # README "The two commands": what make demo / make test install as root.
+    tools = _make_variable("APT_TOOLS").split()
+    assert f"install what they drive with `apt-get` ({', '.join(tools)})" in " ".join(_text().split())
+
+
+def test_third_party_defaults_the_readme_quotes() -> None:
+    # Other projects' defaults the advice leans on: if a supported release changes one, the advice is stale.
+    text = " ".join(_text().split())
+    httpx = pytest.importorskip("httpx")
+    assert httpx.Limits().keepalive_expiry == 5.0
+    assert "httpx's `keepalive_expiry` is 5 s by default, the same as our default `ping_timeout`" in text
+    config = pytest.importorskip("hypercorn.config").Config()
+    assert config.keep_alive_max_requests == 1000 and "(hypercorn's default is 1000)" in text
+    assert config.keep_alive_timeout == 5.0 and "`keep_alive_timeout`, 5 s by default" in text
+    assert config.graceful_timeout == 3.0
+    assert "(hypercorn's default `graceful_timeout` is 3 s, `ping_timeout` 5 s)" in text
+    grpclib = pytest.importorskip("goaway_ext.grpclib")
+    assert grpclib.grpc_policy(max_connection_age=60.0).jitter == 0.1
+    assert "`MaxConnectionAge`, `grpc.max_connection_age_ms` (±10% jitter, as gRPC)" in text
