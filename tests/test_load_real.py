@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,40 @@ def load_against(protocol: Callable[[], asyncio.Protocol], requests: int, stream
             server.close()
 
     return asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("engine", ["fast", "h2"])
+def test_the_command_exits_1_when_a_request_failed(engine: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # README "Load generator": an h2load-style summary on stdout, exit status 1 if any request failed.
+    # The server resets every stream with INTERNAL_ERROR: not a refusal, so nothing is retried.
+    from h2.errors import ErrorCodes
+
+    from goaway_ext.__main__ import main
+
+    class ResetsEverything(RawH2Server):
+        def data_received(self, data: bytes) -> None:
+            for event in self.conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    self.conn.reset_stream(event.stream_id, ErrorCodes.INTERNAL_ERROR)
+            self.transport.write(self.conn.data_to_send())
+
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(loop.create_server(ResetsEverything, "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        status = main(["load", f"http://127.0.0.1:{port}/", "-n", "6", "-c", "2", "-m", "3", "--engine", engine,
+                       "--timeout", "10", "--no-progress"])
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
+    out = capsys.readouterr().out
+    assert status == 1, out
+    assert "requests: 6 total, 0 succeeded, 6 failed" in out, out
 
 
 @pytest.mark.parametrize("engine", ["fast", "h2"])
