@@ -62,6 +62,10 @@ cdef long long _MAX_FRAME_SIZE_LIMIT = 0xFFFFFF
 cdef unsigned char _TYPE_RST_STREAM = 0x03
 cdef unsigned char _TYPE_PING = 0x06
 cdef unsigned char _TYPE_GOAWAY = 0x07
+cdef unsigned char _TYPE_WINDOW_UPDATE = 0x08
+cdef unsigned char _FLAG_END_STREAM = 0x01
+cdef unsigned char _FLAG_PADDED = 0x08
+cdef long long _PREFACE_LENGTH = 24
 cdef unsigned long long _GAP_CAP = 0x7FFFFFFFFFFFFFFF
 
 
@@ -632,7 +636,7 @@ A decider that exempts requests for the given paths; see ``_core_py.ExemptPaths`
 
 
 cdef class RequestGate:
-    """RequestGate(request_type, *, sampler=None, max_requests=None, decider=None, admit=None, reset_type=None)
+    """RequestGate(request_type, *, sampler=None, max_requests=None, decider=None, admit=None, reset_type=None, control_limit=None)
 --
 
 The per-request work of a serving connection, in one call; see ``_core_py.RequestGate``."""
@@ -652,14 +656,28 @@ The per-request work of a serving connection, in one call; see ``_core_py.Reques
     cdef object _receive
     cdef object _after
     cdef object _connection
+    cdef bint _counting
+    cdef long long _control_next
+    cdef long long _controls
+    cdef long long _given
+    cdef long long _skip
+    cdef unsigned char _head[9]
+    cdef int _have
 
-    def __init__(self, request_type, *, sampler=None, max_requests=None, decider=None, admit=None, reset_type=None):
+    def __init__(self, request_type, *, sampler=None, max_requests=None, decider=None, admit=None, reset_type=None,
+                 control_limit=None):
         if not isinstance(request_type, type):
             raise TypeError(f"request_type must be a class, got {request_type!r}")
         if reset_type is not None and not isinstance(reset_type, type):
             raise TypeError(f"reset_type must be a class or None, got {reset_type!r}")
         self._reset_type = reset_type
         self._resets = 0
+        self._counting = control_limit is not None
+        self._control_next = _check_int("control_limit", control_limit, 1, _GAP_CAP) if self._counting else 0
+        self._controls = 0
+        self._given = 0
+        self._skip = _PREFACE_LENGTH
+        self._have = 0
         if decider is not None and not callable(decider):
             raise TypeError(f"decider must be callable or None, got {decider!r}")
         if admit is not None and not callable(admit):
@@ -695,6 +713,83 @@ The per-request work of a serving connection, in one call; see ``_core_py.Reques
     def resets(self):
         """Events of ``reset_type`` counted so far (stream resets by the peer: the rapid-reset limit)."""
         return self._resets
+
+    @property
+    def controls(self):
+        """Frames counted by :meth:`count` so far (frames that ask no work of the application)."""
+        return self._controls
+
+    @property
+    def window_given(self):
+        """Sum of the connection-level WINDOW_UPDATE increments counted so far (whole frames in one read)."""
+        return self._given
+
+    @property
+    def control_next(self):
+        """The :attr:`controls` count at which :meth:`count` returns True; None: nothing is counted."""
+        return self._control_next if self._counting else None
+
+    @control_next.setter
+    def control_next(self, value):
+        if not self._counting:
+            raise RuntimeError("control_next needs a gate made with control_limit")
+        self._control_next = _check_int("control_next", value, 1, _GAP_CAP)
+
+    def count(self, data):
+        """Count the frames in ``data`` that ask no work; True once due. See ``_core_py.RequestGate.count``."""
+        if not self._counting:
+            return False
+        return self._count(_check_bytes("data", data))
+
+    cdef inline void _frame(self, const unsigned char* header, const unsigned char* payload, Py_ssize_t avail,
+                            long long* length) noexcept:
+        """Count one frame; ``avail`` payload bytes are readable at ``payload``; its length into ``length``."""
+        cdef long long size = (header[0] << 16) | (header[1] << 8) | header[2]
+        cdef unsigned char ftype = header[3]
+        cdef unsigned char flags = header[4]
+        length[0] = size
+        if ftype == 0x00:  # DATA: counted when it carries no data and does not end the stream
+            if not flags & _FLAG_END_STREAM and (
+                    size == 0 or (flags & _FLAG_PADDED and avail > 0 and payload[0] + 1 == size)):
+                self._controls += 1
+        elif ftype != 0x01 and ftype != 0x05 and ftype != 0x09:  # not HEADERS, PUSH_PROMISE, CONTINUATION
+            self._controls += 1
+            if (ftype == _TYPE_WINDOW_UPDATE and (_get32(header + 5) & 0x7FFFFFFF) == 0 and size == 4
+                    and avail >= 4):
+                self._given += _get32(payload) & 0x7FFFFFFF
+
+    cdef bint _count(self, bytes chunk) noexcept:
+        cdef const unsigned char* src = <const unsigned char*>PyBytes_AS_STRING(chunk)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(chunk)
+        cdef long long pos = self._skip
+        cdef long long length = 0
+        cdef Py_ssize_t take
+        if pos >= n:
+            self._skip = pos - n
+            return self._controls >= self._control_next
+        if self._have:
+            take = 9 - self._have
+            if take > n - pos:
+                take = n - pos
+            memcpy(self._head + self._have, src + pos, take)
+            self._have += take
+            pos += take
+            if self._have < 9:
+                self._skip = 0
+                return self._controls >= self._control_next
+            self._have = 0
+            self._frame(self._head, src + pos, n - pos, &length)
+            pos += length
+        while n - pos >= 9:
+            self._frame(src + pos, src + pos + 9, n - pos - 9, &length)
+            pos += 9 + length
+        if pos >= n:
+            self._skip = pos - n
+        else:
+            self._skip = 0
+            self._have = n - pos
+            memcpy(self._head, src + pos, self._have)
+        return self._controls >= self._control_next
 
     cdef bint _trigger(self, object event) except -1:
         cdef object verdict
@@ -737,11 +832,14 @@ The per-request work of a serving connection, in one call; see ``_core_py.Reques
         self._connection = connection
 
     def receive(self, data):
-        """``receive(data)`` then :meth:`scan`; the list as is when that is 0, else ``after(events, index)``."""
+        """:meth:`count`, ``receive(data)``, :meth:`scan`; the list as is when both say nothing, else ``after``."""
         cdef object events
         cdef Py_ssize_t index
+        cdef bint due = False
         if self._receive is None:
             raise RuntimeError("RequestGate.receive() needs attach() first")
+        if self._counting:
+            due = self._count(<bytes>data if type(data) is bytes else _check_bytes("data", data))
         if self._connection is None:
             events = self._receive(data)
         else:
@@ -750,7 +848,9 @@ The per-request work of a serving connection, in one call; see ``_core_py.Reques
             raise TypeError(f"receive must return a list, got {events!r}")
         index = self._scan(<list>events)
         if index == 0:
-            return events
+            if not due:
+                return events
+            index = -1
         if self._connection is None:
             return self._after(events, index)
         return self._after(self._connection, events, index)

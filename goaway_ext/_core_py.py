@@ -45,10 +45,20 @@ DEFAULT_MAX_FRAME_SIZE = 16384
 MAX_DEBUG_DATA = DEFAULT_MAX_FRAME_SIZE - 8
 _MAX_FRAME_SIZE_LIMIT = 0xFFFFFF
 
+_TYPE_DATA = 0x00
 _TYPE_RST_STREAM = 0x03
 _TYPE_PING = 0x06
 _TYPE_GOAWAY = 0x07
+_TYPE_WINDOW_UPDATE = 0x08
 _FLAG_ACK = 0x01
+_FLAG_END_STREAM = 0x01
+_FLAG_PADDED = 0x08
+# Frame types RequestGate.count never counts: DATA (judged by its payload),
+# HEADERS, PUSH_PROMISE (an error from a client, h2 ends the connection) and
+# CONTINUATION (h2 refuses a run of more than 64).
+_WORK_TYPES = frozenset((0x00, 0x01, 0x05, 0x09))
+# The client connection preface (RFC 9113 §3.4) that comes before its first frame.
+_PREFACE_LENGTH = 24
 
 # length (as 8 + 16 bits), type, flags, stream id, then the payload words.
 _GOAWAY_HEAD = Struct(">BHBBLLL")
@@ -515,10 +525,18 @@ class RequestGate:
     Events of ``reset_type`` (h2's ``StreamReset``) are counted in
     :attr:`resets` for the rapid-reset limit; a scan that saw one and starts
     no drain returns -1, so the connection looks at the count only then.
+
+    With ``control_limit``, :meth:`count` (and :meth:`receive`) also counts the
+    inbound frames that ask no work of the application (see :meth:`count`)
+    from the frame headers in the bytes, so that frames ``h2`` turns into no
+    event at all (a WINDOW_UPDATE or RST_STREAM for a closed stream) are
+    counted too. The count is compared with :attr:`control_next` once per
+    read; the connection judges the rate only when it is reached.
     """
 
-    __slots__ = ("_admit", "_after", "_connection", "_decider", "_left", "_reason", "_receive", "_request_type",
-                 "_reset_type", "_resets", "_sampler", "_seen")
+    __slots__ = ("_admit", "_after", "_connection", "_control_next", "_controls", "_decider", "_given", "_head",
+                 "_left", "_reason", "_receive", "_request_type", "_reset_type", "_resets", "_sampler", "_seen",
+                 "_skip")
 
     def __init__(
         self,
@@ -529,6 +547,7 @@ class RequestGate:
         decider: Callable[[Any], bool | None] | None = None,
         admit: Callable[[], bool] | None = None,
         reset_type: type | None = None,
+        control_limit: int | None = None,
     ) -> None:
         if not isinstance(request_type, type):
             raise TypeError(f"request_type must be a class, got {request_type!r}")
@@ -536,6 +555,14 @@ class RequestGate:
             raise TypeError(f"reset_type must be a class or None, got {reset_type!r}")
         self._reset_type = reset_type
         self._resets = 0
+        if control_limit is not None:
+            control_limit = _check_int("control_limit", control_limit, 1, _GAP_CAP)
+        self._control_next = control_limit
+        self._controls = 0
+        self._given = 0
+        # A server's h2 connection reads the client's 24-byte preface first; the frames start after it.
+        self._skip = _PREFACE_LENGTH
+        self._head = b""
         if decider is not None and not callable(decider):
             raise TypeError(f"decider must be callable or None, got {decider!r}")
         if admit is not None and not callable(admit):
@@ -571,6 +598,88 @@ class RequestGate:
     def resets(self) -> int:
         """Events of ``reset_type`` counted so far (stream resets by the peer: the rapid-reset limit)."""
         return self._resets
+
+    @property
+    def controls(self) -> int:
+        """Frames counted by :meth:`count` so far (frames that ask no work of the application)."""
+        return self._controls
+
+    @property
+    def window_given(self) -> int:
+        """Sum of the connection-level WINDOW_UPDATE increments counted so far (whole frames in one read)."""
+        return self._given
+
+    @property
+    def control_next(self) -> int | None:
+        """The :attr:`controls` count at which :meth:`count` returns True; None: nothing is counted."""
+        return self._control_next
+
+    @control_next.setter
+    def control_next(self, value: int) -> None:
+        if self._control_next is None:
+            raise RuntimeError("control_next needs a gate made with control_limit")
+        self._control_next = _check_int("control_next", value, 1, _GAP_CAP)
+
+    def count(self, data: Any) -> bool:
+        """Count the frames in ``data`` (the next bytes of the client's stream) that ask no work; True once due.
+
+        Counted: PING, SETTINGS (with or without ACK), PRIORITY, RST_STREAM,
+        WINDOW_UPDATE, GOAWAY, frames of unknown type, and DATA without
+        END_STREAM that carries no data. Such a frame costs the peer 9 to 17
+        bytes and ``h2`` tens of microseconds (CVE-2019-9512, -9513, -9515,
+        -9518): without a bound a peer can keep a core busy for ever. HEADERS,
+        CONTINUATION (``h2`` refuses a long run of them) and DATA that carries
+        data are not counted; a request's frames cost no more than one header
+        read each. A frame header split between reads is carried over; the
+        payload is never copied. Returns ``controls >= control_next``
+        (always False without ``control_limit``).
+        """
+        limit = self._control_next
+        if limit is None:
+            return False
+        if data.__class__ is not bytes:
+            data = _check_bytes("data", data)
+        n = len(data)
+        pos = self._skip
+        if pos >= n:
+            self._skip = pos - n
+            return self._controls >= limit
+        head = self._head
+        if head:
+            take = 9 - len(head)
+            head += data[pos : pos + take]
+            pos += take
+            if len(head) < 9:
+                self._head = head
+                self._skip = 0
+                return self._controls >= limit
+            self._head = b""
+            pos = self._frame(head, 0, data, pos, n)
+        unpack = _FRAME_HEADER.unpack_from
+        while n - pos >= 9:
+            pos = self._frame(data, pos, data, pos + 9, n, unpack)
+        if pos >= n:
+            self._skip = pos - n
+        else:
+            self._skip = 0
+            self._head = data[pos:]
+        return self._controls >= limit
+
+    def _frame(self, header: bytes, at: int, data: bytes, payload: int, n: int,
+               unpack: Callable[[bytes, int], tuple[int, ...]] = _FRAME_HEADER.unpack_from) -> int:
+        """Count one frame whose header is ``header[at:at+9]`` and payload starts at ``data[payload]``; its end."""
+        length_hi, length_lo, ftype, flags, stream = unpack(header, at)
+        length = (length_hi << 16) | length_lo
+        if ftype == _TYPE_DATA:
+            if not flags & _FLAG_END_STREAM and (
+                length == 0 or (flags & _FLAG_PADDED and payload < n and data[payload] + 1 == length)
+            ):
+                self._controls += 1
+        elif ftype not in _WORK_TYPES:
+            self._controls += 1
+            if ftype == _TYPE_WINDOW_UPDATE and not stream & MAX_STREAM_ID and length == 4 and payload + 4 <= n:
+                self._given += int.from_bytes(data[payload : payload + 4], "big") & MAX_STREAM_ID
+        return payload + length
 
     def _trigger(self, event: Any) -> bool:
         decider = self._decider
@@ -618,16 +727,22 @@ class RequestGate:
         self._connection = connection
 
     def receive(self, data: Any) -> list[Any]:
-        """``receive(data)`` then :meth:`scan`; the list as is when that is 0, else ``after(events, index)``."""
+        """:meth:`count`, ``receive(data)``, :meth:`scan`; the list as is when both say nothing, else ``after``.
+
+        ``after(events, index)`` gets the scan's index, or -1 when only the count is due.
+        """
         if self._receive is None or self._after is None:
             raise RuntimeError("RequestGate.receive() needs attach() first")
         connection = self._connection
+        due = self._control_next is not None and self.count(data)
         events = self._receive(data) if connection is None else self._receive(connection, data)
         if events.__class__ is not list:
             raise TypeError(f"receive must return a list, got {events!r}")
         index = self.scan(events)
         if index == 0:
-            return events
+            if not due:
+                return events
+            index = -1
         if connection is None:
             return self._after(events, index)
         return self._after(connection, events, index)
@@ -658,7 +773,6 @@ class RequestGate:
 
 # -- load generator: whole frames out of a byte stream ----------------------------------------
 
-_TYPE_DATA = 0x00
 _NO_PAYLOAD = b""
 
 

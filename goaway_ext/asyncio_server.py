@@ -438,7 +438,8 @@ class _H2Protocol(asyncio.Protocol):
         if self.server.plain_h2:
             self.conn = _PlainConnection(config=config)
         else:
-            drainable = self.drainable = _ServedConnection(config, policy=self.server.policy, clock=self.loop.time)
+            drainable = self.drainable = _ServedConnection(config, policy=self.server.policy, clock=self.loop.time,
+                                                           max_control_rate=self.server.max_control_rate)
             self.conn = drainable
             self._serving = drainable
             self._timed = drainable._idle_limit is not None
@@ -942,8 +943,10 @@ class H2Server:
     request bodies per connection before stream windows stop coming back, so a
     slow handler slows its client; ``max_control_frames`` PING/SETTINGS answers
     queued to a peer that does not read before it is dropped;
-    ``max_control_rate`` PING/SETTINGS frames a second from a peer that does
-    read (each costs CPU and an answer; past it GOAWAY(ENHANCE_YOUR_CALM));
+    ``max_control_rate`` frames that ask no work (PING, SETTINGS, PRIORITY,
+    WINDOW_UPDATE, empty DATA...; see :class:`ServerConnection`) a second
+    from a peer that does read (each costs CPU; past it
+    GOAWAY(ENHANCE_YOUR_CALM));
     a preface within ``handshake_timeout`` seconds; ``idle_timeout`` seconds
     without an open stream before the connection is closed (None: never);
     ``send_timeout`` seconds in which a peer lets none of our bytes through
@@ -991,8 +994,10 @@ class H2Server:
         self.max_buffered = max_buffered
         self.max_control_frames = max_control_frames
         self.max_control_rate = max_control_rate
-        # What _handle compares the count with: off is a count no connection reaches.
-        self._control_rate = max_control_rate if max_control_rate is not None else 1 << 62
+        # What _handle compares its PING/SETTINGS count with, for plain_h2 connections only:
+        # a ServerConnection counts every frame that asks no work itself (max_control_rate
+        # is passed to it). Off is a count no connection reaches.
+        self._control_rate = max_control_rate if max_control_rate is not None and plain_h2 else 1 << 62
         self.send_timeout = None if send_timeout is None else float(send_timeout)
         self.handshake_timeout = float(handshake_timeout)
         self.idle_timeout = None if idle_timeout is None else float(idle_timeout)

@@ -101,7 +101,10 @@ class DrainState(enum.Enum):
     than half of the last ``rapid_reset_window`` streams (a policy setting)
     were reset by the client before their response was complete, or refused
     as late, send GOAWAY(ENHANCE_YOUR_CALM) and go to DRAINED with
-    ``close_at`` = now; nothing more is sent.
+    ``close_at`` = now; nothing more is sent. A flood of frames that ask no
+    work (more than ``max_control_rate`` in under a second, see
+    :class:`ServerConnection`) does the same, with debug data
+    ``control frame flood``.
     """
 
     SERVING = "serving"
@@ -127,6 +130,9 @@ _IDLE_WAIT = DrainState.IDLE_WAIT
 _NOTICE = DrainState.NOTICE
 _DRAINING = DrainState.DRAINING
 _DRAINED = DrainState.DRAINED
+# Bytes of DATA sent that excuse one counted frame: a client gives window back
+# (stream and connection) at most about once per KiB it reads.
+_BYTES_PER_EXCUSED_FRAME = 512
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -157,6 +163,18 @@ class ServerConnection(H2Connection):
     ACK of the drain's own PING. ``policy`` decides when to drain (default:
     only when :meth:`start_drain` is called); ``clock`` must be the clock the
     owner passes to :meth:`handle_timer` (``loop.time`` for asyncio).
+
+    ``max_control_rate`` (default 1000, None: off) bounds the frames that ask
+    no work of the application: PING, SETTINGS, their ACKs, PRIORITY,
+    RST_STREAM, WINDOW_UPDATE, GOAWAY, unknown types, DATA without data or
+    END_STREAM. ``h2`` answers or absorbs each at tens of microseconds, so a
+    peer can keep a core busy with them for ever (CVE-2019-9512, -9513, -9515,
+    -9518). More than that many in under a second, less one for each request
+    the peer opened and one per 512 bytes of DATA we sent meanwhile (what a
+    client needs for its own PRIORITY, RST_STREAM and WINDOW_UPDATE frames):
+    GOAWAY(ENHANCE_YOUR_CALM, ``control frame flood``) and ``close_at`` = now.
+    The core counts them from the frame headers of each read; the clock is
+    read once per ``max_control_rate`` frames, never per request.
     """
 
     # Our state lives in slots, not in the instance __dict__: h2 already keeps 18
@@ -164,7 +182,8 @@ class ServerConnection(H2Connection):
     # which slows down every attribute access inside h2 itself (measured: +5% per
     # request). With slots, h2's own code runs exactly as fast as on H2Connection.
     __slots__ = (
-        "_acked", "_age_deadline", "_clock", "_close_at", "_drain_duration", "_drain_started", "_final_id", "_gate",
+        "_acked", "_age_deadline", "_clock", "_close_at", "_control_mark", "_control_rate", "_drain_duration",
+        "_drain_started", "_final_id", "_gate",
         "_goaways_sent", "_grace_deadline", "_idle_limit", "_idle_mark", "_idle_since", "_late", "_mode", "_pending",
         "_pending_split", "_ping_deadline", "_ping_opaque", "_ping_prefix", "_pings", "_policy", "_probe_high",
         "_queued", "_queued_at", "_reason", "_reset_window", "_resets", "_shortcuts", "_silent", "_state",
@@ -177,6 +196,7 @@ class ServerConnection(H2Connection):
         *,
         policy: GoawayPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_control_rate: int | None = 1000,
     ) -> None:
         if config is None:
             config = H2Configuration(client_side=False, header_encoding=None)
@@ -190,10 +210,13 @@ class ServerConnection(H2Connection):
             raise TypeError(f"policy must be a GoawayPolicy or None, got {policy!r}")
         if not callable(clock):
             raise TypeError(f"clock must be callable, got {clock!r}")
+        if max_control_rate is not None and (type(max_control_rate) is not int or max_control_rate < 1):
+            raise ValueError(f"max_control_rate must be an int >= 1, or None (off), got {max_control_rate!r}")
         super().__init__(config=config)
         self._policy = policy
         self._clock = clock
-        budget = policy.new_budget(clock())
+        now = clock()
+        budget = policy.new_budget(now)
         # Counting requests and asking decider, budget, sampler and fair share:
         # one call into the core per read (see RequestGate), not a Python loop.
         # The policy's private fields, read directly (same package): its
@@ -201,7 +224,12 @@ class ServerConnection(H2Connection):
         self._reset_window = policy._rapid_reset_window
         self._gate = RequestGate(RequestReceived, sampler=budget.sampler, max_requests=budget.max_requests,
                                  decider=policy._decider, admit=budget.admit,
-                                 reset_type=None if self._reset_window is None else StreamReset)
+                                 reset_type=None if self._reset_window is None else StreamReset,
+                                 control_limit=None if max_control_rate is None else max_control_rate + 1)
+        self._control_rate = max_control_rate
+        # The first max_control_rate window begins with the connection: (began, frames counted,
+        # requests, connection-level window given, our send window, 65,535 bytes at first).
+        self._control_mark = (now, 0, 0, 0, 65535)
         self._resets = 0  # client resets seen while draining (the gate counts those while serving)
         self._late = 0  # streams opened above the final last-stream-id
         self._window_total = 0  # streams and bad streams when the current rapid-reset window began
@@ -309,23 +337,34 @@ class ServerConnection(H2Connection):
         last-stream-id are refused here (their HEADERS went through ``h2``, so
         HPACK stays in sync; their DATA is acknowledged for flow control).
         """
+        due = self._gate.count(data)
         events: list[ServerEvent] = _H2_RECEIVE_DATA(self, data)  # type: ignore[assignment]
         if self._state is _SERVING:
             index = self._gate.scan(events)
             if not index:
-                return events
+                if not due:
+                    return events
+                index = -1
             return self._scanned(events, index)
         out = self._queued  # events of a drain started outside receive_data come first
         self._queued = []
-        return self._receive_draining(events, 0, out)
+        return self._receive_draining(events, 0, out, due)
 
     def _scanned(self, events: list[ServerEvent], index: int) -> list[ServerEvent]:
-        """A serving read whose scan returned ``index`` (not 0): a drain starts, or a reset came in."""
-        if index < 0:  # no drain, but the client reset streams: the rapid-reset check
+        """A serving read whose scan returned ``index`` (not 0): a drain starts, or a reset or control frames came in.
+
+        A control count that is due while a drain starts is judged on the next
+        read: it stays due until judged.
+        """
+        if index < 0:  # no drain: the rapid-reset check, and the control-frame rate when due
             if self._too_many_resets():
-                self._calm(self._clock())
-                events.extend(self._queued)
-                self._queued.clear()
+                self._calm(self._clock(), "rapid_reset", b"rapid reset")
+            elif self._control_flood():
+                self._calm(self._clock(), "control_flood", b"control frame flood")
+            else:
+                return events
+            events.extend(self._queued)
+            self._queued.clear()
             return events
         self._start(self._gate.reason)
         out = events[:index]
@@ -478,26 +517,60 @@ class ServerConnection(H2Connection):
         self._window_bad = bad
         return False
 
-    def _calm(self, now: float) -> None:
-        """GOAWAY(ENHANCE_YOUR_CALM) and close now: the client floods streams it resets (RFC 9113 §5.4.1)."""
+    def _control_flood(self) -> bool:
+        """The ``max_control_rate`` judgement, run only once the core's count of control frames is due.
+
+        Rolling windows, as the clock is read only here: a window that began
+        a second or more ago is over and a new one starts now; otherwise more
+        than ``max_control_rate`` frames in it, less those excused (one per
+        request opened, one per 512 bytes of DATA sent, worked out from the
+        WINDOW_UPDATE increments the peer gave and our send window now), is a
+        flood. A flood is caught within two windows.
+        """
+        gate = self._gate
+        limit = gate.control_next
+        rate = self._control_rate
+        if rate is None or limit is None or gate.controls < limit:
+            return False
+        now = self._clock()
+        controls, seen, given = gate.controls, gate.seen, gate.window_given
+        window = self.outbound_flow_control_window
+        began, marked, marked_seen, marked_given, marked_window = self._control_mark
+        if now - began >= 1.0:
+            self._control_mark = (now, controls, seen, given, window)
+            gate.control_next = controls + rate + 1
+            return False
+        frames = controls - marked
+        sent = (given - marked_given) - (window - marked_window)
+        excused = (seen - marked_seen) + max(0, sent) // _BYTES_PER_EXCUSED_FRAME
+        if frames - excused > rate:
+            return True
+        gate.control_next = controls + rate + excused - frames + 1
+        return False
+
+    def _calm(self, now: float, reason: str, debug: bytes) -> None:
+        """GOAWAY(ENHANCE_YOUR_CALM) and close now: the client floods us (RFC 9113 §5.4.1).
+
+        ``reason`` is the drain reason (``rapid_reset``, ``control_flood``), ``debug`` the GOAWAY's debug data.
+        """
         if self._silent and self._state is _DRAINED and self._close_at is not None and self._close_at <= now:
             return  # already closing, silently
         last = self._final_id
         if last is None:
             last = self._final_id = self.highest_inbound_stream_id
-        self._reason = "rapid_reset"
-        self._pending += encode_goaway(last, ErrorCodes.ENHANCE_YOUR_CALM, b"rapid reset")
+        self._reason = reason
+        self._pending += encode_goaway(last, ErrorCodes.ENHANCE_YOUR_CALM, debug)
         self._goaways_sent += 1
         self._silent = True  # the GOAWAY is the last frame; later streams are dropped unanswered
         self._ping_deadline = None
-        self._queue(GoawaySent(last_stream_id=last, final=True, reason="rapid_reset"), now)
+        self._queue(GoawaySent(last_stream_id=last, final=True, reason=reason), now)
         if self._drain_started is None:
             self._drain_started = now
         if self._state is not _DRAINED:
             self._move(_DRAINED)
         self._drain_duration = now - self._drain_started
         self._close_at = now
-        self._queue(ConnectionDrained(last_stream_id=last, reason="rapid_reset", duration=self._drain_duration), now)
+        self._queue(ConnectionDrained(last_stream_id=last, reason=reason, duration=self._drain_duration), now)
 
     def _idle_deadline(self, now: float) -> float | None:
         """When ``max_idle`` runs out, None while a stream is open.
@@ -684,8 +757,9 @@ class ServerConnection(H2Connection):
                 self._pending += encode_rst_stream(stream_id, code)
         return True
 
-    def _receive_draining(self, events: list[ServerEvent], start: int, out: list[ServerEvent]) -> list[ServerEvent]:
-        """Slow path during a drain: refuse late streams, swallow our PING ACK."""
+    def _receive_draining(self, events: list[ServerEvent], start: int, out: list[ServerEvent],
+                          due: bool = False) -> list[ServerEvent]:
+        """Slow path during a drain: refuse late streams, swallow our PING ACK; ``due``: judge the control rate."""
         refused: set[int] | None = None
         final = self._final_id
         calm = False
@@ -732,7 +806,9 @@ class ServerConnection(H2Connection):
                 continue
             out.append(event)
         if calm:
-            self._calm(self._clock())
+            self._calm(self._clock(), "rapid_reset", b"rapid reset")
+        elif due and self._control_flood():
+            self._calm(self._clock(), "control_flood", b"control frame flood")
         self._progress(self._clock())
         if self._queued:
             out.extend(self._queued)

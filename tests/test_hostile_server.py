@@ -29,6 +29,7 @@ from hyperframe.frame import (
     GoAwayFrame,
     HeadersFrame,
     PingFrame,
+    PriorityFrame,
     RstStreamFrame,
     SettingsFrame,
     WindowUpdateFrame,
@@ -350,6 +351,97 @@ def test_control_frames_under_max_control_rate_are_all_answered() -> None:
         wire.close()
 
     serve(burst, max_control_rate=1000)
+
+
+# Frames that ask no work of the application (CVE-2019-9512/-9513/-9515/-9518): each
+# kind, flooded by a peer that reads, meets max_control_rate. "closed" kinds name a
+# stream whose request was answered: h2 turns them into no event at all.
+def _no_work_frame(kind: str) -> bytes:
+    if kind == "ping_ack":
+        return RawClient.ping_ack(b"12345678")
+    if kind == "settings_ack":
+        frame: Frame = SettingsFrame(0, flags=["ACK"])
+    elif kind == "priority":
+        frame = PriorityFrame(3, depends_on=0, stream_weight=15)
+    elif kind == "window_update":
+        frame = WindowUpdateFrame(0, window_increment=1)
+    elif kind == "closed_window_update":
+        frame = WindowUpdateFrame(1, window_increment=1)
+    elif kind == "closed_reset":
+        return RawClient.reset(1)
+    elif kind == "empty_data":
+        return data(3, b"")
+    else:  # an extension frame type h2 does not know (RFC 9113 §5.5: ignored)
+        return b"\x00\x00\x03\x0b\x00\x00\x00\x00\x00abc"
+    return frame.serialize()
+
+
+@pytest.mark.parametrize("kind", ["ping_ack", "settings_ack", "priority", "window_update", "closed_window_update",
+                                  "closed_reset", "empty_data", "unknown"])
+def test_a_flood_of_frames_that_need_no_answer_gets_enhance_your_calm(kind: str) -> None:
+    batch = _no_work_frame(kind) * 500
+
+    async def flood(server: H2Server) -> None:
+        wire = await Wire.open(server)
+        # Stream 1: a GET answered in full (so it is closed); stream 3: an upload left open.
+        _, get = wire.client.headers()
+        _, upload = wire.client.headers(end_stream=False, headers=POST)
+        await wire.send(get)
+        await wire.frames(lambda f: isinstance(f, DataFrame) and "END_STREAM" in f.flags and f.stream_id == 1)
+        await wire.send(upload)
+        goaway: asyncio.Future[list[Frame]] = asyncio.ensure_future(wire.frames(lambda f: isinstance(f, GoAwayFrame)))
+        sent = 0
+        try:
+            for _ in range(200):  # up to 100,000 frames; the limit is 1,000 a second
+                if goaway.done():
+                    break
+                await asyncio.wait_for(wire.send(batch), 30)
+                sent += 500
+        except ConnectionError:
+            pass
+        frames = await asyncio.wait_for(goaway, 30)
+        last = frames[-1]
+        assert isinstance(last, GoAwayFrame)
+        assert last.error_code == ErrorCodes.ENHANCE_YOUR_CALM and last.additional_data == b"control frame flood"
+        assert last.last_stream_id == 3
+        assert sent < 100_000
+        assert await wire.at_eof()
+        wire.close()
+        await well_behaved_get(server)
+
+    serve(flood)
+
+
+def test_window_updates_that_follow_our_data_are_not_a_flood() -> None:
+    # A client that gives back window (stream and connection) for every DATA
+    # frame it reads, at full speed: 2 MiB in 16 KiB frames is 256 WINDOW_UPDATE
+    # pairs, far over max_control_rate=50, and each is excused by the data we sent.
+    async def big(request: Request, response: ResponseStream) -> None:
+        await response.start(200)
+        for _ in range(128):
+            await response.write(b"x" * 16384)
+        await response.end()
+
+    async def download(server: H2Server) -> None:
+        wire = await Wire.open(server)
+        _, headers = wire.client.headers()
+        await wire.send(headers)
+        received = 0
+        while True:
+            frames = await wire.frames(lambda f: isinstance(f, (DataFrame, GoAwayFrame)))
+            frame = frames[-1]
+            assert not isinstance(frame, GoAwayFrame), frame
+            received += len(frame.data)
+            if frame.data:
+                updates = b"".join(WindowUpdateFrame(stream, window_increment=len(frame.data)).serialize()
+                                   for stream in (1, 0))
+                await wire.send(updates)
+            if "END_STREAM" in frame.flags:
+                break
+        assert received == 128 * 16384
+        wire.close()
+
+    serve(download, handler=big, max_control_rate=50)
 
 
 async def big_windows_socket(server: H2Server, path: bytes) -> tuple[socket.socket, Any]:
