@@ -300,7 +300,8 @@ class _ServerProtocol(H2Protocol):
         server = self._goaway_server
         policy = server.goaway_policy
         cls = _WatchedServerConnection if policy.mode == "idle" else _ServerConnection
-        h2_conn = cls(self.h2_config, policy=policy, clock=self._loop.time, owner=self)
+        h2_conn = cls(self.h2_config, policy=policy, clock=self._loop.time, owner=self,
+                      max_control_rate=server.goaway_max_control_rate)
         self._h2 = h2_conn
         _make_h2(self, h2_conn, transport)
         if policy.max_idle is None:
@@ -423,24 +424,33 @@ class GoawayServer(grpclib.server.Server):
     :meth:`start` to :meth:`close`), as ``H2Server`` does; give the
     controller ``local=lambda: server.serving_connections`` so it counts its
     own load as the connections that are not draining.
+
+    ``max_control_rate`` (1000, None: off) bounds the frames a client may
+    send that ask no work (PING, SETTINGS, PRIORITY, WINDOW_UPDATE, empty
+    DATA...) a second: past it GOAWAY(ENHANCE_YOUR_CALM) and the connection
+    closes (see ``ServerConnection``); grpclib bounds none of them.
     """
 
     goaway_policy: GoawayPolicy
+    goaway_max_control_rate: int | None
     goaway_stats: GrpcServerStats
     _goaway_protocols: set[_ServerProtocol]
     _goaway_closing: bool
     _goaway_fair_task: asyncio.Task[None] | None
 
-    def __init__(self, *args: Any, policy: GoawayPolicy | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, policy: GoawayPolicy | None = None, max_control_rate: int | None = 1000,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._goaway_setup(policy)
+        self._goaway_setup(policy, max_control_rate)
 
-    def _goaway_setup(self, policy: GoawayPolicy | None) -> None:
+    def _goaway_setup(self, policy: GoawayPolicy | None, max_control_rate: int | None = 1000) -> None:
         if policy is None:
             policy = GoawayPolicy()
         elif not isinstance(policy, GoawayPolicy):
             raise TypeError(f"policy must be a GoawayPolicy or None, got {policy!r}")
+        _check_control_rate(max_control_rate)
         self.goaway_policy = policy
+        self.goaway_max_control_rate = max_control_rate
         self.goaway_stats = GrpcServerStats()
         self._goaway_protocols = set()
         self._goaway_closing = False
@@ -505,7 +515,13 @@ class GoawayServer(grpclib.server.Server):
         await super().wait_closed()
 
 
-def enable_goaway(server: grpclib.server.Server, policy: GoawayPolicy | None = None) -> GoawayServer:
+def _check_control_rate(value: object) -> None:
+    if value is not None and (type(value) is not int or value < 1):
+        raise ValueError(f"max_control_rate must be an int >= 1, or None (off), got {value!r}")
+
+
+def enable_goaway(server: grpclib.server.Server, policy: GoawayPolicy | None = None, *,
+                  max_control_rate: int | None = 1000) -> GoawayServer:
     """Turn ``server`` (not started yet) into a :class:`GoawayServer` following ``policy``; return it.
 
     The one line for an existing grpclib server. Its handlers, codec and
@@ -513,17 +529,19 @@ def enable_goaway(server: grpclib.server.Server, policy: GoawayPolicy | None = N
     defaults to one that only makes ``close()`` graceful. A policy with
     ``fair_share`` works as in ``H2Server``: the server calls its
     ``update()`` every ``interval`` seconds while it serves.
+    ``max_control_rate``: as for :class:`GoawayServer`.
     """
     if not isinstance(server, grpclib.server.Server):
         raise TypeError(f"server must be a grpclib.server.Server, got {server!r}")
     if policy is not None and not isinstance(policy, GoawayPolicy):
         raise TypeError(f"policy must be a GoawayPolicy or None, got {policy!r}")
+    _check_control_rate(max_control_rate)
     if server._server is not None:
         raise RuntimeError("enable_goaway() must be called before Server.start(): started connections are stock")
     if not isinstance(server, GoawayServer):
         server.__class__ = GoawayServer
     goaway_server = cast(GoawayServer, server)
-    goaway_server._goaway_setup(policy)
+    goaway_server._goaway_setup(policy, max_control_rate)
     return goaway_server
 
 

@@ -169,7 +169,11 @@ FAIR_SHARE_KEYS: dict[str, str] = {
     "goaway_fair_interval": "fair_interval",
     "goaway_fair_max_staleness": "fair_max_staleness",
 }
-_ALL_KEYS = {**CONFIG_KEYS, **FAIR_SHARE_KEYS}
+# hypercorn config keys of limits that are ``ServerConnection`` arguments, not policy ones.
+_LIMIT_KEYS: dict[str, str] = {
+    "goaway_max_control_rate": "max_control_rate",  # 0 turns the limit off (TOML has no None)
+}
+_ALL_KEYS = {**CONFIG_KEYS, **FAIR_SHARE_KEYS, **_LIMIT_KEYS}
 
 _STOCK_H2_PROTOCOL = H2Protocol
 _SERVING = DrainState.SERVING
@@ -209,12 +213,14 @@ def _host_for(config: Config, settings: FleetSettings) -> _Host:
 class _Setup:
     """What every connection of one config shares, computed once per config (not per connection)."""
 
-    __slots__ = ("fleet", "h2_config", "local_settings", "policy", "shutdown_ping_timeout", "signature")
+    __slots__ = ("fleet", "h2_config", "local_settings", "max_control_rate", "policy", "shutdown_ping_timeout",
+                 "signature")
 
     def __init__(self, signature: tuple[Any, ...], policy: GoawayPolicy | None, config: Config,
-                 fleet: ProcessFleet | None = None) -> None:
+                 fleet: ProcessFleet | None = None, max_control_rate: int | None = 1000) -> None:
         self.signature = signature
         self.policy = policy
+        self.max_control_rate = max_control_rate
         # Fair share: this process's connection counts and the controller's update thread.
         self.fleet = fleet
         # h2 only reads its configuration, so one object serves every connection.
@@ -311,6 +317,16 @@ def _options_from_keys(config: Config) -> dict[str, Any]:
     return options
 
 
+def _max_control_rate(config: Config) -> int | None:
+    """``goaway_max_control_rate`` (1000 when unset, 0: off) as ``ServerConnection(max_control_rate=)`` takes it."""
+    value = getattr(config, "goaway_max_control_rate", None)
+    if value is None:
+        return 1000
+    if type(value) is not int or value < 0:
+        raise ValueError(f"hypercorn config goaway_max_control_rate must be an int >= 1, or 0 (off), got {value!r}")
+    return value or None
+
+
 def _signature(config: Config) -> tuple[Any, ...]:
     return (id(_GIVEN.get(config)), getattr(config, "keep_alive_max_requests", None),
             getattr(config, "graceful_timeout", None),
@@ -357,6 +373,7 @@ def _build_setup(config: Config) -> _Setup:
     if given is None and not _has_keys(config):
         return _Setup(signature, None, config)
     _check_keys(config)
+    max_control_rate = _max_control_rate(config)
     cap = getattr(config, "keep_alive_max_requests", None)
     cap = cap if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1 else None
     fleet: ProcessFleet | None = None
@@ -387,7 +404,7 @@ def _build_setup(config: Config) -> _Setup:
             raise type(exc)(f"hypercorn config goaway_*: {_key_names(str(exc))}") from exc
         if fair_policy is not None:
             policy = fair_policy
-    return _Setup(signature, policy, config, fleet)
+    return _Setup(signature, policy, config, fleet, max_control_rate)
 
 
 # The last config a connection was built for and its setup: a worker serves one
@@ -449,8 +466,8 @@ class _HypercornConnection(ServerConnection):
     __slots__ = ("_drain_seen", "owner", "shutdown_ping_timeout", "terminated")
 
     def __init__(self, config: h2.config.H2Configuration, *, policy: GoawayPolicy, terminated: Any,
-                 shutdown_ping_timeout: float) -> None:
-        super().__init__(config, policy=policy, clock=time.monotonic)
+                 shutdown_ping_timeout: float, max_control_rate: int | None = 1000) -> None:
+        super().__init__(config, policy=policy, clock=time.monotonic, max_control_rate=max_control_rate)
         self.terminated = terminated  # hypercorn's worker-wide "shutdown began" event
         self.shutdown_ping_timeout = shutdown_ping_timeout
         # The protocol, told once when the drain starts (its _on_drain). The object
@@ -586,7 +603,8 @@ class GoawayH2Protocol(H2Protocol):
         self.task_group = task_group
         self.connection_state = connection_state
         connection = _HypercornConnection(setup.h2_config, policy=policy, terminated=context.terminated,
-                                          shutdown_ping_timeout=setup.shutdown_ping_timeout)
+                                          shutdown_ping_timeout=setup.shutdown_ping_timeout,
+                                          max_control_rate=setup.max_control_rate)
         connection.DEFAULT_MAX_INBOUND_FRAME_SIZE = config.h2_max_inbound_frame_size
         connection.local_settings = h2.settings.Settings(client=False, initial_values=setup.local_settings)
         self.connection = connection
@@ -1039,6 +1057,10 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--goaway-rapid-reset-window", type=int, default=None, metavar="N",
                        help="rapid reset (CVE-2023-44487) limit: close a connection whose client reset more "
                             "than half of its last N streams (default 500; 0 turns it off)")
+    group.add_argument("--goaway-max-control-rate", type=int, default=None, metavar="N",
+                       help="GOAWAY(ENHANCE_YOUR_CALM) to a client sending more than N frames that ask no work "
+                            "(PING, SETTINGS, PRIORITY, WINDOW_UPDATE, empty DATA...) in under a second "
+                            "(default 1000; 0 turns it off)")
     fair = parser.add_argument_group(
         "goaway_ext fair share (the options of serve --fair-share; the host, not the worker, is one server "
         "of the fleet)",

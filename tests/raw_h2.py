@@ -83,3 +83,59 @@ def parse_frames(data: bytes) -> list[Frame]:
         pos += 9 + length
     assert pos == len(data), "server output must end on a frame boundary"
     return frames
+
+
+def flood_until_goaway(address: tuple[str, int], frames: bytes, *, setup: bytes = b"",
+                       max_frames: int = 100_000, timeout: float = 30.0) -> tuple[GoAwayFrame, int, bool]:
+    """Connect, send ``setup``, then ``frames`` (500 frames' worth) again and again while reading everything.
+
+    A blocking socket for servers in another thread or process (hypercorn,
+    grpclib). Returns the first GOAWAY the server sent, how many batches went
+    out before it arrived, and whether the server then closed the connection.
+    The reader runs in its own thread, so the flooder reads its answers: the
+    bound met is the rate, not a peer that does not read.
+    """
+    import socket
+    import threading
+
+    sock = socket.create_connection(address, timeout=timeout)
+    received = bytearray()
+    seen = threading.Event()
+    closed = threading.Event()
+
+    def read() -> None:
+        try:
+            while chunk := sock.recv(65536):
+                received.extend(chunk)
+                if not seen.is_set() and any(isinstance(f, GoAwayFrame) for f in _whole_frames(bytes(received))):
+                    seen.set()
+        except OSError:
+            pass
+        closed.set()
+        seen.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    batches = 0
+    try:
+        sock.sendall(RawClient().preface() + setup)
+        while not seen.is_set() and batches * 500 < max_frames:
+            sock.sendall(frames)
+            batches += 1
+    except OSError:
+        pass
+    seen.wait(timeout)
+    closed.wait(timeout)
+    sock.close()
+    reader.join(timeout)
+    goaways = [f for f in _whole_frames(bytes(received)) if isinstance(f, GoAwayFrame)]
+    assert goaways, f"no GOAWAY after {batches} batches; the server sent {len(received)} bytes"
+    return goaways[0], batches, closed.is_set()
+
+
+def _whole_frames(data: bytes) -> list[Frame]:
+    """The whole frames at the front of ``data`` (a read may end inside one)."""
+    pos = 0
+    while len(data) - pos >= 9 and len(data) - pos >= 9 + int.from_bytes(data[pos : pos + 3], "big"):
+        pos += 9 + int.from_bytes(data[pos : pos + 3], "big")
+    return parse_frames(data[:pos])

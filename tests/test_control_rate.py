@@ -100,3 +100,80 @@ def test_a_bad_max_control_rate_is_named_and_says_how_to_turn_it_off(value: obje
     with pytest.raises(ValueError, match=r"max_control_rate must be an int >= 1, or None \(off\), got") as info:
         ServerConnection(max_control_rate=value)  # type: ignore[arg-type]
     assert repr(value) in str(info.value)
+
+
+# -- the integrations over real sockets: the same bound, from the same ServerConnection ---------
+
+
+def _flood_frames() -> bytes:
+    # Answered PINGs and WINDOW_UPDATEs for stream 1 (open, then closed: h2 then makes no event).
+    return (PingFrame(0).serialize() + WindowUpdateFrame(1, window_increment=1).serialize()) * 250
+
+
+def _get_stream_1() -> bytes:
+    return RawClient().headers()[1]
+
+
+def test_hypercorn_closes_a_flood_with_enhance_your_calm() -> None:
+    from hypercorn.config import Config
+    from raw_h2 import flood_until_goaway
+    from test_hypercorn import serve_in_thread
+
+    from goaway_ext.hypercorn import enable_goaway
+
+    config = Config()
+    enable_goaway(config)
+    with serve_in_thread(config) as port:
+        goaway, _, closed = flood_until_goaway(("127.0.0.1", port), _flood_frames(), setup=_get_stream_1())
+    assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM and goaway.additional_data == b"control frame flood"
+    assert goaway.last_stream_id == 1 and closed
+
+
+def test_hypercorn_max_control_rate_key_and_flag() -> None:
+    from hypercorn.config import Config
+    from test_hypercorn import APP, _wrapper
+
+    from goaway_ext.hypercorn import _setup_for, policy_for
+
+    def rate(mapping: dict[str, object]) -> int | None:
+        config = Config.from_mapping(mapping)
+        policy_for(config)
+        return _setup_for(config).max_control_rate
+
+    assert rate({"goaway_max_control_rate": 50}) == 50
+    assert rate({"goaway_max_control_rate": 0}) is None
+    assert rate({"goaway_chance": 0.001}) == 1000
+    with pytest.raises(ValueError, match=r"goaway_max_control_rate must be an int >= 1, or 0 \(off\), got -1"):
+        policy_for(Config.from_mapping({"goaway_max_control_rate": -1}))
+    result = _wrapper(APP, "--goaway-max-control-rate", "-5", "--bind", "127.0.0.1:0")
+    assert result.returncode == 2, result.stderr
+    assert "--goaway-max-control-rate must be an int >= 1, or 0 (off), got -5" in result.stderr
+
+
+def test_grpclib_closes_a_flood_with_enhance_your_calm() -> None:
+    import asyncio
+
+    import grpclib.server
+    from grpc_peers import EchoService, RawCodec
+    from raw_h2 import flood_until_goaway
+
+    from goaway_ext.grpclib import GoawayServer, enable_goaway
+
+    async def main() -> tuple[GoAwayFrame, int, bool]:
+        with pytest.raises(ValueError, match=r"max_control_rate must be an int >= 1, or None \(off\), got 0"):
+            enable_goaway(grpclib.server.Server([EchoService()], codec=RawCodec()), max_control_rate=0)
+        assert GoawayServer([EchoService()], codec=RawCodec(), max_control_rate=None).goaway_max_control_rate is None
+        server = GoawayServer([EchoService()], codec=RawCodec())
+        await server.start("127.0.0.1", 0)
+        try:
+            assert server._server is not None
+            port = server._server.sockets[0].getsockname()[1]
+            return await asyncio.to_thread(flood_until_goaway, ("127.0.0.1", port), _flood_frames(),
+                                           setup=_get_stream_1())
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    goaway, _, closed = asyncio.run(asyncio.wait_for(main(), 60))
+    assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM and goaway.additional_data == b"control frame flood"
+    assert closed
