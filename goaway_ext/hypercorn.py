@@ -79,6 +79,7 @@ import signal
 import sys
 import threading
 import time
+import types
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -93,6 +94,7 @@ try:
     import hypercorn.protocol
 except ModuleNotFoundError as _exc:
     raise missing_extra("goaway_ext.hypercorn", "hypercorn", _exc) from _exc
+from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from hypercorn.config import Config
 from hypercorn.events import Closed, RawData, Updated
@@ -176,6 +178,20 @@ _LIMIT_KEYS: dict[str, str] = {
 _ALL_KEYS = {**CONFIG_KEYS, **FAIR_SHARE_KEYS, **_LIMIT_KEYS}
 
 _STOCK_H2_PROTOCOL = H2Protocol
+# h2's own write, the serving connection's (see _HypercornConnection).
+_H2_DATA_TO_SEND = H2Connection.data_to_send
+
+
+def _own_function(function: Callable[..., Any]) -> Any:
+    """``function``'s code, globals and defaults as a new function object (not ``is`` the original)."""
+    copy = types.FunctionType(function.__code__, function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+    copy.__qualname__ = function.__qualname__
+    copy.__doc__ = function.__doc__
+    copy.__kwdefaults__ = function.__kwdefaults__
+    return copy
+
+
 _SERVING = DrainState.SERVING
 # Policies given in code, per config object. A weak mapping, not an attribute,
 # so the config still pickles for hypercorn's spawned workers (a policy holds a
@@ -293,12 +309,16 @@ def enable_goaway(config: Config, policy: GoawayPolicy | None = None) -> Config:
 
 
 def _has_keys(config: Config) -> bool:
-    return any(key in vars(config) or hasattr(type(config), key) for key in _ALL_KEYS)
+    # getattr, not vars(): see _check_keys.
+    return any(hasattr(config, key) for key in _ALL_KEYS)
 
 
 def _check_keys(config: Config) -> None:
     # hypercorn keeps keys it does not know, so a misspelt goaway_* key would
-    # silently do nothing: refuse it, naming the closest valid one.
+    # silently do nothing: refuse it, naming the closest valid one. Only when
+    # the keys are read: vars() turns the config's attributes into a real dict
+    # for good (CPython 3.11), and every later read of a config attribute,
+    # several per request in hypercorn, then takes a slower path.
     for key in vars(config):
         if key.startswith("goaway_") and key not in _ALL_KEYS:
             close = difflib.get_close_matches(key, _ALL_KEYS, n=1, cutoff=0.5)
@@ -370,9 +390,10 @@ def _fleet_for(config: Config, options: dict[str, Any]) -> tuple[GoawayPolicy | 
 def _build_setup(config: Config) -> _Setup:
     signature = _signature(config)
     given = _GIVEN.get(config)
-    if given is None and not _has_keys(config):
-        return _Setup(signature, None, config)
-    _check_keys(config)
+    if given is None:  # with a policy given in code, its goaway_* keys are not read, so not checked
+        if not _has_keys(config):
+            return _Setup(signature, None, config)
+        _check_keys(config)
     max_control_rate = _max_control_rate(config)
     cap = getattr(config, "keep_alive_max_requests", None)
     cap = cap if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1 else None
@@ -460,10 +481,23 @@ class _HypercornConnection(ServerConnection):
     a drain and the second refuses the stream, so the client may retry it.
     A shutdown drain waits for the PING ACK at most ``shutdown_ping_timeout``.
     It overrides ``ServerConnection._start`` (same package) to learn when a
-    drain begins.
+    drain begins, and ``ServerConnection._move`` to become a
+    :class:`_DrainingHypercornConnection` when it leaves SERVING.
     """
 
     __slots__ = ("_drain_seen", "owner", "shutdown_ping_timeout", "terminated")
+
+    # hypercorn calls connection.data_to_send() and receive_data(data) several
+    # times per request. Both are class attributes here, never instance ones, so
+    # CPython specialises those call sites (an attribute of the instance makes
+    # each a generic lookup and a call from C). While serving, data_to_send is
+    # h2's own; _move switches the object to _DrainingHypercornConnection, whose
+    # data_to_send is ServerConnection's, when the drain starts. receive_data is
+    # ServerConnection's code as a function object of its own: ServerConnection
+    # gives an instance its per-instance shortcuts when the class's methods *are*
+    # its own, and those shortcuts are what this avoids.
+    data_to_send = _H2_DATA_TO_SEND
+    receive_data = _own_function(ServerConnection.receive_data)
 
     def __init__(self, config: h2.config.H2Configuration, *, policy: GoawayPolicy, terminated: Any,
                  shutdown_ping_timeout: float, max_control_rate: int | None = 1000) -> None:
@@ -481,6 +515,11 @@ class _HypercornConnection(ServerConnection):
             self._drain_seen = True
             if self.owner is not None:
                 self.owner._on_drain()
+
+    def _move(self, state: DrainState) -> None:
+        if self.__class__ is _HypercornConnection:  # leaving SERVING: the draining methods take over
+            self.__class__ = _DrainingHypercornConnection
+        ServerConnection._move(self, state)
 
     def _start(self, reason: str, now: float | None = None) -> None:
         # ServerConnection's one place where a drain begins, whatever started it
@@ -512,6 +551,13 @@ class _HypercornConnection(ServerConnection):
         if self.shutting_down and error_code == 0:
             error_code = ErrorCodes.REFUSED_STREAM
         super().reset_stream(stream_id, error_code)
+
+
+class _DrainingHypercornConnection(_HypercornConnection):
+    """A :class:`_HypercornConnection` whose drain has started: ServerConnection's writes again."""
+
+    __slots__ = ()
+    data_to_send = ServerConnection.data_to_send
 
 
 class _AsyncioWorker:

@@ -540,6 +540,74 @@ def test_config_keys_and_keep_alive_max_requests_map_onto_the_policy() -> None:
         uninstall_protocol()
 
 
+def test_a_serving_connection_is_h2s_own_to_hypercorn_until_its_drain_starts() -> None:
+    # While serving, hypercorn's connection.data_to_send() and receive_data() find
+    # their methods on the class (h2's own write, a read scanned by the core's gate):
+    # no per-instance attribute, so CPython specialises hypercorn's call sites.
+    # start_drain switches the object to the draining methods: the GOAWAY and PING
+    # come out of the next data_to_send(), and the PING's ACK is swallowed and
+    # answered with the final GOAWAY.
+    import h2.connection
+    import h2.events
+    from hypercorn.asyncio.worker_context import WorkerContext
+    from hypercorn.config import Config
+
+    from goaway_ext import ClientConnection, GoawayPolicy, GoawayReceived
+    from goaway_ext.hypercorn import GoawayH2Protocol, enable_goaway, uninstall_protocol
+
+    async def send(event: Any) -> None:
+        pass
+
+    config = enable_goaway(Config(), GoawayPolicy(0.0, linger=0.05))
+    try:
+        protocol = GoawayH2Protocol(None, config, WorkerContext(None), None, None, False, None, None, send)
+    finally:
+        uninstall_protocol()
+    connection = protocol.connection
+    assert type(connection).data_to_send is h2.connection.H2Connection.data_to_send
+    assert "data_to_send" not in vars(connection) and "receive_data" not in vars(connection)
+    client = ClientConnection()  # reads on after a GOAWAY, as h2's own client does not
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "x")],
+                        end_stream=True)
+    connection.initiate_connection()
+    events = connection.receive_data(client.data_to_send())
+    assert [e.stream_id for e in events if isinstance(e, h2.events.RequestReceived)] == [1]
+    client.receive_data(connection.data_to_send())
+    connection.start_drain()
+    assert type(connection).data_to_send is not h2.connection.H2Connection.data_to_send
+    notice = [e for e in client.receive_data(connection.data_to_send())
+              if isinstance(e, (GoawayReceived, h2.events.PingReceived))]
+    assert sorted(type(e).__name__ for e in notice) == ["GoawayReceived", "PingReceived"]
+    assert [e.last_stream_id for e in notice if isinstance(e, GoawayReceived)] == [2**31 - 1]
+    events = connection.receive_data(client.data_to_send())  # the PING ACK
+    assert not [e for e in events if isinstance(e, h2.events.PingAckReceived)]
+    connection.send_headers(1, [(":status", "200")], end_stream=True)
+    final = [e for e in client.receive_data(connection.data_to_send()) if isinstance(e, GoawayReceived)]
+    assert [e.last_stream_id for e in final] == [1]
+    assert connection.is_drained
+
+
+def test_goaway_keys_beside_a_policy_given_in_code_are_not_read() -> None:
+    # The policy given in code decides alone; the config's goaway_* policy keys
+    # are not read, so not checked either (checking them would need vars(config),
+    # which slows every later config read down on CPython 3.11).
+    from hypercorn.config import Config
+
+    from goaway_ext import GoawayPolicy
+    from goaway_ext.hypercorn import enable_goaway, policy_for, uninstall_protocol
+
+    given = GoawayPolicy(0.001)
+    try:
+        config = enable_goaway(Config.from_mapping({"goaway_chance": 0.01, "goaway_max_reqests": 10}), given)
+        policy = policy_for(config)
+        assert policy is not None
+        # The given chance, not the key's; hypercorn's keep_alive_max_requests (1000) still maps.
+        assert (policy.chance, policy.max_requests) == (0.001, 1000)
+    finally:
+        uninstall_protocol()
+
+
 def test_prometheus_metrics_when_prometheus_client_is_installed() -> None:
     prometheus_client = pytest.importorskip("prometheus_client")
     from hypercorn.config import Config
