@@ -90,6 +90,7 @@ from grpclib.exceptions import StreamTerminatedError
 from grpclib.protocol import Connection, EventsProcessor, H2Protocol
 from h2.events import StreamEnded
 
+from ._stall import WriteStall
 from .client import ClientConnection
 from .errors import ConnectionDrainingError
 from .events import ConnectionDrained, GoawayReceived, GoawaySent, StreamRefused
@@ -130,6 +131,8 @@ GRPCLIB_PRIVATE_NAMES: tuple[str, ...] = (
 MAX_REPLAYS = 5
 
 _log = logging.getLogger("goaway_ext.grpclib")
+# Seconds a connection closed at send_timeout gets for its GOAWAY before it is aborted.
+_FLUSH_TIMEOUT = 1.0
 
 
 # -- policy with gRPC's names ----------------------------------------------------------
@@ -294,6 +297,8 @@ class _ServerProtocol(H2Protocol):
         self._started = False
         self._meter = metrics.ConnectionMeter()
         self._peer: str = "-"
+        self._stall: WriteStall | None = None  # send_timeout, made the first time writing pauses
+        self._goaway_transport: asyncio.Transport | None = None
         self.closed = self._loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -303,6 +308,7 @@ class _ServerProtocol(H2Protocol):
         h2_conn = cls(self.h2_config, policy=policy, clock=self._loop.time, owner=self,
                       max_control_rate=server.goaway_max_control_rate)
         self._h2 = h2_conn
+        self._goaway_transport = cast(asyncio.Transport, transport)
         _make_h2(self, h2_conn, transport)
         if policy.max_idle is None:
             self.processor = EventsProcessor(self.handler, self.connection)
@@ -320,10 +326,44 @@ class _ServerProtocol(H2Protocol):
             self.shutdown()
         self.wake()
 
+    def pause_writing(self) -> None:
+        """grpclib's (its writers wait), plus the send_timeout period (``WriteStall``)."""
+        super().pause_writing()
+        timeout = self._goaway_server.goaway_send_timeout
+        if timeout is None or self._goaway_transport is None:
+            return
+        if self._stall is None:
+            self._stall = WriteStall(self._loop, self._goaway_transport, timeout, self._on_stall)
+        self._stall.paused()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._stall is not None:
+            self._stall.resumed()
+
+    def _on_stall(self) -> None:
+        """send_timeout: the peer took none of our bytes for a whole period. GOAWAY(ENHANCE_YOUR_CALM), then close.
+
+        The GOAWAY goes behind the queued bytes; a peer that still reads
+        nothing is aborted a second later (asyncio's close waits for ever).
+        """
+        h2_conn = self._h2
+        transport = self._goaway_transport
+        if h2_conn is None or transport is None or self.connection.is_closing():
+            return
+        _log.warning("closing gRPC connection from %s: it read nothing of the %d bytes queued for it in %.1f s "
+                     "(send_timeout)", self._peer, transport.get_write_buffer_size(),
+                     self._goaway_server.goaway_send_timeout)
+        h2_conn._calm(self._loop.time(), "send_timeout", b"send_timeout")
+        self._fire()  # the GOAWAY and the drain events; close_at is now: the connection closes
+        self._loop.call_later(_FLUSH_TIMEOUT, transport.abort)
+
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._stall is not None:
+            self._stall.cancel()
         self._goaway_server._goaway_protocols.discard(self)
         self._count_streams()
         if self._h2 is not None:
@@ -429,28 +469,35 @@ class GoawayServer(grpclib.server.Server):
     send that ask no work (PING, SETTINGS, PRIORITY, WINDOW_UPDATE, empty
     DATA...) a second: past it GOAWAY(ENHANCE_YOUR_CALM) and the connection
     closes (see ``ServerConnection``); grpclib bounds none of them.
+    ``send_timeout`` (60 s, None: off): a client that takes none of our
+    queued bytes for that long (writing paused, no progress) gets
+    GOAWAY(ENHANCE_YOUR_CALM, ``send_timeout``) and is closed; stock grpclib
+    waits for ever, holding the connection and its RPCs.
     """
 
     goaway_policy: GoawayPolicy
     goaway_max_control_rate: int | None
+    goaway_send_timeout: float | None
     goaway_stats: GrpcServerStats
     _goaway_protocols: set[_ServerProtocol]
     _goaway_closing: bool
     _goaway_fair_task: asyncio.Task[None] | None
 
     def __init__(self, *args: Any, policy: GoawayPolicy | None = None, max_control_rate: int | None = 1000,
-                 **kwargs: Any) -> None:
+                 send_timeout: float | None = 60.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._goaway_setup(policy, max_control_rate)
+        self._goaway_setup(policy, max_control_rate, send_timeout)
 
-    def _goaway_setup(self, policy: GoawayPolicy | None, max_control_rate: int | None = 1000) -> None:
+    def _goaway_setup(self, policy: GoawayPolicy | None, max_control_rate: int | None = 1000,
+                      send_timeout: float | None = 60.0) -> None:
         if policy is None:
             policy = GoawayPolicy()
         elif not isinstance(policy, GoawayPolicy):
             raise TypeError(f"policy must be a GoawayPolicy or None, got {policy!r}")
-        _check_control_rate(max_control_rate)
+        _check_limits(max_control_rate, send_timeout)
         self.goaway_policy = policy
         self.goaway_max_control_rate = max_control_rate
+        self.goaway_send_timeout = None if send_timeout is None else float(send_timeout)
         self.goaway_stats = GrpcServerStats()
         self._goaway_protocols = set()
         self._goaway_closing = False
@@ -515,13 +562,16 @@ class GoawayServer(grpclib.server.Server):
         await super().wait_closed()
 
 
-def _check_control_rate(value: object) -> None:
-    if value is not None and (type(value) is not int or value < 1):
-        raise ValueError(f"max_control_rate must be an int >= 1, or None (off), got {value!r}")
+def _check_limits(max_control_rate: object, send_timeout: object) -> None:
+    if max_control_rate is not None and (type(max_control_rate) is not int or max_control_rate < 1):
+        raise ValueError(f"max_control_rate must be an int >= 1, or None (off), got {max_control_rate!r}")
+    if send_timeout is not None and (type(send_timeout) not in (int, float)
+                                     or not 0 < send_timeout < 1e9):  # type: ignore[operator]
+        raise ValueError(f"send_timeout must be a positive number of seconds, or None (off), got {send_timeout!r}")
 
 
 def enable_goaway(server: grpclib.server.Server, policy: GoawayPolicy | None = None, *,
-                  max_control_rate: int | None = 1000) -> GoawayServer:
+                  max_control_rate: int | None = 1000, send_timeout: float | None = 60.0) -> GoawayServer:
     """Turn ``server`` (not started yet) into a :class:`GoawayServer` following ``policy``; return it.
 
     The one line for an existing grpclib server. Its handlers, codec and
@@ -529,19 +579,19 @@ def enable_goaway(server: grpclib.server.Server, policy: GoawayPolicy | None = N
     defaults to one that only makes ``close()`` graceful. A policy with
     ``fair_share`` works as in ``H2Server``: the server calls its
     ``update()`` every ``interval`` seconds while it serves.
-    ``max_control_rate``: as for :class:`GoawayServer`.
+    ``max_control_rate``, ``send_timeout``: as for :class:`GoawayServer`.
     """
     if not isinstance(server, grpclib.server.Server):
         raise TypeError(f"server must be a grpclib.server.Server, got {server!r}")
     if policy is not None and not isinstance(policy, GoawayPolicy):
         raise TypeError(f"policy must be a GoawayPolicy or None, got {policy!r}")
-    _check_control_rate(max_control_rate)
+    _check_limits(max_control_rate, send_timeout)
     if server._server is not None:
         raise RuntimeError("enable_goaway() must be called before Server.start(): started connections are stock")
     if not isinstance(server, GoawayServer):
         server.__class__ = GoawayServer
     goaway_server = cast(GoawayServer, server)
-    goaway_server._goaway_setup(policy, max_control_rate)
+    goaway_server._goaway_setup(policy, max_control_rate, send_timeout)
     return goaway_server
 
 
