@@ -293,8 +293,8 @@ class GoawayPolicy:
             f"rapid_reset_window={self._rapid_reset_window!r})"
         )
 
-    def _spread(self, rng: random.Random) -> float:
-        return 1.0 + self._jitter * (2.0 * rng.random() - 1.0)
+    def _spread(self, uniform: float) -> float:
+        return 1.0 + self._jitter * (2.0 * uniform - 1.0)
 
     def new_budget(self, now: float) -> ConnectionBudget:
         """Draw the budget of a connection opened at ``now`` (seconds on its clock).
@@ -304,21 +304,23 @@ class GoawayPolicy:
         """
         if self._fixed is not None:
             return self._fixed
-        with self._lock:
-            conn_seed = self._seeds.getrandbits(64)
         limit: int | None = None
         deadline: float | None = None
         idle: float | None = None
-        if self._max_requests is not None or self._max_age is not None or self._max_idle is not None:
-            # A generator only when there is something to jitter: building one
-            # costs more than the rest of the budget (most policies set chance only).
-            rng = random.Random(conn_seed)
+        with self._lock:
+            # The jitter is drawn from the policy's one generator, in the same
+            # turn as the connection's seed: a generator of its own per
+            # connection (random.Random(seed)) cost ~30k instructions to build,
+            # as much as the rest of a connection's setup on our side. With
+            # ``seed`` set, the n-th connection still gets the same draws.
+            seeds = self._seeds
+            conn_seed = seeds.getrandbits(64)
             if self._max_requests is not None:
-                limit = max(1, round(self._max_requests * self._spread(rng)))
+                limit = max(1, round(self._max_requests * self._spread(seeds.random())))
             if self._max_age is not None:
-                deadline = now + self._max_age * self._spread(rng)
+                deadline = now + self._max_age * self._spread(seeds.random())
             if self._max_idle is not None:  # drawn last, so seeded draws of the others stay as they were
-                idle = self._max_idle * self._spread(rng)
+                idle = self._max_idle * self._spread(seeds.random())
         fair = self._fair_share
         if fair is not None:
             # Always a sampler: the controller may raise the chance later.
