@@ -57,6 +57,8 @@ log = logging.getLogger("goaway_ext.asyncio_server")
 
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _READ_SLICE = 4096  # bytes of input handled per turn of the event loop (fairness between connections)
+# A lingering close (see _H2Protocol.close) reads and drops at most this much of the peer's input.
+_LINGER_BYTES = 1 << 20
 _HTTP1_METHODS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")
 _HTTP1_REFUSAL = (
     b"HTTP/1.1 505 HTTP Version Not Supported\r\n"
@@ -229,7 +231,8 @@ class _H2Protocol(asyncio.Protocol):
     __slots__ = (
         "__weakref__",  # tests check that a closed connection is collectable
         "_abort_handle", "_backlog", "_backlog_scheduled", "_buffered", "_closing", "_control", "_control_seen",
-        "_control_since", "_data_to_send", "_held", "_idle_since", "_offset", "_owed", "_preface", "_reading_paused",
+        "_control_since", "_data_to_send", "_held", "_idle_since", "_lingered", "_offset", "_owed", "_preface",
+        "_reading_paused",
         "_receive", "_resume", "_serving", "_stall", "_started", "_streams", "_timed", "_timer", "_timer_at",
         "_watchdog", "_window_waiters", "closed", "conn", "drainable", "drains", "loop", "peer", "requests", "server",
         "transport",
@@ -259,6 +262,7 @@ class _H2Protocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._closing = False
+        self._lingered = -1  # input dropped by a lingering close; -1: not lingering
         self._abort_handle: asyncio.TimerHandle | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._idle_since = self.loop.time()
@@ -347,6 +351,10 @@ class _H2Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
+            if self._lingered >= 0:  # a lingering close: dropped, up to _LINGER_BYTES
+                self._lingered += len(data)
+                if self._lingered > _LINGER_BYTES:
+                    self.abort()
             return
         if self._backlog:  # reads arriving while a backlog waits (TLS may deliver a little after a pause)
             self._backlog = self._backlog[self._offset :] + data
@@ -411,7 +419,7 @@ class _H2Protocol(asyncio.Protocol):
         self.flush()
 
     def eof_received(self) -> bool | None:
-        return None  # close our side too
+        return None  # close our side too (after a lingering close's FIN, the end of it)
 
     # -- helpers --------------------------------------------------------------------
 
@@ -464,11 +472,32 @@ class _H2Protocol(asyncio.Protocol):
         return buffered
 
     def close(self) -> None:
-        """Close after a short flush: what is queued gets ``flush_timeout`` seconds, then the socket is aborted."""
-        if self.transport is not None and not self._closing:
+        """Close after a short flush: what is queued gets ``flush_timeout`` seconds, then the socket is aborted.
+
+        A lingering close (nginx's ``lingering_close``): closing a socket with
+        unread input makes the kernel send RST, which can destroy our last
+        bytes (the GOAWAY that says why) before the peer reads them. So our
+        side sends FIN after the queued bytes (``write_eof``) and reads and
+        drops what the peer still sends, until its FIN, at most
+        ``flush_timeout`` seconds and ``_LINGER_BYTES``; then the socket is
+        closed (or aborted). TLS transports cannot half-close: closed at once.
+        """
+        transport = self.transport
+        if transport is not None and not self._closing:
             self._closing = True
             self._cancel_timers()  # a closing connection needs only the abort below
-            self.transport.close()
+            if not transport.can_write_eof():
+                transport.close()
+            else:
+                try:
+                    transport.write_eof()
+                except OSError:  # the peer is gone already (ENOTCONN after its RST): nothing to linger for
+                    transport.abort()
+                    return
+                self._lingered = 0
+                if self._reading_paused:
+                    self._reading_paused = False
+                    transport.resume_reading()
             if self._abort_handle is None:
                 self._abort_handle = self.loop.call_later(self.server.flush_timeout, self.abort)
 

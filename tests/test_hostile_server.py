@@ -412,6 +412,76 @@ def test_a_flood_of_frames_that_need_no_answer_gets_enhance_your_calm(kind: str)
     serve(flood)
 
 
+def test_a_flooder_cut_off_reads_our_goaway_then_eof_not_a_reset() -> None:
+    # Closing a socket with unread input makes the kernel send RST, which can
+    # destroy the GOAWAY that says why. The close lingers instead: FIN after
+    # the GOAWAY, the flooder's input read and dropped until its own FIN. A
+    # flooder that sends 300 KB without reading (the limit is met after a few
+    # KB) gets every send through, then reads the GOAWAY and a clean EOF.
+    flood = PriorityFrame(3, depends_on=0, stream_weight=15).serialize() * 2000  # 28 KB
+
+    def flooder(address: tuple[str, int]) -> tuple[list[Frame], BaseException | None]:
+        sock = socket.create_connection(address, timeout=30)
+        received = b""
+        error: BaseException | None = None
+        try:
+            sock.sendall(RawClient().preface())
+            for _ in range(11):
+                sock.sendall(flood)
+            while chunk := sock.recv(65536):
+                received += chunk
+        except OSError as exc:
+            error = exc
+        finally:
+            sock.close()
+        whole, pos = [], 0
+        while len(received) - pos >= 9 + int.from_bytes(received[pos : pos + 3], "big"):
+            size = 9 + int.from_bytes(received[pos : pos + 3], "big")
+            whole += parse(received[pos : pos + size])
+            pos += size
+        return whole, error
+
+    async def run(server: H2Server) -> None:
+        assert server.address is not None
+        frames, error = await asyncio.to_thread(flooder, server.address)
+        assert error is None, f"{error!r} instead of a clean EOF"
+        goaways = [f for f in frames if isinstance(f, GoAwayFrame)]
+        assert [(f.error_code, f.additional_data) for f in goaways] == [
+            (ErrorCodes.ENHANCE_YOUR_CALM, b"control frame flood")]
+
+    serve(run, flush_timeout=30.0)
+
+
+def test_a_lingering_close_drops_at_most_a_mebibyte_of_input() -> None:
+    # A flooder that never stops: past 1 MiB of dropped input the socket is
+    # aborted, long before flush_timeout (30 s here) would end the linger.
+    flood = PriorityFrame(3, depends_on=0, stream_weight=15).serialize() * 5000  # 70 KB
+
+    def flooder(address: tuple[str, int]) -> BaseException | None:
+        sock = socket.create_connection(address, timeout=30)
+        try:
+            sock.sendall(RawClient().preface())
+            for _ in range(150):  # 10 MB
+                sock.sendall(flood)
+        except OSError as exc:
+            return exc
+        finally:
+            sock.close()
+        return None
+
+    async def run(server: H2Server) -> None:
+        assert server.address is not None
+        error = await asyncio.to_thread(flooder, server.address)
+        assert isinstance(error, (ConnectionResetError, BrokenPipeError)), error
+        for _ in range(400):
+            if not server._protocols:
+                break
+            await asyncio.sleep(0.05)
+        assert not server._protocols
+
+    serve(run, flush_timeout=30.0)
+
+
 def test_window_updates_that_follow_our_data_are_not_a_flood() -> None:
     # A client that gives back window (stream and connection) for every DATA
     # frame it reads, at full speed: 2 MiB in 16 KiB frames is 256 WINDOW_UPDATE
@@ -506,9 +576,14 @@ def test_silent_and_idle_connections_are_reaped() -> None:
         assert any(isinstance(f, DataFrame) and f.stream_id == stream_id for f in frames)
         assert frames[-1].last_stream_id == stream_id and frames[-1].error_code == ErrorCodes.NO_ERROR
         assert await wire.at_eof()
+        wire.close()  # our FIN ends the server's lingering close
         for reader, writer in silent:
             assert await asyncio.wait_for(reader.read(1), 30) == b""  # closed without a byte
             writer.close()
+        for _ in range(600):
+            if not server._protocols:
+                break
+            await asyncio.sleep(0.05)
         assert not server._protocols
 
     serve(idle, handshake_timeout=0.5, idle_timeout=0.5)
