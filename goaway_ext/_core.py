@@ -25,6 +25,7 @@ __all__ = [
     "GoawayGate",
     "ExemptPaths",
     "RequestGate",
+    "serving_methods",
     "split_frames",
 ]
 
@@ -47,6 +48,7 @@ if TYPE_CHECKING or os.environ.get("GOAWAY_EXT_NO_EXTENSIONS", "") not in ("", "
         encode_goaway,
         encode_ping,
         encode_rst_stream,
+        serving_methods,
         split_frames,
     )
 
@@ -68,6 +70,7 @@ else:
             encode_goaway,
             encode_ping,
             encode_rst_stream,
+            serving_methods,
             split_frames,
         )
 
@@ -92,6 +95,7 @@ else:
             encode_goaway,
             encode_ping,
             encode_rst_stream,
+            serving_methods,
             split_frames,
         )
 

@@ -84,4 +84,14 @@ class RequestGate:
     def receive(self, data: Any) -> list[Any]: ...
     def scan(self, events: list[Any]) -> int: ...
 
+def serving_methods(
+    state_slot: Any,
+    serving: object,
+    gate_slot: Any,
+    receive: Callable[..., list[Any]],
+    after: Callable[..., list[Any]],
+    send: Callable[..., bytes],
+    slow_receive: Callable[..., list[Any]],
+    slow_send: Callable[..., bytes],
+) -> tuple[Callable[..., list[Any]], Callable[..., bytes]]: ...
 def split_frames(data: bytes, max_frame_size: int = 16384) -> tuple[list[tuple[int, int, int, int, bytes]], int]: ...

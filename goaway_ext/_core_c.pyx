@@ -47,6 +47,7 @@ __all__ = [
     "GoawayGate",
     "ExemptPaths",
     "RequestGate",
+    "serving_methods",
     "split_frames",
 ]
 
@@ -879,6 +880,83 @@ The per-request work of a serving connection, in one call; see ``_core_py.Reques
                 self._resets += 1
                 reset = True
         return -1 if reset else 0
+
+
+cdef extern from *:
+    """
+    /* The offset of a writable object slot that ``descr`` (a __slots__ member) describes; else -1. */
+    static Py_ssize_t goaway_member_offset(PyObject *descr) {
+        PyMemberDef *member;
+        if (Py_TYPE(descr) != &PyMemberDescr_Type) return -1;
+        member = ((PyMemberDescrObject *)descr)->d_member;
+        if (member->type != T_OBJECT_EX || (member->flags & READONLY)) return -1;
+        return member->offset;
+    }
+
+    /* The class that declares the slot ``descr`` describes (borrowed). */
+    static inline PyObject *goaway_member_owner(PyObject *descr) {
+        return (PyObject *)((PyDescrObject *)descr)->d_type;
+    }
+
+    /* What ``obj`` holds in the slot at ``offset`` of class ``owner`` (borrowed);
+       NULL when ``obj`` is no instance of ``owner`` or the slot is unset. */
+    static inline PyObject *goaway_slot_get(PyObject *obj, PyObject *owner, Py_ssize_t offset) {
+        if (!PyObject_TypeCheck(obj, (PyTypeObject *)owner)) return NULL;
+        return *(PyObject **)((char *)obj + offset);
+    }
+    """
+    Py_ssize_t _member_offset "goaway_member_offset"(object descr) noexcept
+    PyObject* _member_owner "goaway_member_owner"(object descr) noexcept
+    PyObject* _slot_get "goaway_slot_get"(object obj, object owner, Py_ssize_t offset) noexcept
+
+
+def serving_methods(state_slot, serving, gate_slot, receive, after, send, slow_receive, slow_send):
+    """Return ``(receive_data, data_to_send)`` for a connection class; see ``_core_py.serving_methods``."""
+    cdef Py_ssize_t state_at
+    cdef Py_ssize_t gate_at
+    for name, value in (("receive", receive), ("after", after), ("send", send), ("slow_receive", slow_receive),
+                        ("slow_send", slow_send)):
+        if not callable(value):
+            raise TypeError(f"{name} must be callable, got {value!r}")
+    state_at = _member_offset(state_slot)
+    if state_at < 0:
+        raise TypeError(f"state_slot must be a __slots__ member of a class, got {state_slot!r}")
+    gate_at = _member_offset(gate_slot)
+    if gate_at < 0:
+        raise TypeError(f"gate_slot must be a __slots__ member of a class, got {gate_slot!r}")
+    state_owner = <object>_member_owner(state_slot)
+    gate_owner = <object>_member_owner(gate_slot)
+
+    def receive_data(self, data):
+        cdef PyObject* raw
+        cdef RequestGate gate
+        cdef Py_ssize_t index
+        cdef object events
+        cdef bint due = False
+        if _slot_get(self, state_owner, state_at) != <PyObject*>serving:
+            return slow_receive(self, data)
+        raw = _slot_get(self, gate_owner, gate_at)
+        if raw == NULL or (<object>raw).__class__ is not RequestGate:
+            return slow_receive(self, data)
+        gate = <RequestGate>raw
+        if gate._counting:
+            due = gate._count(<bytes>data if type(data) is bytes else _check_bytes("data", data))
+        events = receive(self, data)
+        if type(events) is not list:
+            raise TypeError(f"receive must return a list, got {events!r}")
+        index = gate._scan(<list>events)
+        if index == 0:
+            if not due:
+                return events
+            index = -1
+        return after(self, events, index)
+
+    def data_to_send(self, amount=None):
+        if _slot_get(self, state_owner, state_at) == <PyObject*>serving:
+            return send(self, amount)
+        return slow_send(self, amount)
+
+    return receive_data, data_to_send
 
 
 # -- load generator: whole frames out of a byte stream ----------------------------------------

@@ -32,6 +32,7 @@ __all__ = [
     "GoawayGate",
     "ExemptPaths",
     "RequestGate",
+    "serving_methods",
     "split_frames",
 ]
 
@@ -769,6 +770,73 @@ class RequestGate:
                 self._resets += 1
                 reset = True
         return -1 if reset else 0
+
+
+def serving_methods(
+    state_slot: Any,
+    serving: object,
+    gate_slot: Any,
+    receive: Callable[..., list[Any]],
+    after: Callable[..., list[Any]],
+    send: Callable[..., bytes],
+    slow_receive: Callable[..., list[Any]],
+    slow_send: Callable[..., bytes],
+) -> tuple[Callable[..., list[Any]], Callable[..., bytes]]:
+    """Return ``(receive_data, data_to_send)``, the two methods of a connection class that serves.
+
+    Why: while a ``ServerConnection`` serves, a read is ``h2``'s read plus the
+    gate's :meth:`RequestGate.scan`, and a write is ``h2``'s write; these two
+    methods do exactly that, in one call into the compiled core, and hand
+    everything else to the class's own Python methods. As class attributes
+    they cost a connection nothing (no bound method per instance, no
+    reference cycle through the gate), and an override in a subclass still
+    wins.
+
+    ``state_slot`` and ``gate_slot`` are the class's ``__slots__`` members
+    holding the drain state and the :class:`RequestGate`. When the state is
+    ``serving`` (identity), ``receive_data(self, data)`` is the gate's
+    :meth:`RequestGate.receive` with ``self`` as its connection: it counts the
+    control frames in ``data``, calls ``receive(self, data)`` (which must
+    return a list), scans it, and returns it as is when the scan gives 0 and
+    no count is due, else ``after(self, events, index)`` (index -1: only the
+    count is due); and
+    ``data_to_send(self, amount=None)`` is ``send(self, amount)``. In any other
+    state, or when a slot is unset or ``self`` is of another class, they are
+    ``slow_receive(self, data)`` and ``slow_send(self, amount)``.
+    """
+    for name, value in (("receive", receive), ("after", after), ("send", send), ("slow_receive", slow_receive),
+                        ("slow_send", slow_send)):
+        if not callable(value):
+            raise TypeError(f"{name} must be callable, got {value!r}")
+    for name, value in (("state_slot", state_slot), ("gate_slot", gate_slot)):
+        if type(value).__name__ != "member_descriptor":
+            raise TypeError(f"{name} must be a __slots__ member of a class, got {value!r}")
+    state_owner = state_slot.__objclass__
+    gate_owner = gate_slot.__objclass__
+
+    def receive_data(self: Any, data: Any) -> list[Any]:
+        if not isinstance(self, state_owner) or getattr(self, state_slot.__name__, None) is not serving:
+            return slow_receive(self, data)
+        gate = getattr(self, gate_slot.__name__, None) if isinstance(self, gate_owner) else None
+        if gate.__class__ is not RequestGate:
+            return slow_receive(self, data)
+        due = gate._control_next is not None and gate.count(data)
+        events = receive(self, data)
+        if events.__class__ is not list:
+            raise TypeError(f"receive must return a list, got {events!r}")
+        index = gate.scan(events)
+        if index == 0:
+            if not due:
+                return events
+            index = -1
+        return after(self, events, index)
+
+    def data_to_send(self: Any, amount: Any = None) -> bytes:
+        if isinstance(self, state_owner) and getattr(self, state_slot.__name__, None) is serving:
+            return send(self, amount)
+        return slow_send(self, amount)
+
+    return receive_data, data_to_send
 
 
 # -- load generator: whole frames out of a byte stream ----------------------------------------

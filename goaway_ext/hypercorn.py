@@ -79,7 +79,6 @@ import signal
 import sys
 import threading
 import time
-import types
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -180,16 +179,6 @@ _ALL_KEYS = {**CONFIG_KEYS, **FAIR_SHARE_KEYS, **_LIMIT_KEYS}
 _STOCK_H2_PROTOCOL = H2Protocol
 # h2's own write, the serving connection's (see _HypercornConnection).
 _H2_DATA_TO_SEND = H2Connection.data_to_send
-
-
-def _own_function(function: Callable[..., Any]) -> Any:
-    """``function``'s code, globals and defaults as a new function object (not ``is`` the original)."""
-    copy = types.FunctionType(function.__code__, function.__globals__, function.__name__,
-                              function.__defaults__, function.__closure__)
-    copy.__qualname__ = function.__qualname__
-    copy.__doc__ = function.__doc__
-    copy.__kwdefaults__ = function.__kwdefaults__
-    return copy
 
 
 _SERVING = DrainState.SERVING
@@ -493,11 +482,8 @@ class _HypercornConnection(ServerConnection):
     # each a generic lookup and a call from C). While serving, data_to_send is
     # h2's own; _move switches the object to _DrainingHypercornConnection, whose
     # data_to_send is ServerConnection's, when the drain starts. receive_data is
-    # ServerConnection's code as a function object of its own: ServerConnection
-    # gives an instance its per-instance shortcuts when the class's methods *are*
-    # its own, and those shortcuts are what this avoids.
+    # ServerConnection's, a class attribute already (the core's serving read).
     data_to_send = _H2_DATA_TO_SEND
-    receive_data = _own_function(ServerConnection.receive_data)
 
     def __init__(self, config: h2.config.H2Configuration, *, policy: GoawayPolicy, terminated: Any,
                  shutdown_ping_timeout: float, max_control_rate: int | None = 1000) -> None:

@@ -33,7 +33,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import MethodType
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -41,7 +40,7 @@ from h2.errors import ErrorCodes
 from h2.events import DataReceived, Event, PingAckReceived, RequestReceived, StreamReset
 from h2.exceptions import ProtocolError, StreamClosedError
 
-from ._core import MAX_STREAM_ID, RequestGate, encode_goaway, encode_ping, encode_rst_stream
+from ._core import MAX_STREAM_ID, RequestGate, encode_goaway, encode_ping, encode_rst_stream, serving_methods
 from .events import ConnectionDrained, GoawaySent
 from .policy import GoawayPolicy
 
@@ -186,7 +185,7 @@ class ServerConnection(H2Connection):
         "_drain_started", "_final_id", "_gate",
         "_goaways_sent", "_grace_deadline", "_idle_limit", "_idle_mark", "_idle_since", "_late", "_mode", "_pending",
         "_pending_split", "_ping_deadline", "_ping_opaque", "_ping_prefix", "_pings", "_policy", "_probe_high",
-        "_queued", "_queued_at", "_reason", "_reset_window", "_resets", "_shortcuts", "_silent", "_state",
+        "_queued", "_queued_at", "_reason", "_reset_window", "_resets", "_silent", "_state",
         "_streams_cut", "_streams_refused", "_window_bad", "_window_total",
     )
 
@@ -260,24 +259,6 @@ class ServerConnection(H2Connection):
         self._streams_refused = 0
         self._streams_cut = 0
         self._drain_duration: float | None = None
-        # While serving, receive_data and data_to_send need nothing of ours but
-        # the gate's scan: the instance gets h2's data_to_send and the gate's
-        # compiled receive (h2's receive_data + scan) as attributes, which
-        # shadow the class's methods (plain functions, non-data descriptors)
-        # and save a Python frame per read and per write. _move drops them when
-        # the drain starts. A subclass that overrides either method keeps it.
-        cls = type(self)
-        shortcuts = 0
-        if cls.receive_data is _OWN_RECEIVE_DATA:
-            # h2's read and our slow half as plain functions with the connection
-            # beside them: two bound methods would cost ~130 bytes per connection.
-            self._gate.attach(_H2_RECEIVE_DATA, cls._scanned, self)
-            self.receive_data = self._gate.receive  # type: ignore[method-assign]
-            shortcuts = 1
-        if cls.data_to_send is _OWN_DATA_TO_SEND:
-            self.data_to_send = MethodType(_H2_DATA_TO_SEND, self)  # type: ignore[method-assign]
-            shortcuts |= 2
-        self._shortcuts = shortcuts
 
     # -- public state ---------------------------------------------------------------
 
@@ -592,12 +573,6 @@ class ServerConnection(H2Connection):
     def _move(self, state: DrainState) -> None:
         if state not in _NEXT[self._state]:  # a bug here, never the peer's doing
             raise AssertionError(f"drain state {self._state.name} -> {state.name} is not allowed")
-        if self._shortcuts:  # leaving SERVING: the class's draining methods take over
-            if self._shortcuts & 1:
-                delattr(self, "receive_data")
-            if self._shortcuts & 2:
-                delattr(self, "data_to_send")
-            self._shortcuts = 0
         self._state = state
 
     def _queue(self, event: ServerEvent, now: float) -> None:
@@ -816,6 +791,35 @@ class ServerConnection(H2Connection):
         return out
 
 
-# What __init__ compares with to know whether a subclass overrides them.
-_OWN_RECEIVE_DATA = ServerConnection.receive_data
-_OWN_DATA_TO_SEND = ServerConnection.data_to_send
+# The Python methods, right in every drain state: the core's serving pair hands them every
+# state but SERVING.
+_PY_RECEIVE_DATA = ServerConnection.receive_data
+_PY_DATA_TO_SEND = ServerConnection.data_to_send
+
+
+def _install_serving_methods() -> None:
+    """Make the class's ``receive_data`` and ``data_to_send`` the core's serving pair.
+
+    While a connection serves, a read is ``h2``'s read plus the gate's scan and
+    a write is ``h2``'s write: the core's two methods (``serving_methods``) do
+    that in one call each and hand every other state to the Python methods
+    above. They are class attributes, so a connection pays nothing for them
+    (earlier, a bound method per instance shadowed each method: ~250 bytes and
+    two more objects for the garbage collector per connection, and an
+    unspecialised method lookup per call). A subclass that overrides either
+    method keeps its own; ``super()`` reaches these.
+    """
+    # The class's __slots__ members for _state and _gate (mypy knows them as instance attributes).
+    slots = vars(ServerConnection)
+    receive, send = serving_methods(slots["_state"], _SERVING, slots["_gate"],
+                                    _H2_RECEIVE_DATA, ServerConnection._scanned, _H2_DATA_TO_SEND,
+                                    _PY_RECEIVE_DATA, _PY_DATA_TO_SEND)
+    for method, own in ((receive, _PY_RECEIVE_DATA), (send, _PY_DATA_TO_SEND)):
+        method.__doc__ = own.__doc__
+        method.__qualname__ = own.__qualname__
+        method.__module__ = own.__module__
+    ServerConnection.receive_data = receive  # type: ignore[method-assign]
+    ServerConnection.data_to_send = send  # type: ignore[method-assign]
+
+
+_install_serving_methods()

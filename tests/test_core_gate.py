@@ -237,3 +237,92 @@ def test_an_error_of_the_read_reaches_the_caller_unchanged(core: ModuleType) -> 
     with pytest.raises(ProtocolError) as caught:
         gate.receive(b"x")
     assert caught.value is error
+
+
+class _Owner:
+    """A connection-like class with the two slots serving_methods reads."""
+
+    __slots__ = ("_gate", "_state", "log")
+
+    def __init__(self, gate: Any, state: str) -> None:
+        self._gate = gate
+        self._state = state
+        self.log: list[tuple[Any, ...]] = []
+
+
+def _pair(core: ModuleType) -> tuple[Any, Any]:
+    def receive(owner: _Owner, data: Any) -> Any:
+        owner.log.append(("receive", data))
+        return data if type(data) is tuple else list(data)  # a tuple: a read that is not a list
+
+    def after(owner: _Owner, events: list[Any], index: int) -> list[Any]:
+        owner.log.append(("after", index))
+        return events[:index]
+
+    def send(owner: _Owner, amount: Any) -> bytes:
+        owner.log.append(("send", amount))
+        return b"h2"
+
+    def slow_receive(owner: Any, data: Any) -> list[Any]:
+        return ["slow", data]
+
+    def slow_send(owner: Any, amount: Any) -> bytes:
+        return b"slow" + repr(amount).encode()
+
+    members = vars(_Owner)
+    return core.serving_methods(members["_state"], "serving", members["_gate"], receive, after, send, slow_receive,
+                                slow_send)
+
+
+def test_serving_methods_scan_while_serving_and_hand_every_other_state_over(core: ModuleType) -> None:
+    receive_data, data_to_send = _pair(core)
+    owner = _Owner(core.RequestGate(RequestReceived, max_requests=2), "serving")
+    quiet = [other(), request()]
+    returned = receive_data(owner, quiet)
+    assert returned == quiet and returned is not quiet and owner._gate.seen == 1  # receive's own list, as is
+    assert owner.log == [("receive", quiet)]
+    assert data_to_send(owner) == b"h2" and data_to_send(owner, 5) == b"h2"
+    assert owner.log[-2:] == [("send", None), ("send", 5)]
+    owner._state = "draining"
+    assert receive_data(owner, b"x") == ["slow", b"x"]
+    assert data_to_send(owner, 3) == b"slow3" and data_to_send(owner) == b"slowNone"
+    # Not an instance of the slots' class, or an unset slot: the slow methods answer.
+    assert receive_data(object(), b"y") == ["slow", b"y"] and data_to_send(object()) == b"slowNone"
+    unset = _Owner.__new__(_Owner)
+    assert receive_data(unset, b"z") == ["slow", b"z"] and data_to_send(unset) == b"slowNone"
+    # Serving, but the gate slot holds something else: the slow read.
+    strange = _Owner("not a gate", "serving")
+    assert receive_data(strange, b"w") == ["slow", b"w"]
+
+
+def test_serving_methods_hand_a_draining_scan_to_after(core: ModuleType) -> None:
+    receive_data, _ = _pair(core)
+    owner = _Owner(core.RequestGate(RequestReceived, max_requests=1), "serving")
+    events = [other(), request(), other()]
+    assert receive_data(owner, events) == events[:2]
+    assert owner.log == [("receive", events), ("after", 2)] and owner._gate.reason == "max_requests"
+
+
+def test_serving_methods_refuse_a_read_that_is_not_a_list_and_bad_arguments(core: ModuleType) -> None:
+    receive_data, _ = _pair(core)
+    owner = _Owner(core.RequestGate(RequestReceived), "serving")
+    with pytest.raises(TypeError, match=re.escape("receive must return a list, got ('a', 'b')")):
+        receive_data(owner, ("a", "b"))
+    members = vars(_Owner)
+    ok = (members["_state"], "serving", members["_gate"], len, len, len, len, len)
+    with pytest.raises(TypeError, match="slow_send must be callable, got 3"):
+        core.serving_methods(*ok[:7], 3)
+    with pytest.raises(TypeError, match="state_slot must be a __slots__ member of a class, got 'x'"):
+        core.serving_methods("x", *ok[1:])
+    with pytest.raises(TypeError, match="gate_slot must be a __slots__ member of a class, got None"):
+        core.serving_methods(*ok[:2], None, *ok[3:])
+
+
+def test_serving_methods_count_control_frames_and_call_after_when_due(core: ModuleType) -> None:
+    receive_data, _ = _pair(core)
+    owner = _Owner(core.RequestGate(RequestReceived, control_limit=2), "serving")
+    ping = core.encode_ping(b"12345678")
+    first = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + ping  # the client preface is not a frame
+    assert receive_data(owner, first) == list(first) and owner._gate.controls == 1
+    assert receive_data(owner, ping) == list(ping)[:-1]  # the second PING makes the count due: after(..., -1)
+    assert owner.log[-1] == ("after", -1) and owner._gate.controls == 2

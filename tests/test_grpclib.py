@@ -521,12 +521,19 @@ def test_serving_shortcut_matches_server_connection() -> None:
     import goaway_ext.server
     from goaway_ext.server import ServerConnection
 
-    body = inspect.getsource(ServerConnection.data_to_send).split('"""')[2]
+    body = inspect.getsource(goaway_ext.server._PY_DATA_TO_SEND).split('"""')[2]
     first = [line.strip() for line in body.strip().splitlines()[:2]]
     assert first[0] == "if self._state is _SERVING:", first
     assert first[1] in ("return super().data_to_send(amount)", "return _H2_DATA_TO_SEND(self, amount)"), first
     if "_H2_DATA_TO_SEND" in first[1]:
         assert goaway_ext.server._H2_DATA_TO_SEND is h2.connection.H2Connection.data_to_send
+    # The class's method while serving (the core's serving pair) hands out h2's bytes, nothing more.
+    conn = ServerConnection()
+    plain = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    conn.initiate_connection()
+    plain.initiate_connection()
+    assert ServerConnection.data_to_send(conn, 7) == plain.data_to_send(7)
+    assert ServerConnection.data_to_send(conn) == plain.data_to_send()
 
 
 def test_client_streams_in_flight_survive_grpcio_recycles() -> None:

@@ -464,13 +464,18 @@ def test_config_checks() -> None:
     assert ServerConnection().config.header_encoding is None
 
 
-def test_methods_are_looked_up_per_call_a_saved_one_misses_the_goaway() -> None:
-    # README "Server": a drain swaps the instance's fast paths for the draining methods, so
-    # looking data_to_send up on each call hands out the GOAWAY, and one saved before the drain
-    # is h2's and does not.
+def test_a_method_saved_before_the_drain_hands_out_the_goaway() -> None:
+    # README "Server": receive_data and data_to_send are the same methods in every drain state,
+    # so bound methods saved while serving send the drain's frames and swallow its PING's ACK.
     p = Pair()
-    saved = p.server.data_to_send
+    saved_send = p.server.data_to_send
+    saved_receive = p.server.receive_data
     p.server.start_drain()
     p.server.handle_timer(p.clock.now)
-    assert kinds(parse_frames(saved())) == []
-    assert kinds(parse_frames(p.server.data_to_send())) == [f"GOAWAY({MAX})", "PING"]
+    raw = saved_send()
+    assert kinds(parse_frames(raw)) == [f"GOAWAY({MAX})", "PING"]
+    p.deliver(raw)  # the client reads the GOAWAY and answers the PING
+    events = saved_receive(p.client.data_to_send())
+    assert not [e for e in events if isinstance(e, PingAckReceived)]
+    assert [(e.last_stream_id, e.final) for e in ours(events) if isinstance(e, GoawaySent)] == [(0, True)]
+    assert kinds(parse_frames(saved_send())) == ["GOAWAY(0)"]
