@@ -479,3 +479,32 @@ def test_a_method_saved_before_the_drain_hands_out_the_goaway() -> None:
     assert not [e for e in events if isinstance(e, PingAckReceived)]
     assert [(e.last_stream_id, e.final) for e in ours(events) if isinstance(e, GoawaySent)] == [(0, True)]
     assert kinds(parse_frames(saved_send())) == ["GOAWAY(0)"]
+
+
+def test_the_shared_state_of_serving_connections_stays_untouched_by_drains() -> None:
+    # A serving connection reads its drain fields from one shared _NO_DRAIN; every drain,
+    # whatever starts it (request trigger, start_drain, a rapid-reset flood), gets its own.
+    import goaway_ext.server as server_module
+
+    def fields(drain: Any) -> dict[str, Any]:
+        return {name: getattr(drain, name) for name in type(drain).__slots__}
+
+    pristine = fields(server_module._Drain())
+    for policy in (always(), always("single"), always("idle"), None):
+        p = Pair(policy)
+        sid = p.request()
+        p.to_server()
+        p.server.start_drain()
+        p.respond(sid)
+        p.to_client()
+        p.server.handle_timer(p.clock.now + 100)
+        assert p.server.is_draining and p.server._drain is not server_module._NO_DRAIN
+    flood = Pair(GoawayPolicy(rapid_reset_window=2))
+    for _ in range(4):
+        sid = flood.request(end_stream=False)
+        flood.client.reset_stream(sid)
+    flood.to_server()
+    assert flood.server.drain_reason == "rapid_reset"
+    assert fields(server_module._NO_DRAIN) == pristine
+    fresh = ServerConnection()
+    assert fresh.handle_timer(0.0) == [] and fresh.stats.goaways_sent == 0 and fresh.close_at is None
