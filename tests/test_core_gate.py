@@ -93,6 +93,17 @@ def test_exempt_paths_decider(core: ModuleType) -> None:
     assert exempt([(b":path", b"/")]) is None
     assert exempt([(b":method", b"GET")]) is None
     assert repr(exempt) == "ExemptPaths('/stats', b'/healthz')"
+    # Same length, prefixes, empty, non-ASCII and a bytes subclass: only exact paths are exempt.
+    near = core.ExemptPaths("/stats", "/statz", "/é")
+    for value in (b"/stat", b"/statsx", b"/stbts", b"", b"/\xe9", "/\xc3\xa9".encode("latin-1")[:2]):
+        assert near([(b":path", value)]) is None, value
+    for value in (b"/statz", b"/stats", "/é".encode(), "/é".encode().decode("latin-1")):
+        assert near([(b":path", value)]) is False, value
+
+    class Path(bytes):
+        pass
+
+    assert near([(b":path", Path(b"/stats"))]) is False and near([(b":path", Path(b"/x"))]) is None
     gate = core.RequestGate(RequestReceived, sampler=core.Sampler(1.0), decider=exempt)
     assert gate.scan([request(b"/stats"), request(b"/healthz"), request(b"/")]) == 3
     assert gate.seen == 3 and gate.reason == "chance"
