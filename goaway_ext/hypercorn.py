@@ -219,13 +219,17 @@ class _Setup:
     """What every connection of one config shares, computed once per config (not per connection)."""
 
     __slots__ = ("fleet", "h2_config", "local_settings", "max_control_rate", "policy", "shutdown_ping_timeout",
-                 "signature")
+                 "signature", "timed", "watch_idle")
 
     def __init__(self, signature: tuple[Any, ...], policy: GoawayPolicy | None, config: Config,
                  fleet: ProcessFleet | None = None, max_control_rate: int | None = 1000) -> None:
         self.signature = signature
         self.policy = policy
         self.max_control_rate = max_control_rate
+        # A connection of this config may have a deadline while serving (max_age, max_idle),
+        # and max_idle needs hypercorn's idle updates watched (see GoawayH2Protocol.__init__).
+        self.watch_idle = policy is not None and policy.max_idle is not None
+        self.timed = self.watch_idle or (policy is not None and policy.max_age is not None)
         # Fair share: this process's connection counts and the controller's update thread.
         self.fleet = fleet
         # h2 only reads its configuration, so one object serves every connection.
@@ -554,11 +558,14 @@ class _AsyncioWorker:
     ``loop.call_later`` handles that exist only while something is scheduled.
     """
 
-    __slots__ = ("__weakref__", "context", "live", "loop", "watcher")
+    __slots__ = ("__weakref__", "context", "live", "loop", "terminated", "watcher")
 
     def __init__(self, context: Any) -> None:
         self.context = weakref.ref(context)  # weak: see watcher
         self.live: set[GoawayH2Protocol] = set()
+        # Set by the watcher before it drains the live connections: a connection
+        # registered later reads it instead of the event (two Python calls).
+        self.terminated = False
         self.loop = asyncio.get_running_loop()
         # The event, not the context: this object is the context's value in a
         # weak mapping and must not keep its key alive.
@@ -566,6 +573,7 @@ class _AsyncioWorker:
 
     async def _watch(self, terminated: Any) -> None:
         await terminated.wait()
+        self.terminated = True
         for protocol in list(self.live):
             protocol._begin_shutdown()
 
@@ -613,6 +621,7 @@ class GoawayH2Protocol(H2Protocol):
     _meter: ConnectionMeter | None = None
     _send_to_server: Callable[[Any], Awaitable[None]] | None = None  # hypercorn's send, once ours replaces it
     _shutdown_seen = False
+    _timed = False  # True when the config's policy has max_age or max_idle (a deadline while serving)
     _timer: asyncio.TimerHandle | None = None
     _wake: Any = None  # trio: the event that wakes the connection's timer task
 
@@ -653,11 +662,13 @@ class GoawayH2Protocol(H2Protocol):
         connection.owner = self
         self._worker: _AsyncioWorker | None = None
         self._fleet = setup.fleet  # fair share: counted from initiate to close
-        if policy.max_idle is not None:
-            # max_idle counts from the moment the last stream ends, which only
-            # hypercorn's idle update tells: watch it (only with max_idle set).
-            self._send_to_server = send
-            self.send = self._send_watching_idle
+        if setup.timed:
+            self._timed = True
+            if setup.watch_idle:
+                # max_idle counts from the moment the last stream ends, which only
+                # hypercorn's idle update tells: watch it (only with max_idle set).
+                self._send_to_server = send
+                self.send = self._send_watching_idle
 
     async def initiate(self, headers: list[tuple[bytes, bytes]] | None = None,
                        settings: bytes | None = None) -> None:
@@ -690,9 +701,9 @@ class GoawayH2Protocol(H2Protocol):
             _LAST_WORKER = worker
         self._worker = worker
         worker.live.add(self)
-        if context.terminated.is_set():
+        if worker.terminated:  # else, if shutdown began, the worker's watcher finds this connection in live
             self._begin_shutdown()
-        elif self._goaway.next_deadline() is not None:  # most connections: nothing scheduled, no _arm call
+        elif self._timed and self._goaway.next_deadline() is not None:  # most connections: no deadline, no call
             self._arm()
 
     async def send_task(self) -> None:
