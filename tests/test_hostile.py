@@ -170,8 +170,10 @@ def test_a_client_that_never_answers_the_ping_gets_the_final_goaway_after_ping_t
 
 def test_a_rapid_reset_flood_during_a_drain_keeps_memory_flat_and_does_not_stall_it(traced: None) -> None:
     clock = ManualClock(100.0)
-    # The drain under a flood, limit off (tests/test_rapid_reset.py tests the limit).
-    server = SmallMemoryServer(policy=GoawayPolicy(ping_timeout=30.0, rapid_reset_window=None), clock=clock)
+    # The drain under a flood, limits off: tests/test_rapid_reset.py tests the rapid-reset limit, and
+    # tests/test_control_rate.py the control-frame one (the late streams' RST_STREAMs count there).
+    server = SmallMemoryServer(policy=GoawayPolicy(ping_timeout=30.0, rapid_reset_window=None), clock=clock,
+                               max_control_rate=None)
     client = RawClient()
     start(server, client)
     held, data = client.headers()
