@@ -530,7 +530,7 @@ class ServerConnection(H2Connection):
         Rolling windows, as the clock is read only here: a window that began
         a second or more ago is over and a new one starts now; otherwise more
         than ``max_control_rate`` frames in it, less those excused (one per
-        request opened, one per 512 bytes of DATA sent, worked out from the
+        stream opened, late ones included, one per 512 bytes of DATA sent, worked out from the
         WINDOW_UPDATE increments the peer gave and our send window now), is a
         flood. A flood is caught within two windows.
         """
@@ -540,7 +540,8 @@ class ServerConnection(H2Connection):
         if rate is None or limit is None or gate.controls < limit:
             return False
         now = self._clock()
-        controls, seen, given = gate.controls, gate.seen, gate.window_given
+        # Streams opened: a late one, refused during a drain, may be reset by its client too.
+        controls, seen, given = gate.controls, gate.seen + self._drain.late, gate.window_given
         window = self.outbound_flow_control_window
         began, marked, marked_seen, marked_given, marked_window = self._control_mark
         if now - began >= 1.0:
