@@ -673,9 +673,6 @@ The per-request work of a serving connection, in one call; see ``_core_py.Reques
     cdef bint _limited
     cdef long long _seen
     cdef str _reason
-    cdef object _receive
-    cdef object _after
-    cdef object _connection
     cdef bint _counting
     cdef long long _control_next
     cdef long long _controls
@@ -837,43 +834,6 @@ The per-request work of a serving connection, in one call; see ``_core_py.Reques
             self._reason = "chance"
             return True
         return False
-
-    def attach(self, receive, after, connection=None):
-        """Give :meth:`receive` the connection's read (bytes -> event list) and its slow path.
-
-        With ``connection``, both are called with it first (plain functions, no bound methods).
-        """
-        if not callable(receive):
-            raise TypeError(f"receive must be callable, got {receive!r}")
-        if not callable(after):
-            raise TypeError(f"after must be callable, got {after!r}")
-        self._receive = receive
-        self._after = after
-        self._connection = connection
-
-    def receive(self, data):
-        """:meth:`count`, ``receive(data)``, :meth:`scan`; the list as is when both say nothing, else ``after``."""
-        cdef object events
-        cdef Py_ssize_t index
-        cdef bint due = False
-        if self._receive is None:
-            raise RuntimeError("RequestGate.receive() needs attach() first")
-        if self._counting:
-            due = self._count(<bytes>data if type(data) is bytes else _check_bytes("data", data))
-        if self._connection is None:
-            events = self._receive(data)
-        else:
-            events = self._receive(self._connection, data)
-        if type(events) is not list:
-            raise TypeError(f"receive must return a list, got {events!r}")
-        index = self._scan(<list>events)
-        if index == 0:
-            if not due:
-                return events
-            index = -1
-        if self._connection is None:
-            return self._after(events, index)
-        return self._after(self._connection, events, index)
 
     def scan(self, list events):
         """Count the requests in ``events``; return the 1-based index of the one that starts a drain.

@@ -527,7 +527,7 @@ class RequestGate:
     :attr:`resets` for the rapid-reset limit; a scan that saw one and starts
     no drain returns -1, so the connection looks at the count only then.
 
-    With ``control_limit``, :meth:`count` (and :meth:`receive`) also counts the
+    With ``control_limit``, :meth:`count` also counts the
     inbound frames that ask no work of the application (see :meth:`count`)
     from the frame headers in the bytes, so that frames ``h2`` turns into no
     event at all (a WINDOW_UPDATE or RST_STREAM for a closed stream) are
@@ -535,9 +535,8 @@ class RequestGate:
     read; the connection judges the rate only when it is reached.
     """
 
-    __slots__ = ("_admit", "_after", "_connection", "_control_next", "_controls", "_decider", "_given", "_head",
-                 "_left", "_reason", "_receive", "_request_type", "_reset_type", "_resets", "_sampler", "_seen",
-                 "_skip")
+    __slots__ = ("_admit", "_control_next", "_controls", "_decider", "_given", "_head", "_left", "_reason",
+                 "_request_type", "_reset_type", "_resets", "_sampler", "_seen", "_skip")
 
     def __init__(
         self,
@@ -577,9 +576,6 @@ class RequestGate:
         self._left = None if max_requests is None else _check_int("max_requests", max_requests, 1, _GAP_CAP)
         self._seen = 0
         self._reason = ""
-        self._receive: Callable[..., list[Any]] | None = None
-        self._after: Callable[..., list[Any]] | None = None
-        self._connection: Any = None
 
     @property
     def seen(self) -> int:
@@ -707,47 +703,6 @@ class RequestGate:
             return True
         return False
 
-    def attach(
-        self, receive: Callable[..., list[Any]], after: Callable[..., list[Any]], connection: Any = None
-    ) -> None:
-        """Give :meth:`receive` the connection's read (bytes -> event list) and its slow path.
-
-        Why: a serving ``ServerConnection`` puts the gate's bound :meth:`receive`
-        in place of its own ``receive_data`` (in the compiled core that is one
-        C call around ``h2``'s, no Python frame of ours per read). With
-        ``connection``, ``receive(connection, data)`` and ``after(connection,
-        events, index)`` are called: plain functions instead of two bound
-        methods save about 130 bytes per connection.
-        """
-        if not callable(receive):
-            raise TypeError(f"receive must be callable, got {receive!r}")
-        if not callable(after):
-            raise TypeError(f"after must be callable, got {after!r}")
-        self._receive = receive
-        self._after = after
-        self._connection = connection
-
-    def receive(self, data: Any) -> list[Any]:
-        """:meth:`count`, ``receive(data)``, :meth:`scan`; the list as is when both say nothing, else ``after``.
-
-        ``after(events, index)`` gets the scan's index, or -1 when only the count is due.
-        """
-        if self._receive is None or self._after is None:
-            raise RuntimeError("RequestGate.receive() needs attach() first")
-        connection = self._connection
-        due = self._control_next is not None and self.count(data)
-        events = self._receive(data) if connection is None else self._receive(connection, data)
-        if events.__class__ is not list:
-            raise TypeError(f"receive must return a list, got {events!r}")
-        index = self.scan(events)
-        if index == 0:
-            if not due:
-                return events
-            index = -1
-        if connection is None:
-            return self._after(events, index)
-        return self._after(connection, events, index)
-
     def scan(self, events: list[Any]) -> int:
         """Count the requests in ``events``; return the 1-based index of the one that starts a drain.
 
@@ -794,13 +749,12 @@ def serving_methods(
 
     ``state_slot`` and ``gate_slot`` are the class's ``__slots__`` members
     holding the drain state and the :class:`RequestGate`. When the state is
-    ``serving`` (identity), ``receive_data(self, data)`` is the gate's
-    :meth:`RequestGate.receive` with ``self`` as its connection: it counts the
-    control frames in ``data``, calls ``receive(self, data)`` (which must
-    return a list), scans it, and returns it as is when the scan gives 0 and
-    no count is due, else ``after(self, events, index)`` (index -1: only the
-    count is due); and
-    ``data_to_send(self, amount=None)`` is ``send(self, amount)``. In any other
+    ``serving`` (identity), ``receive_data(self, data)`` counts the control
+    frames in ``data`` (:meth:`RequestGate.count`), calls ``receive(self,
+    data)`` (which must return a list), scans it, and returns it as is when
+    the scan gives 0 and no count is due, else ``after(self, events, index)``
+    (index -1: only the count is due); and ``data_to_send(self,
+    amount=None)`` is ``send(self, amount)``. In any other
     state, or when a slot is unset or ``self`` is of another class, they are
     ``slow_receive(self, data)`` and ``slow_send(self, amount)``.
     """

@@ -160,94 +160,7 @@ def test_resets_are_counted_and_flagged_only_when_asked(core: ModuleType) -> Non
         core.RequestGate(RequestReceived, reset_type="StreamReset")
 
 
-# -- attach() / receive(): the gate in place of a connection's receive_data ---------------------
-
-
-def test_receive_returns_a_quiet_read_as_is_and_hands_the_rest_to_after(core: ModuleType) -> None:
-    reads: list[Any] = []
-    handed: list[tuple[list[Any], int]] = []
-    quiet, draining, reset = [other(), request()], [other(), request(), request()], [StreamReset(), other()]
-    batches = iter([quiet, draining, reset])
-
-    def read(data: Any) -> list[Any]:
-        reads.append(data)
-        return next(batches)
-
-    def after(events: list[Any], index: int) -> list[Any]:
-        handed.append((events, index))
-        return ["after"]
-
-    gate = core.RequestGate(RequestReceived, max_requests=3, reset_type=StreamReset)
-    gate.attach(read, after)
-    assert gate.receive(b"one") is quiet and handed == []  # no copy, no call on the fast path
-    assert gate.receive(b"two") == ["after"] and handed[-1] == (draining, 3) and gate.reason == "max_requests"
-    assert gate.receive(b"three") == ["after"] and handed[-1] == (reset, -1)  # a reset: the caller looks
-    assert reads == [b"one", b"two", b"three"] and gate.seen == 3 and gate.resets == 1
-
-
-def test_attach_with_a_connection_calls_plain_functions_with_it_first(core: ModuleType) -> None:
-    # What ServerConnection attaches: h2's read and its slow half as functions, the connection beside them.
-    owner = object()
-    calls: list[tuple[Any, ...]] = []
-    quiet, draining = [request()], [other(), request()]
-    batches = iter([quiet, draining])
-
-    def read(connection: Any, data: Any) -> list[Any]:
-        calls.append(("read", connection, data))
-        return next(batches)
-
-    def after(connection: Any, events: list[Any], index: int) -> list[Any]:
-        calls.append(("after", connection, events, index))
-        return ["after"]
-
-    gate = core.RequestGate(RequestReceived, max_requests=2)
-    gate.attach(read, after, owner)
-    assert gate.receive(b"one") is quiet
-    assert gate.receive(b"two") == ["after"]
-    assert calls == [("read", owner, b"one"), ("read", owner, b"two"), ("after", owner, draining, 2)]
-
-
-class ListOfEvents(list):  # type: ignore[type-arg]
-    pass
-
-
-@pytest.mark.parametrize("returned", [(), None, ListOfEvents()], ids=["tuple", "None", "list subclass"])
-def test_receive_refuses_a_read_that_is_not_a_list(core: ModuleType, returned: Any) -> None:
-    # The compiled scan walks a list without checks: anything else must stop before it.
-    gate = core.RequestGate(RequestReceived, max_requests=1)
-    gate.attach(lambda data: returned, lambda events, index: events)
-    with pytest.raises(TypeError, match="receive must return a list, got " + re.escape(repr(returned))):
-        gate.receive(b"x")
-    assert gate.seen == 0
-
-
-def test_receive_before_attach_and_a_bad_attach_are_refused(core: ModuleType) -> None:
-    gate = core.RequestGate(RequestReceived)
-    with pytest.raises(RuntimeError, match=r"needs attach\(\) first"):
-        gate.receive(b"x")
-    with pytest.raises(TypeError, match="receive must be callable, got 3"):
-        gate.attach(3, lambda events, index: events)
-    with pytest.raises(TypeError, match="after must be callable, got 'after'"):
-        gate.attach(lambda data: [], "after")
-    with pytest.raises(RuntimeError, match=r"needs attach\(\) first"):  # a refused attach changed nothing
-        gate.receive(b"x")
-
-
-def test_an_error_of_the_read_reaches_the_caller_unchanged(core: ModuleType) -> None:
-    # h2's ProtocolError from receive_data must reach the server as h2 raised it.
-    class ProtocolError(Exception):
-        pass
-
-    error = ProtocolError("bad frame")
-
-    def read(data: Any) -> list[Any]:
-        raise error
-
-    gate = core.RequestGate(RequestReceived)
-    gate.attach(read, lambda events, index: events)
-    with pytest.raises(ProtocolError) as caught:
-        gate.receive(b"x")
-    assert caught.value is error
+# -- serving_methods(): the gate in place of a connection's receive_data and data_to_send -------------
 
 
 class _Owner:
@@ -337,3 +250,59 @@ def test_serving_methods_count_control_frames_and_call_after_when_due(core: Modu
     assert receive_data(owner, first) == list(first) and owner._gate.controls == 1
     assert receive_data(owner, ping) == list(ping)[:-1]  # the second PING makes the count due: after(..., -1)
     assert owner.log[-1] == ("after", -1) and owner._gate.controls == 2
+
+
+def _reader(core: ModuleType, read: Any) -> tuple[Any, list[Any]]:
+    """A serving read whose h2 read is ``read(data)``; returns it and the list of ``after`` calls."""
+    handed: list[Any] = []
+    members = vars(_Owner)
+
+    def after(owner: Any, events: list[Any], index: int) -> list[Any]:
+        handed.append((events, index))
+        return ["after"]
+
+    receive_data, _ = core.serving_methods(members["_state"], "serving", members["_gate"],
+                                           lambda owner, data: read(data), after, len, len, len)
+    return receive_data, handed
+
+
+def test_serving_read_returns_a_quiet_read_as_is_and_hands_the_rest_to_after(core: ModuleType) -> None:
+    quiet, draining, reset = [other(), request()], [other(), request(), request()], [StreamReset(), other()]
+    batches = iter([quiet, draining, reset])
+    receive_data, handed = _reader(core, lambda data: next(batches))
+    owner = _Owner(core.RequestGate(RequestReceived, max_requests=3, reset_type=StreamReset), "serving")
+    assert receive_data(owner, b"one") is quiet and handed == []  # no copy, no call on the fast path
+    assert receive_data(owner, b"two") == ["after"] and handed[-1] == (draining, 3)
+    assert owner._gate.reason == "max_requests"
+    assert receive_data(owner, b"three") == ["after"] and handed[-1] == (reset, -1)  # a reset: the caller looks
+    assert owner._gate.seen == 3 and owner._gate.resets == 1
+
+
+class ListOfEvents(list):  # type: ignore[type-arg]
+    pass
+
+
+@pytest.mark.parametrize("returned", [(), None, ListOfEvents()], ids=["tuple", "None", "list subclass"])
+def test_serving_read_refuses_a_read_that_is_not_a_list(core: ModuleType, returned: Any) -> None:
+    # The compiled scan walks a list without checks: anything else must stop before it.
+    receive_data, _ = _reader(core, lambda data: returned)
+    owner = _Owner(core.RequestGate(RequestReceived, max_requests=1), "serving")
+    with pytest.raises(TypeError, match="receive must return a list, got " + re.escape(repr(returned))):
+        receive_data(owner, b"x")
+    assert owner._gate.seen == 0
+
+
+def test_an_error_of_the_read_reaches_the_caller_unchanged(core: ModuleType) -> None:
+    # h2's ProtocolError from receive_data must reach the server as h2 raised it.
+    class ProtocolError(Exception):
+        pass
+
+    error = ProtocolError("bad frame")
+
+    def read(data: Any) -> list[Any]:
+        raise error
+
+    receive_data, _ = _reader(core, read)
+    with pytest.raises(ProtocolError) as caught:
+        receive_data(_Owner(core.RequestGate(RequestReceived), "serving"), b"x")
+    assert caught.value is error
