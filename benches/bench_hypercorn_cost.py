@@ -85,12 +85,13 @@ def serve(kind: str, fd: int, trace: bool, pad: int = 0) -> None:
 
     SIGUSR1 prints ``mem <tracemalloc bytes> <rss bytes>`` (tracemalloc only
     when ``trace``), which the memory row reads. ``pad`` (0, 1, 2 ...) moves
-    every later allocation, so repeating a row with other values averages
-    out where objects happen to land (see ``LAYOUTS``).
+    every later allocation and type version tag (see :func:`shift_layout`), so
+    repeating a row with other values averages out where things happen to land
+    (see ``LAYOUTS``).
     """
     import tracemalloc
 
-    layout = [bytes(48 + 16 * (i % 7)) for i in range(pad * 3001)]
+    layout = shift_layout(pad)
 
     if trace:
         tracemalloc.start()
@@ -348,6 +349,32 @@ def instructions(kind: str, work: Any, amount: int, pad: int = 0) -> int:
 # up in dicts keyed by them), the size of the target: rows that judge a small
 # ratio take the mean over these start-up paddings (bench_instructions.py).
 LAYOUTS = (0, 1, 2)
+
+
+def shift_layout(pad: int) -> list[Any]:
+    """Start-up allocations that move what the process makes later; hold the result until the end.
+
+    Three things move a per-request count with nothing else changed, each by
+    a few thousand instructions: object addresses (dicts keyed by classes
+    probe differently), how full each allocator pool is (a pool that fills and
+    empties on every request costs more per free), and the type version tags
+    (CPython's method cache is indexed by version tag and name address, so
+    the same lookups collide differently). ``pad`` moves all three: objects
+    of every small size class, and classes that take version tags first.
+    Padding with objects of 81..177 bytes only, as before, left the pool fill
+    of the other size classes and every version tag the same in every layout,
+    so those differences between the two servers did not average out (callgrind
+    showed +2-3k instructions per request in ``_PyObject_Free`` alone, with the
+    same number of frees, in memory and in two of the three layouts).
+    """
+    held: list[Any] = [bytes(i % 479) for i in range(pad * 3001)]  # size classes 48..512
+    held += [object() for _ in range(pad * 211)]  # 16
+    held += [float(i) for i in range(pad * 307)]  # 32
+    for i in range(pad * 211):
+        cls = type(f"_Layout{i}", (), {})
+        _ = cls.__doc__  # a lookup gives the class its version tag
+        held.append(cls)
+    return held
 
 
 def per_unit(kind: str, work: Any, short: int, long: int, layouts: tuple[int, ...] = (0,)) -> float:
