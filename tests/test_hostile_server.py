@@ -278,6 +278,25 @@ def test_a_control_frame_flood_from_a_peer_that_never_reads_is_closed(kind: str)
     serve(flood, max_control_rate=None)  # the queued-answers bound alone (the rate bound has its own test)
 
 
+async def flood_until_calm(wire: Wire, batch: bytes) -> tuple[GoAwayFrame, int]:
+    """Send ``batch`` (500 frames) until GOAWAY(ENHANCE_YOUR_CALM, control frame flood); it and the frames sent."""
+    goaway: asyncio.Future[list[Frame]] = asyncio.ensure_future(wire.frames(lambda f: isinstance(f, GoAwayFrame)))
+    sent = 0
+    try:
+        for _ in range(200):  # up to 100,000 frames; the limit is 1,000 a second
+            if goaway.done():
+                break
+            await asyncio.wait_for(wire.send(batch), 30)
+            sent += 500
+    except ConnectionError:
+        pass
+    frames = await asyncio.wait_for(goaway, 30)
+    last = frames[-1]
+    assert isinstance(last, GoAwayFrame)
+    assert last.error_code == ErrorCodes.ENHANCE_YOUR_CALM and last.additional_data == b"control frame flood"
+    return last, sent
+
+
 @pytest.mark.parametrize("kind", ["ping", "settings"])
 def test_a_control_frame_flood_from_a_peer_that_reads_gets_enhance_your_calm(kind: str) -> None:
     # The peer reads every answer, so max_control_frames never applies; the
@@ -293,20 +312,7 @@ def test_a_control_frame_flood_from_a_peer_that_reads_gets_enhance_your_calm(kin
 
     async def flood(server: H2Server) -> None:
         wire = await Wire.open(server)
-        goaway: asyncio.Future[list[Frame]] = asyncio.ensure_future(wire.frames(lambda f: isinstance(f, GoAwayFrame)))
-        sent = 0
-        try:
-            for _ in range(200):  # up to 100,000 frames; the limit is 1,000 a second
-                if goaway.done():
-                    break
-                await asyncio.wait_for(wire.send(batch), 30)
-                sent += 500
-        except ConnectionError:
-            pass
-        frames = await asyncio.wait_for(goaway, 30)
-        last = frames[-1]
-        assert isinstance(last, GoAwayFrame)
-        assert last.error_code == ErrorCodes.ENHANCE_YOUR_CALM and last.additional_data == b"control frame flood"
+        _, sent = await flood_until_calm(wire, batch)
         assert sent < 100_000
         assert await wire.at_eof()
         wire.close()
@@ -389,20 +395,7 @@ def test_a_flood_of_frames_that_need_no_answer_gets_enhance_your_calm(kind: str)
         await wire.send(get)
         await wire.frames(lambda f: isinstance(f, DataFrame) and "END_STREAM" in f.flags and f.stream_id == 1)
         await wire.send(upload)
-        goaway: asyncio.Future[list[Frame]] = asyncio.ensure_future(wire.frames(lambda f: isinstance(f, GoAwayFrame)))
-        sent = 0
-        try:
-            for _ in range(200):  # up to 100,000 frames; the limit is 1,000 a second
-                if goaway.done():
-                    break
-                await asyncio.wait_for(wire.send(batch), 30)
-                sent += 500
-        except ConnectionError:
-            pass
-        frames = await asyncio.wait_for(goaway, 30)
-        last = frames[-1]
-        assert isinstance(last, GoAwayFrame)
-        assert last.error_code == ErrorCodes.ENHANCE_YOUR_CALM and last.additional_data == b"control frame flood"
+        last, sent = await flood_until_calm(wire, batch)
         assert last.last_stream_id == 3
         assert sent < 100_000
         assert await wire.at_eof()
