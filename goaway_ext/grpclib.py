@@ -95,7 +95,7 @@ from .client import ClientConnection
 from .errors import ConnectionDrainingError
 from .events import ConnectionDrained, GoawayReceived, GoawaySent, StreamRefused
 from .policy import GoawayPolicy
-from .server import ServerConnection
+from .server import ServerConnection, _check_max_control_rate
 
 __all__ = [
     "GRPCLIB_PRIVATE_NAMES",
@@ -563,8 +563,7 @@ class GoawayServer(grpclib.server.Server):
 
 
 def _check_limits(max_control_rate: object, send_timeout: object) -> None:
-    if max_control_rate is not None and (type(max_control_rate) is not int or max_control_rate < 1):
-        raise ValueError(f"max_control_rate must be an int >= 1, or None (off), got {max_control_rate!r}")
+    _check_max_control_rate(max_control_rate)
     if send_timeout is not None and (type(send_timeout) not in (int, float)
                                      or not 0 < send_timeout < 1e9):  # type: ignore[operator]
         raise ValueError(f"send_timeout must be a positive number of seconds, or None (off), got {send_timeout!r}")

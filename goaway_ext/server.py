@@ -152,6 +152,16 @@ class ConnectionStats:
     drain_duration: float | None
 
 
+def _check_max_control_rate(value: object) -> None:
+    """Refuse a ``max_control_rate`` that is neither an int >= 1 nor None, naming it.
+
+    The integrations that take the limit before any connection exists (grpclib's
+    server) call this too, so a bad value fails where it is given, with the same words.
+    """
+    if value is not None and (type(value) is not int or value < 1):
+        raise ValueError(f"max_control_rate must be an int >= 1, or None (off), got {value!r}")
+
+
 class _Drain:
     """What a connection keeps only once its drain has started (see :class:`DrainState` for the rules).
 
@@ -252,8 +262,7 @@ class ServerConnection(H2Connection):
             raise TypeError(f"policy must be a GoawayPolicy or None, got {policy!r}")
         if not callable(clock):
             raise TypeError(f"clock must be callable, got {clock!r}")
-        if max_control_rate is not None and (type(max_control_rate) is not int or max_control_rate < 1):
-            raise ValueError(f"max_control_rate must be an int >= 1, or None (off), got {max_control_rate!r}")
+        _check_max_control_rate(max_control_rate)
         super().__init__(config=config)
         self._policy = policy
         self._clock = clock
