@@ -574,23 +574,23 @@ class ServerConnection(H2Connection):
         if drain.silent and self._state is _DRAINED and drain.close_at is not None and drain.close_at <= now:
             return  # already closing, silently
         if drain is _NO_DRAIN:  # a flood while serving: the drain starts here
-            self._drain = _Drain()
-        last = self._drain.final_id
+            drain = self._drain = _Drain()
+        last = drain.final_id
         if last is None:
-            last = self._drain.final_id = self.highest_inbound_stream_id
-        self._drain.reason = reason
-        self._drain.pending += encode_goaway(last, ErrorCodes.ENHANCE_YOUR_CALM, debug)
-        self._drain.goaways_sent += 1
-        self._drain.silent = True  # the GOAWAY is the last frame; later streams are dropped unanswered
+            last = drain.final_id = self.highest_inbound_stream_id
+        drain.reason = reason
+        drain.pending += encode_goaway(last, ErrorCodes.ENHANCE_YOUR_CALM, debug)
+        drain.goaways_sent += 1
+        drain.silent = True  # the GOAWAY is the last frame; later streams are dropped unanswered
         self._ping_deadline = None
         self._queue(GoawaySent(last_stream_id=last, final=True, reason=reason), now)
-        if self._drain.started is None:
-            self._drain.started = now
+        if drain.started is None:
+            drain.started = now
         if self._state is not _DRAINED:
             self._move(_DRAINED)
-        self._drain.duration = now - self._drain.started
-        self._drain.close_at = now
-        self._queue(ConnectionDrained(last_stream_id=last, reason=reason, duration=self._drain.duration), now)
+        drain.duration = now - drain.started
+        drain.close_at = now
+        self._queue(ConnectionDrained(last_stream_id=last, reason=reason, duration=drain.duration), now)
 
     def _idle_deadline(self, now: float) -> float | None:
         """When ``max_idle`` runs out, None while a stream is open.
@@ -622,13 +622,14 @@ class ServerConnection(H2Connection):
     def _start(self, reason: str, now: float | None = None) -> None:
         if now is None:
             now = self._clock()
-        if self._drain is _NO_DRAIN:
-            self._drain = _Drain()
-        self._drain.reason = reason
-        self._drain.started = now
+        drain = self._drain
+        if drain is _NO_DRAIN:
+            drain = self._drain = _Drain()
+        drain.reason = reason
+        drain.started = now
         grace = self._policy.grace
         if grace is not None:
-            self._drain.grace_deadline = now + grace
+            drain.grace_deadline = now + grace
         if self._mode == "graceful":
             self._send_notice(now)
         elif self._mode == "single":
