@@ -146,6 +146,14 @@ async def well_behaved_get(server: H2Server) -> None:
         assert response.status == 200
 
 
+async def wait_all_closed(server: H2Server, tries: int) -> None:
+    """Wait, ``tries`` times 50 ms at most, until the server holds no connection (the caller asserts it)."""
+    for _ in range(tries):
+        if not server._protocols:
+            return
+        await asyncio.sleep(0.05)
+
+
 # -- 1. reset streams are forgotten --------------------------------------------------------------
 
 
@@ -265,10 +273,7 @@ def test_a_control_frame_flood_from_a_peer_that_never_reads_is_closed(kind: str)
             pass
         # Either the server dropped us mid-flood, or it stopped reading and our
         # send blocked; in both cases it must be gone soon, without our help.
-        for _ in range(300):
-            if not server._protocols:
-                break
-            await asyncio.sleep(0.05)
+        await wait_all_closed(server, 300)
         assert not server._protocols, "the connection of a peer that never reads is still open"
         assert biggest <= 1 * MB, f"write buffer reached {biggest} bytes"
         assert sent < 1_000_000
@@ -466,10 +471,7 @@ def test_a_lingering_close_drops_at_most_a_mebibyte_of_input() -> None:
         assert server.address is not None
         error = await asyncio.to_thread(flooder, server.address)
         assert isinstance(error, (ConnectionResetError, BrokenPipeError)), error
-        for _ in range(400):
-            if not server._protocols:
-                break
-            await asyncio.sleep(0.05)
+        await wait_all_closed(server, 400)
         assert not server._protocols
 
     serve(run, flush_timeout=30.0)
@@ -573,10 +575,7 @@ def test_silent_and_idle_connections_are_reaped() -> None:
         for reader, writer in silent:
             assert await asyncio.wait_for(reader.read(1), 30) == b""  # closed without a byte
             writer.close()
-        for _ in range(600):
-            if not server._protocols:
-                break
-            await asyncio.sleep(0.05)
+        await wait_all_closed(server, 600)
         assert not server._protocols
 
     serve(idle, handshake_timeout=0.5, idle_timeout=0.5)
@@ -591,10 +590,7 @@ def test_an_open_stream_keeps_an_idle_timeout_away() -> None:
             assert b"".join(events).count(b"event") == 4
             assert client.goaways_received == 0
             # Once nothing is open, the connection goes after idle_timeout.
-            for _ in range(300):
-                if not server._protocols:
-                    break
-                await asyncio.sleep(0.05)
+            await wait_all_closed(server, 300)
             assert not server._protocols
 
     serve(watch, idle_timeout=0.5)
