@@ -122,7 +122,8 @@ def live_undrained(server: GoawayServer) -> int:
 
 @pytest.mark.parametrize("policy_args", [
     {"chance": 1.0, "allow_high_chance": True},
-    {"chance": 0.02},
+    # Seeded (9 drains in 400 requests): unseeded, a run now and then drew at most one (seen once in CI).
+    {"chance": 0.02, "seed": 4},
     {"max_age": 0.05},
 ], ids=["chance-1.0", "chance-0.02", "max_age-50ms"])
 def test_grpcio_client_against_goaway_server(policy_args: dict[str, Any]) -> None:
